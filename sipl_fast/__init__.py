@@ -1,0 +1,14 @@
+"""sipl_fast: fast, faithful SIPL / PromptIR image restoration in PyTorch.
+
+- ``SIPL``, ``SIPLConfig``: the reference network (published parameter names);
+- ``restore``, ``sipl_training_step``: the published inference and training loops;
+- ``load_model``, ``save_model``: checkpoints from the published code, PromptIR, safetensors;
+- ``sipl_fast.ops``: the hot ops with reference, Triton and CUDA C++ backends.
+"""
+from . import ops
+from .checkpoint import load_model, save_model
+from .loops import restore, sipl_training_step
+from .model import SIPL, SIPLConfig
+
+__all__ = ["SIPL", "SIPLConfig", "load_model", "ops", "restore", "save_model", "sipl_training_step"]
+__version__ = "0.1.0"

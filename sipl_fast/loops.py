@@ -1,0 +1,105 @@
+"""The published SIPL loops: iterative self-refinement at inference, privileged training.
+
+Inference (``restore``): reflect-pad to a multiple of 16, then ``iterations``
+times ``y0 = net(img)``; ``F = encode(y0)``; ``img = net(img, privileged=F)``;
+crop back. Training (``sipl_training_step``): privileged features from the
+ground truth, ``F = encode(net(gt))`` under no_grad, then
+``loss(net(lq, privileged=F), gt)``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["pad_to_multiple", "restore", "sipl_training_step"]
+
+PAD_MULTIPLE = 16
+
+
+def _reflect_pad_end(x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
+    """Reflect-pad ``pad`` samples after the end of ``dim``.
+
+    Equals ``F.pad(mode="reflect")`` whenever that is defined (pad < size); a
+    longer pad keeps reflecting the growing tensor (numpy's "reflect" rule), and a
+    size-1 axis is repeated.
+    """
+    while pad > 0:
+        size = x.shape[dim]
+        if size == 1:
+            return torch.cat([x] + [x] * pad, dim)
+        step = min(pad, size - 1)
+        mirrored = x.narrow(dim, size - 1 - step, step).flip(dim)
+        x = torch.cat([x, mirrored], dim)
+        pad -= step
+    return x
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> torch.Tensor:
+    """Reflect-pad (B, C, H, W) on the bottom/right so H and W are multiples of ``multiple``."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph < h and pw < w:
+        return F.pad(x, (0, pw, 0, ph), mode="reflect") if ph or pw else x
+    return _reflect_pad_end(_reflect_pad_end(x, ph, -2), pw, -1)
+
+
+def _check_images(name: str, x: torch.Tensor, channels: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels or 0 in x.shape:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a non-empty image batch of shape (B, {channels}, H, W), got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+
+
+@torch.no_grad()
+def restore(model, lq: torch.Tensor, iterations: int = 2) -> torch.Tensor:
+    """Restore ``lq`` (B, C, H, W), any H and W, with the published SIPL inference loop.
+
+    ``iterations=0`` runs one dictionary-only pass; a model without Proxy Fusion
+    (plain PromptIR) runs one plain pass whatever ``iterations`` is. Returns
+    (B, C, H, W), unclipped, like the published code.
+    """
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+    _check_images("restore", lq, model.config.inp_channels)
+    h, w = lq.shape[-2:]
+    img = pad_to_multiple(lq)
+    if iterations == 0 or not model.config.proxy_fusion:
+        img = model(img)
+    for _ in range(iterations if model.config.proxy_fusion else 0):
+        privileged = model.encode(model(img))
+        img = model(img, privileged=privileged)
+    return img[..., :h, :w]
+
+
+def sipl_training_step(
+    model,
+    lq: torch.Tensor,
+    gt: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """One SIPL training step on a batch; returns the loss (detached scalar tensor).
+
+    Privileged features come from the ground truth under no_grad,
+    ``F = encode(net(gt))``; the loss is ``loss_fn(net(lq, privileged=F), gt)``
+    (L1 by default); then backward and ``optimizer.step()``. A model without
+    Proxy Fusion trains as plain PromptIR. H and W must be multiples of 8.
+    """
+    _check_images("sipl_training_step lq", lq, model.config.inp_channels)
+    _check_images("sipl_training_step gt", gt, model.config.out_channels)
+    if lq.shape[0] != gt.shape[0] or lq.shape[-2:] != gt.shape[-2:]:
+        raise ValueError(f"lq {tuple(lq.shape)} and gt {tuple(gt.shape)} differ in batch or size")
+    loss_fn = F.l1_loss if loss_fn is None else loss_fn
+    model.train()
+    privileged = None
+    if model.config.proxy_fusion:
+        with torch.no_grad():
+            privileged = model.encode(model(gt))
+    loss = loss_fn(model(lq, privileged=privileged), gt)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()

@@ -1,0 +1,39 @@
+"""SIPL's hot ops, each with a pure-PyTorch reference backend and faster ones.
+
+Choose a backend per call (``backend="torch" | "cuda" | None``) or by the
+environment (``SIPL_FAST_BACKEND_<OP>`` or ``SIPL_FAST_BACKEND``); ``None``
+picks the fastest backend that can run the call and falls back to ``"torch"``.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from ._backend import BackendError
+from .layer_norm2d import layer_norm2d
+
+__all__ = ["BackendError", "available_backends", "layer_norm2d"]
+
+
+def available_backends() -> Dict[str, dict]:
+    """What this install can run: ``{name: {"available": bool, "route": str | None, "reason": str | None}}``.
+
+    ``route`` says how a backend runs: for ``"cuda"``, ``"extension"`` (the
+    compiled ``sipl_fast._C``) or ``"cupy"`` (the same CUDA C++ JIT-compiled by CuPy).
+    """
+    from . import _cuda
+
+    result = {"torch": {"available": True, "route": "pytorch", "reason": None}}
+    try:
+        route = _cuda.route()
+    except (RuntimeError, ValueError) as e:  # a forced SIPL_FAST_CUDA_ROUTE that cannot run
+        return {**result, "cuda": {"available": False, "route": None, "reason": str(e)}}
+    if not torch.cuda.is_available():
+        reason = "no CUDA device visible to PyTorch" + ("" if route else f"; {_cuda.why_unavailable()}")
+        result["cuda"] = {"available": False, "route": route, "reason": reason}
+    elif route is None:
+        result["cuda"] = {"available": False, "route": None, "reason": _cuda.why_unavailable()}
+    else:
+        result["cuda"] = {"available": True, "route": route, "reason": None}
+    return result

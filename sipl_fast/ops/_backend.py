@@ -1,0 +1,58 @@
+"""Backend choice shared by every op in ``sipl_fast.ops``.
+
+Each op lists its backends in order of preference, the pure-PyTorch reference
+``"torch"`` always first in its table and last to be preferred. The choice:
+
+- ``backend=`` argument, else the environment variable ``SIPL_FAST_BACKEND_<OP>``
+  (e.g. ``SIPL_FAST_BACKEND_LAYER_NORM2D=cuda``), else ``SIPL_FAST_BACKEND``:
+  an explicit request. A backend that cannot run the call raises
+  :class:`BackendError` saying why.
+- otherwise (``None`` or ``"auto"``) the first backend that can run the call is
+  used, falling back quietly to ``"torch"``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional
+
+__all__ = ["BackendError", "Backend", "choose"]
+
+
+class BackendError(ValueError):
+    """An explicitly requested backend is unknown or cannot run this call."""
+
+
+class Backend:
+    """A named implementation with a check that says why it cannot run a call.
+
+    ``why_not(*args, **kwargs)`` returns ``None`` when the backend can run the
+    call, else a short reason.
+    """
+
+    def __init__(self, name: str, fn: Callable, why_not: Callable[..., Optional[str]]):
+        self.name, self.fn, self.why_not = name, fn, why_not
+
+
+def requested(op: str, backend: Optional[str]) -> Optional[str]:
+    """The explicitly requested backend name for ``op``, or None for automatic choice."""
+    if backend is None:
+        backend = os.environ.get(f"SIPL_FAST_BACKEND_{op.upper()}") or os.environ.get("SIPL_FAST_BACKEND")
+    if backend is None or backend.strip().lower() in ("", "auto"):
+        return None
+    return backend.strip().lower()
+
+
+def choose(op: str, backends: Dict[str, Backend], preference, backend: Optional[str], *args, **kwargs) -> Backend:
+    """Pick the backend for one call of ``op`` (see the module docstring)."""
+    name = requested(op, backend)
+    if name is not None:
+        if name not in backends:
+            raise BackendError(f"{op}: unknown backend {name!r}; expected one of {sorted(backends)} or 'auto'")
+        reason = backends[name].why_not(*args, **kwargs)
+        if reason is not None:
+            raise BackendError(f"{op}: backend {name!r} cannot run this call: {reason}")
+        return backends[name]
+    for candidate in preference:
+        if backends[candidate].why_not(*args, **kwargs) is None:
+            return backends[candidate]
+    return backends["torch"]

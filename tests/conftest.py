@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny randomised SIPL models that run in milliseconds on a CPU."""
+import pytest
+import torch
+
+from sipl_fast import SIPL, SIPLConfig
+
+TINY = dict(
+    dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1, heads=(1, 2, 2, 4), prompt_len=3,
+    prompt_dims=(4, 8, 12), prompt_sizes=(8, 4, 4), dictionary_sizes=(4, 4, 2),
+)
+
+
+def randomise(model: SIPL, seed: int = 0) -> SIPL:
+    """Give every parameter a non-trivial value (the published init has zero dictionaries, unit norms)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
+            if name.endswith("temperature"):
+                p.copy_(0.5 + noise.abs())
+            elif ".body." in name:
+                p.add_(0.2 * noise)
+            elif "dictionary" in name or "prompt_param" in name:
+                p.copy_(noise)
+    return model
+
+
+def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> SIPL:
+    torch.manual_seed(seed)
+    return randomise(SIPL(SIPLConfig(**{**TINY, **overrides})), seed).to(dtype).eval()
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
