@@ -3,7 +3,7 @@
 On CPU-only CI these still prove something: nvcc compiles every kernel for
 sm_90a, NVRTC (what CuPy uses) compiles the same sources and emits the
 expected entry points, and a built ``sipl_fast._C`` imports and validates its
-arguments. The numerical / CUDA-graph tests need a GPU and skip without one.
+arguments. The numerical and CUDA-graph tests of each route are in test_layer_norm2d.py.
 """
 
 import ctypes
