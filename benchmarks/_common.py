@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Callable, Dict, List
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+#: Where results go; SIPL_FAST_BENCH_RESULTS overrides (tests write to a temporary folder).
+RESULTS = Path(os.environ.get("SIPL_FAST_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def device_name(device: torch.device) -> str:

@@ -15,13 +15,13 @@ import argparse
 import os
 import pathlib
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Dict, Tuple, Union
 
 import torch
 
+from ._files import atomic_path
 from .model import SIPL, SIPLConfig
 
 __all__ = ["load_model", "save_model", "read_state_dict", "infer_config"]
@@ -207,17 +207,11 @@ def save_model(model: SIPL, path: Union[str, os.PathLike]) -> Path:
     if path.suffix not in (".safetensors", ".pth", ".pt"):
         raise ValueError(f"{path}: expected a .safetensors, .pth or .pt file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(sd, tmp, metadata={"format": "pt", "sipl_fast_config": repr(model.config.to_dict())})
         else:
             torch.save({"params": sd}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path

@@ -1,0 +1,388 @@
+"""The ``sipl-fast`` command line: restore, eval, info, bench.
+
+Every command reports a bad input in one line naming it (a traceback only with
+``--debug``), carries on with the other inputs, and exits non-zero if anything
+failed. ``restore`` and ``eval`` under ``torchrun`` shard their inputs across
+the ranks (one GPU per rank) and report one summary.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checkpoint import infer_config, load_model, read_state_dict
+from .images import Image, ImageError, is_image_path, read_image, write_image
+from .loops import restore
+from .metrics import PROTOCOLS, psnr_ssim
+from .tiling import tiled
+
+OOM_TILES = (1024, 512, 256, 128)
+EXTENSIONS = {"png": ".png", "jpg": ".jpg", "tif": ".tif", "webp": ".webp"}
+
+
+class CLIError(Exception):
+    """A user error that ends the command: one line, exit code 2."""
+
+
+# --- running the model on one image -------------------------------------------------
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available here")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def precision_context(precision: str, device: torch.device):
+    """Autocast for bf16/fp16 (the published code's reduced-precision mode), nothing for fp32."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+
+
+def to_model(pixels: np.ndarray, channels: int, device) -> torch.Tensor:
+    """(H, W, C) float -> (1, channels, H, W): gray is repeated to RGB, RGB becomes its luma for a gray model."""
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    if x.shape[1] == 1 and channels == 3:
+        x = x.expand(1, 3, -1, -1)
+    elif x.shape[1] == 3 and channels == 1:
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return x.contiguous().to(device)
+
+
+def from_model(y: torch.Tensor, channels: int) -> np.ndarray:
+    """(1, C', H, W) -> (H, W, channels) float32: back to the input's channel count."""
+    if y.shape[1] != channels:
+        y = y.mean(1, keepdim=True) if channels == 1 else y.expand(1, channels, -1, -1)
+    return y[0].permute(1, 2, 0).float().cpu().numpy()
+
+
+def restore_pixels(model, pixels: np.ndarray, iterations: int, args, log=print) -> np.ndarray:
+    """Restore (H, W, C) pixels; on CUDA out-of-memory retry in smaller tiles, saying so.
+
+    ``args`` carries --precision, --tile and --tile-overlap.
+    """
+    device = next(model.parameters()).device
+    x = to_model(pixels, model.config.inp_channels, device)
+    run = lambda t: restore(model, t, iterations=iterations)  # noqa: E731
+    tiles = [args.tile] if args.tile else [0, *OOM_TILES]
+    for i, tile in enumerate(tiles):
+        try:
+            with precision_context(args.precision, device):
+                y = tiled(run, x, tile, min(args.tile_overlap, tile // 2)) if tile else run(x)
+            return from_model(y, pixels.shape[2])
+        except torch.cuda.OutOfMemoryError:
+            if i + 1 == len(tiles):
+                raise
+            torch.cuda.empty_cache()
+            log(f"out of GPU memory at {pixels.shape[1]}x{pixels.shape[0]}: retrying in {tiles[i + 1]}-pixel tiles")
+    raise AssertionError("unreachable")
+
+
+# --- distributed runs (torchrun) ----------------------------------------------------
+class Ranks:
+    """This process's share of the work under torchrun (WORLD_SIZE, RANK, LOCAL_RANK), else everything."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")  # only small counters travel
+
+    def share(self, items: Sequence) -> list:
+        return list(items[self.rank::self.world])
+
+    def total(self, counts: Sequence[float]) -> List[float]:
+        if self.world == 1:
+            return list(counts)
+        t = torch.tensor(counts, dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, rows: list) -> list:
+        if self.world == 1:
+            return rows
+        everything = [None] * self.world
+        torch.distributed.all_gather_object(everything, rows)
+        return [r for part in everything for r in part]
+
+    def close(self) -> None:
+        if self.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def progress(items, ranks: Ranks, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="img", disable=ranks.rank != 0 or not items, dynamic_ncols=True)
+
+
+def say(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"sipl-fast: {message}", file=sys.stderr)
+
+
+def failure_message(path, error: Exception, debug: bool) -> str:
+    if debug:
+        traceback.print_exception(error)
+    if isinstance(error, ImageError):
+        return str(error)
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return f"{path}: out of GPU memory even in tiles"
+    return f"{path}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+# --- restore ------------------------------------------------------------------------
+def collect_inputs(source: Path) -> Tuple[List[Path], int]:
+    """Image files of a file or folder (sorted) and how many non-image files were left out."""
+    if source.is_file():
+        return [source], 0
+    if not source.is_dir():
+        raise CLIError(f"-i {source}: no such file or folder")
+    files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if is_image_path(p)]
+    return images, len(files) - len(images)
+
+
+def plan_outputs(inputs: List[Path], out_dir: Path, suffix: str, ext: str) -> List[Tuple[Path, Path, Optional[str]]]:
+    """(input, output, problem or None) for each input: no output may overwrite an input or another output."""
+    plan, taken = [], {}
+    sources = {p.resolve() for p in inputs}
+    for src in inputs:
+        dst = out_dir / f"{src.stem}{suffix}{src.suffix.lower() if ext == 'auto' else EXTENSIONS[ext]}"
+        problem = None
+        if dst.resolve() in sources:
+            problem = f"{src}: output {dst} would overwrite an input; choose another -o or --suffix"
+        elif dst in taken:
+            problem = f"{src}: output {dst} is also the output of {taken[dst]}; use --ext auto or rename"
+        taken.setdefault(dst, src)
+        plan.append((src, dst, problem))
+    return plan
+
+
+def cmd_restore(args) -> int:
+    ranks = Ranks()
+    try:
+        device = pick_device(args.device, ranks.local_rank)
+        model = load_model(args.weights, device=device)
+        inputs, ignored = collect_inputs(Path(args.input))
+        out_dir = Path(args.output)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plan = plan_outputs(inputs, out_dir, args.suffix, args.ext)
+        if ignored and ranks.rank == 0:
+            say(f"{args.input}: left out {ignored} file(s) that are not images ({', '.join(sorted(set(EXTENSIONS)))}, ...)")
+        done = skipped = failed = 0
+        start = time.perf_counter()
+        for src, dst, problem in progress(ranks.share(plan), ranks, "restore"):
+            if problem:
+                say(problem)
+                failed += 1
+                continue
+            if args.skip_existing and dst.exists():
+                skipped += 1
+                continue
+            try:
+                image = read_image(src)
+                pixels = restore_pixels(model, image.pixels, args.iterations, args, log=say)
+                write_image(dst, Image(pixels, image.alpha, image.bit_depth))
+                done += 1
+            except Exception as e:  # one bad image must not stop the others
+                say(failure_message(src, e, args.debug))
+                failed += 1
+        done, skipped, failed, seconds = ranks.total([done, skipped, failed, time.perf_counter() - start])
+        if ranks.rank == 0:
+            rate = done / (seconds / ranks.world) if seconds > 0 else 0.0
+            print(f"restored {int(done)}, skipped {int(skipped)}, failed {int(failed)} "
+                  f"({rate:.2f} images/s on {ranks.world} process{'es' if ranks.world > 1 else ''}) -> {out_dir}")
+        return 1 if failed else 0
+    finally:
+        ranks.close()
+
+
+# --- eval ---------------------------------------------------------------------------
+def match_pairs(lq_dir: Path, gt_dir: Path) -> List[Tuple[str, Path, Path]]:
+    """(name, lq, gt) matched by file name without extension; unmatched files are an error."""
+    def images(d: Path):
+        if not d.is_dir():
+            raise CLIError(f"{d}: no such folder")
+        return {p.stem: p for p in sorted(d.iterdir()) if p.is_file() and is_image_path(p)}
+
+    lq, gt = images(lq_dir), images(gt_dir)
+    lonely = [f"{lq[n].name} (no match in {gt_dir})" for n in sorted(set(lq) - set(gt))]
+    lonely += [f"{gt[n].name} (no match in {lq_dir})" for n in sorted(set(gt) - set(lq))]
+    if lonely:
+        raise CLIError(f"unmatched images: {', '.join(lonely[:8])}{' ...' if len(lonely) > 8 else ''}")
+    if not lq:
+        raise CLIError(f"no images in {lq_dir}")
+    return [(n, lq[n], gt[n]) for n in sorted(lq)]
+
+
+def cmd_eval(args) -> int:
+    try:
+        iterations = sorted({int(v) for v in args.iterations.split(",")})
+        if any(i < 0 for i in iterations):
+            raise ValueError
+    except ValueError:
+        raise CLIError(f"--iterations {args.iterations!r}: expected integers >= 0 like 0,1,2") from None
+    ranks = Ranks()
+    try:
+        model = load_model(args.weights, device=pick_device(args.device, ranks.local_rank))
+        pairs = match_pairs(Path(args.lq), Path(args.gt))
+        rows, failed = [], 0
+        for name, lq_path, gt_path in progress(ranks.share(pairs), ranks, "eval"):
+            try:
+                lq, gt = read_image(lq_path), read_image(gt_path)
+                row = {"image": name}
+                for k in iterations:
+                    out = restore_pixels(model, lq.pixels, k, args, log=say)
+                    row[f"psnr@{k}"], row[f"ssim@{k}"] = psnr_ssim(out, gt.pixels, args.protocol, args.crop_border)
+                rows.append(row)
+            except Exception as e:
+                say(failure_message(lq_path, e, args.debug))
+                failed += 1
+        rows = sorted(ranks.gather(rows), key=lambda r: r["image"])
+        failed = int(ranks.total([failed])[0])
+        if ranks.rank == 0:
+            print_eval(rows, iterations, args)
+        return 1 if failed or not rows else 0
+    finally:
+        ranks.close()
+
+
+def print_eval(rows: List[dict], iterations: List[int], args) -> None:
+    columns = [c for k in iterations for c in (f"psnr@{k}", f"ssim@{k}")]
+    if rows:
+        rows = rows + [{"image": "average", **{c: float(np.mean([r[c] for r in rows])) for c in columns}}]
+    width = max([len(r["image"]) for r in rows] + [7])
+    print(f"{'image':<{width}}  " + "  ".join(f"{c:>9}" for c in columns))
+    for r in rows:
+        print(f"{r['image']:<{width}}  " + "  ".join(f"{r[c]:9.4f}" for c in columns))
+    print(f"protocol {args.protocol}, crop border {args.crop_border}; @k = after k SIPL iterations (0: dictionary-only pass)")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["image", *columns])
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+# --- info, bench ----------------------------------------------------------------------
+def cmd_info(args) -> int:
+    sd, fmt = read_state_dict(args.path, weights_only=not args.trust)
+    config = infer_config(sd)
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
+    print(f"file:          {args.path} ({Path(args.path).stat().st_size / 2**20:.1f} MiB)")
+    print(f"format:        {fmt}")
+    print(f"model:         {'SIPL (PromptIR + Proxy Fusion)' if config.proxy_fusion else 'plain PromptIR (no Proxy Fusion)'}")
+    print(f"parameters:    {sum(v.numel() for v in sd.values()):,} in {len(sd)} tensors ({', '.join(dtypes)})")
+    for key, value in config.to_dict().items():
+        print(f"  {key + ':':<24}{value}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    scripts = sorted(p for p in folder.glob("*.py") if not p.name.startswith("_")) if folder.is_dir() else []
+    if not scripts:
+        raise CLIError("the benchmarks ship with the source tree: run from a checkout (pip install -e .)")
+    status = 0
+    for script in scripts:
+        print(f"== {script.name}", flush=True)
+        status |= subprocess.call([sys.executable, str(script), *(["--quick"] if args.quick else [])])
+    return 1 if status else 0
+
+
+# --- argument parsing -------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = argparse.ArgumentParser(prog="sipl-fast", parents=[common],
+                                     description="SIPL / PromptIR image restoration.")
+    parser.add_argument("--version", action="version", version=f"sipl-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint: .pth/.pt/.ckpt (BasicSR, PromptIR) or .safetensors")
+        p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                       help="auto: bf16 autocast on GPUs that support it, else fp32 (default auto)")
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+        p.add_argument("--tile", type=int, default=0, metavar="N",
+                       help="restore in N x N tiles (approximate: the attention is global); default whole images, "
+                            "falling back to tiles on CUDA out-of-memory")
+        p.add_argument("--tile-overlap", type=int, default=32, metavar="N", help="pixels shared by neighbouring tiles (default 32)")
+
+    r = sub.add_parser("restore", parents=[common], help="restore an image or a folder of images",
+                       description="Restore images with the SIPL loop and write them to a folder.",
+                       epilog="example: sipl-fast restore -i photos/ -o restored/ --weights sipl.pth")
+    r.add_argument("-i", "--input", required=True, metavar="FILE_OR_DIR", help="an image, or a folder of images (not recursive)")
+    r.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (created if missing)")
+    model_options(r)
+    r.add_argument("--iterations", type=int, default=2, help="SIPL iterations; 0 = one dictionary-only pass (default 2)")
+    r.add_argument("--suffix", default="_sipl", help="added to output file names (default _sipl)")
+    r.add_argument("--ext", choices=["auto", *EXTENSIONS], default="auto", help="output format; auto keeps the input's (default)")
+    r.add_argument("--skip-existing", action="store_true", help="leave images whose output exists")
+    r.set_defaults(func=cmd_restore)
+
+    e = sub.add_parser("eval", parents=[common], help="PSNR/SSIM on paired folders, per SIPL iteration count",
+                       description="Score restorations of --lq against --gt (pairs matched by file name).",
+                       epilog="example: sipl-fast eval --weights sipl.pth --lq test/noisy25 --gt test/clean --iterations 0,1,2")
+    model_options(e)
+    e.add_argument("--lq", required=True, metavar="DIR", help="degraded images")
+    e.add_argument("--gt", required=True, metavar="DIR", help="ground-truth images, same file names")
+    e.add_argument("--iterations", default="0,1,2", help="comma-separated iteration counts to score (default 0,1,2)")
+    e.add_argument("--protocol", choices=PROTOCOLS, default="promptir",
+                   help="promptir: RGB, 7x7 SSIM (PromptIR/SIPL scripts); basicsr-y: Y channel, 11x11 Gaussian SSIM")
+    e.add_argument("--crop-border", type=int, default=0, metavar="N", help="pixels cropped from each side before scoring")
+    e.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", parents=[common], help="describe a checkpoint", description="Format, configuration and size of a checkpoint.")
+    i.add_argument("path", metavar="PATH")
+    i.add_argument("--trust", action="store_true", help="allow pickled objects (only for files you trust)")
+    i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", parents=[common], help="run the benchmark suite and print its tables",
+                       description="Run every script in benchmarks/ (kernels, end to end).")
+    b.add_argument("--quick", action="store_true", help="small shapes, a quick look")
+    b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("sipl-fast: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line; the traceback only with --debug
+        if args.debug:
+            raise
+        what = "" if isinstance(e, (CLIError, ValueError, OSError)) else f"{type(e).__name__}: "
+        print(f"sipl-fast {args.command}: error: {what}{e}", file=sys.stderr)
+        return 2
+
+
+def main() -> None:
+    sys.exit(run())
