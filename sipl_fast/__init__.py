@@ -6,9 +6,10 @@
 - ``sipl_fast.ops``: the hot ops with reference, Triton and CUDA C++ backends.
 """
 from . import ops
-from .checkpoint import load_model, save_model
-from .loops import restore, sipl_training_step
+from .checkpoint import load_default, load_model, save_model
+from .loops import refinements, restore, sipl_training_step
 from .model import SIPL, SIPLConfig
 
-__all__ = ["SIPL", "SIPLConfig", "load_model", "ops", "restore", "save_model", "sipl_training_step"]
+__all__ = ["SIPL", "SIPLConfig", "load_default", "load_model", "ops", "refinements", "restore", "save_model",
+           "sipl_training_step"]
 __version__ = "0.1.0"

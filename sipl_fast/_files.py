@@ -19,6 +19,9 @@ def atomic_path(path) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file: mkstemp's (and writers') 0600 would make it private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

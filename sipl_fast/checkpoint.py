@@ -17,14 +17,14 @@ import pathlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
 from ._files import atomic_path
 from .model import SIPL, SIPLConfig
 
-__all__ = ["load_model", "save_model", "read_state_dict", "infer_config"]
+__all__ = ["load_default", "load_model", "save_model", "read_state_dict", "infer_config"]
 
 StateDict = Dict[str, torch.Tensor]
 ANCHOR = "patch_embed.proj.weight"
@@ -196,14 +196,26 @@ def load_model(source, device: Union[str, torch.device] = "cpu", weights_only: b
     return model.to(device).eval()
 
 
-def save_model(model: SIPL, path: Union[str, os.PathLike]) -> Path:
+#: The bundled default model, trained by ``sipl-fast train --config sipl_fast/weights/default.yaml``.
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default.safetensors"
+
+
+def load_default(device: Union[str, torch.device] = "cpu") -> SIPL:
+    """The small SIPL model that ships with the package (all-in-one: noise, haze, low light), in eval mode."""
+    if not DEFAULT_WEIGHTS.is_file():
+        raise ValueError(f"{DEFAULT_WEIGHTS}: the bundled default model is missing from this install")
+    return load_model(DEFAULT_WEIGHTS, device=device)
+
+
+def save_model(model: SIPL, path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
     """Write ``model``'s weights as ``.safetensors`` or as a BasicSR ``.pth``/``.pt`` (``{"params": sd}``).
 
-    The file is written to a temporary name first and renamed, so a failure
-    never leaves a half-written checkpoint.
+    ``dtype`` (e.g. torch.float16) converts the stored tensors. The file is
+    written to a temporary name first and renamed, so a failure never leaves a
+    half-written checkpoint.
     """
     path = Path(path)
-    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v.detach().cpu().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
     if path.suffix not in (".safetensors", ".pth", ".pt"):
         raise ValueError(f"{path}: expected a .safetensors, .pth or .pt file name")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import os
 import subprocess
 import sys
 import time
@@ -22,10 +21,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import infer_config, load_model, read_state_dict
+from .checkpoint import infer_config, load_default, load_model, read_state_dict, save_model
 from .images import Image, ImageError, is_image_path, read_image, write_image
 from .loops import restore
 from .metrics import PROTOCOLS, psnr_ssim
+from .distributed import Ranks
 from .tiling import tiled
 
 OOM_TILES = (1024, 512, 256, 128)
@@ -97,39 +97,6 @@ def restore_pixels(model, pixels: np.ndarray, iterations: int, args, log=print) 
             torch.cuda.empty_cache()
             log(f"out of GPU memory at {pixels.shape[1]}x{pixels.shape[0]}: retrying in {tiles[i + 1]}-pixel tiles")
     raise AssertionError("unreachable")
-
-
-# --- distributed runs (torchrun) ----------------------------------------------------
-class Ranks:
-    """This process's share of the work under torchrun (WORLD_SIZE, RANK, LOCAL_RANK), else everything."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("gloo")  # only small counters travel
-
-    def share(self, items: Sequence) -> list:
-        return list(items[self.rank::self.world])
-
-    def total(self, counts: Sequence[float]) -> List[float]:
-        if self.world == 1:
-            return list(counts)
-        t = torch.tensor(counts, dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def gather(self, rows: list) -> list:
-        if self.world == 1:
-            return rows
-        everything = [None] * self.world
-        torch.distributed.all_gather_object(everything, rows)
-        return [r for part in everything for r in part]
-
-    def close(self) -> None:
-        if self.world > 1:
-            torch.distributed.destroy_process_group()
 
 
 def progress(items, ranks: Ranks, desc: str):
@@ -313,6 +280,97 @@ def cmd_bench(args) -> int:
     return 1 if status else 0
 
 
+# --- train, export, demo -------------------------------------------------------------
+def _setting(text: str) -> Tuple[List[str], object]:
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise CLIError(f"--set {text!r}: expected KEY=VALUE, e.g. model.dim=16 or iterations=2000")
+    return key.split("."), yaml.safe_load(value)
+
+
+def cmd_train(args) -> int:
+    import yaml
+
+    from .train import TrainConfig, train
+
+    values = {}
+    if args.config:
+        with open(args.config) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise CLIError(f"{args.config}: expected a mapping of training settings")
+    for flag in ("output", "iterations", "batch_size", "lr", "crop", "images", "lq", "gt", "seed"):
+        if getattr(args, flag) is not None:
+            values[flag] = getattr(args, flag)
+    if args.degradations:
+        values["degradations"] = args.degradations.split(",")
+    for text in args.set or []:
+        keys, value = _setting(text)
+        target = values
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+        target[keys[-1]] = value
+    last = train(TrainConfig.from_dict(values), resume=args.resume, stop_at=args.stop_at)
+    print(f"last checkpoint: {last}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    model = load_model(args.source, weights_only=not args.trust)
+    path = save_model(model, args.destination, dtype=torch.float16 if args.half else None)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def demo_image(name: str, size: int) -> torch.Tensor:
+    """A held-out bundled photo, (1, 3, H, W) in [0, 1], its long side scaled to ``size``."""
+    from .data import bundled_image
+
+    img = bundled_image(name)[None]
+    scale = size / max(img.shape[-2:])
+    if scale < 1:
+        hw = [max(8, round(s * scale)) for s in img.shape[-2:]]
+        img = torch.nn.functional.interpolate(img, size=hw, mode="area")
+    return img
+
+
+def cmd_demo(args) -> int:
+    from .data import HELD_OUT
+    from .degradations import DEGRADATIONS, degrade
+    from .loops import refinements
+
+    device = pick_device(args.device)
+    model = load_model(args.weights, device=device) if args.weights else load_default(device)
+    names = list(DEGRADATIONS) if args.degradation == "all" else [args.degradation]
+    images = list(HELD_OUT) if args.degradation == "all" else [args.image]
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{'image':<10} {'degradation':<12} {'input':>7} {'dict':>7} " + " ".join(f"{'SIPL-' + str(k):>7}" for k in range(1, args.iterations + 1)) + "   seconds  (PSNR dB)")
+    table = {}
+    for name in names:
+        for image in images:
+            gt = demo_image(image, args.size)
+            lq = degrade(gt, name, torch.Generator().manual_seed(args.seed))
+            start = time.perf_counter()
+            outs = [o.float().cpu() for o in refinements(model, lq.to(device), args.iterations)]
+            seconds = time.perf_counter() - start
+            scores = [psnr_ssim(t[0].permute(1, 2, 0).numpy(), gt[0].permute(1, 2, 0).numpy())[0] for t in [lq, *outs]]
+            table.setdefault(name, []).append(scores)
+            print(f"{image:<10} {name:<12} " + " ".join(f"{v:7.2f}" for v in scores) + f"   {seconds:7.1f}")
+            if args.degradation != "all":
+                panel = torch.cat([lq, outs[0], outs[-1]], dim=-1)[0].permute(1, 2, 0).numpy()
+                path = out_dir / f"sipl_demo_{image}_{name}.png"
+                write_image(path, Image(panel, None, 8))
+                print(f"wrote {path} (input | dictionary-only | SIPL, {args.iterations} iterations)")
+    if args.degradation == "all":
+        print("average over " + ", ".join(images) + ":")
+        for name, rows in table.items():
+            print(f"{'':<10} {name:<12} " + " ".join(f"{v:7.2f}" for v in np.mean(rows, axis=0)))
+    return 0
+
+
 # --- argument parsing -------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -361,6 +419,52 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", metavar="PATH")
     i.add_argument("--trust", action="store_true", help="allow pickled objects (only for files you trust)")
     i.set_defaults(func=cmd_info)
+
+    t = sub.add_parser("train", parents=[common], help="train a SIPL model (torchrun for several GPUs)",
+                       description="Train with the SIPL recipe: privileged features from the ground truth, EMA, "
+                                   "warm-up + cosine schedule. Settings come from --config, then the flags, then --set.",
+                       epilog="example: sipl-fast train --config sipl_fast/weights/default.yaml --set iterations=2000")
+    t.add_argument("--config", metavar="FILE.yaml", help="training settings (see sipl_fast/train.py TrainConfig)")
+    t.add_argument("--output", help="run folder: models/, training_states/, loss.csv, val.csv")
+    t.add_argument("--iterations", type=int, help="total optimiser steps")
+    t.add_argument("--batch-size", type=int, help="global batch (split across torchrun processes)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 2e-4)")
+    t.add_argument("--crop", type=int, help="training crop size (default 128)")
+    t.add_argument("--images", help="clean images for synthetic degradations: skimage (bundled photos) or a folder")
+    t.add_argument("--degradations", help="comma-separated: noise15,noise25,noise50,haze,lowlight,blur,rain")
+    t.add_argument("--lq", metavar="DIR", help="paired training: degraded images (with --gt)")
+    t.add_argument("--gt", metavar="DIR", help="paired training: clean images, same file names")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--resume", metavar="STATE|auto", help="continue from a training_states/N.state file, or the newest")
+    t.add_argument("--stop-at", type=int, metavar="N", help="save and stop after step N (resume later)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any setting, e.g. model.dim=16 (repeatable)")
+    t.set_defaults(func=cmd_train)
+
+    x = sub.add_parser("export", parents=[common], help="write a checkpoint's weights (EMA preferred) as safetensors or .pth",
+                       description="Convert a checkpoint (BasicSR, PromptIR, safetensors) to .safetensors or BasicSR .pth.",
+                       epilog="example: sipl-fast export runs/sipl/models/net_g_300000.pth sipl.safetensors --half")
+    x.add_argument("source", metavar="SRC")
+    x.add_argument("destination", metavar="DST")
+    x.add_argument("--half", action="store_true", help="store fp16 tensors (half the size)")
+    x.add_argument("--trust", action="store_true", help="allow pickled objects (only for files you trust)")
+    x.set_defaults(func=cmd_export)
+
+    d = sub.add_parser("demo", parents=[common], help="degrade a held-out photo, restore it, show PSNR per pass",
+                       description="Offline demo with the bundled model: degrade a held-out scikit-image photo, restore "
+                                   "it, print PSNR after the dictionary-only pass and each SIPL iteration, and write "
+                                   "a side-by-side PNG (input | dictionary-only | SIPL).",
+                       epilog="example: sipl-fast demo --degradation haze -o demo/")
+    d.add_argument("--degradation", default="noise25", choices=["all", "noise15", "noise25", "noise50", "haze", "lowlight", "blur", "rain"],
+                   help="all: a PSNR table over the three held-out photos, no images written (default noise25)")
+    d.add_argument("--image", default="astronaut", choices=["astronaut", "coffee", "chelsea"], help="held-out photo (default astronaut)")
+    d.add_argument("--size", type=int, default=256, help="scale the photo's long side down to this (default 256)")
+    d.add_argument("--iterations", type=int, default=1,
+                   help="SIPL iterations (default 1: the bundled model's best; a second one hurts it, see README)")
+    d.add_argument("-o", "--output", default=".", metavar="DIR", help="where the PNG goes (default .)")
+    d.add_argument("--weights", metavar="PATH", help="another checkpoint instead of the bundled model")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the degradation (default 0)")
+    d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", parents=[common], help="run the benchmark suite and print its tables",
                        description="Run every script in benchmarks/ (kernels, end to end).")

@@ -8,12 +8,12 @@ ground truth, ``F = encode(net(gt))`` under no_grad, then
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pad_to_multiple", "restore", "sipl_training_step"]
+__all__ = ["pad_to_multiple", "refinements", "restore", "sipl_training_step"]
 
 PAD_MULTIPLE = 16
 
@@ -54,24 +54,39 @@ def _check_images(name: str, x: torch.Tensor, channels: int) -> None:
 
 
 @torch.no_grad()
-def restore(model, lq: torch.Tensor, iterations: int = 2) -> torch.Tensor:
-    """Restore ``lq`` (B, C, H, W), any H and W, with the published SIPL inference loop.
+def refinements(model, lq: torch.Tensor, iterations: int = 2) -> Iterator[torch.Tensor]:
+    """Yield what ``restore(model, lq, k)`` returns for k = 0, 1, ..., ``iterations``, sharing the work.
 
-    ``iterations=0`` runs one dictionary-only pass; a model without Proxy Fusion
-    (plain PromptIR) runs one plain pass whatever ``iterations`` is. Returns
-    (B, C, H, W), unclipped, like the published code.
+    The dictionary-only pass (k = 0) is also the first pass of iteration 1, so
+    all the results cost no more than ``restore(model, lq, iterations)`` alone.
+    A model without Proxy Fusion yields its one plain pass only.
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
     _check_images("restore", lq, model.config.inp_channels)
     h, w = lq.shape[-2:]
     img = pad_to_multiple(lq)
-    if iterations == 0 or not model.config.proxy_fusion:
-        img = model(img)
-    for _ in range(iterations if model.config.proxy_fusion else 0):
-        privileged = model.encode(model(img))
-        img = model(img, privileged=privileged)
-    return img[..., :h, :w]
+    y0 = model(img)
+    yield y0[..., :h, :w]
+    if not model.config.proxy_fusion:
+        return
+    for k in range(iterations):
+        if k:
+            y0 = model(img)
+        img = model(img, privileged=model.encode(y0))
+        yield img[..., :h, :w]
+
+
+def restore(model, lq: torch.Tensor, iterations: int = 2) -> torch.Tensor:
+    """Restore ``lq`` (B, C, H, W), any H and W, with the published SIPL inference loop.
+
+    ``iterations=0`` runs one dictionary-only pass; a model without Proxy Fusion
+    (plain PromptIR) runs one plain pass whatever ``iterations`` is. Returns
+    (B, C, H, W), unclipped, like the published code. No gradients are tracked.
+    """
+    for out in refinements(model, lq, iterations):
+        pass
+    return out
 
 
 def sipl_training_step(
@@ -80,26 +95,38 @@ def sipl_training_step(
     gt: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    *,
+    grad_clip: Optional[float] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """One SIPL training step on a batch; returns the loss (detached scalar tensor).
 
     Privileged features come from the ground truth under no_grad,
     ``F = encode(net(gt))``; the loss is ``loss_fn(net(lq, privileged=F), gt)``
-    (L1 by default); then backward and ``optimizer.step()``. A model without
-    Proxy Fusion trains as plain PromptIR. H and W must be multiples of 8.
+    (L1 by default, computed in fp32); then backward, optional gradient-norm
+    clipping, and ``optimizer.step()``. ``model`` may be wrapped in
+    DistributedDataParallel; ``autocast_dtype`` (e.g. torch.bfloat16) runs the
+    passes under autocast. A model without Proxy Fusion trains as plain
+    PromptIR. H and W must be multiples of 8.
     """
-    _check_images("sipl_training_step lq", lq, model.config.inp_channels)
-    _check_images("sipl_training_step gt", gt, model.config.out_channels)
+    net = getattr(model, "module", model)  # the SIPL model inside a DDP wrapper
+    _check_images("sipl_training_step lq", lq, net.config.inp_channels)
+    _check_images("sipl_training_step gt", gt, net.config.out_channels)
     if lq.shape[0] != gt.shape[0] or lq.shape[-2:] != gt.shape[-2:]:
         raise ValueError(f"lq {tuple(lq.shape)} and gt {tuple(gt.shape)} differ in batch or size")
     loss_fn = F.l1_loss if loss_fn is None else loss_fn
     model.train()
-    privileged = None
-    if model.config.proxy_fusion:
-        with torch.no_grad():
-            privileged = model.encode(model(gt))
-    loss = loss_fn(model(lq, privileged=privileged), gt)
+    with torch.autocast(lq.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        privileged = None
+        if net.config.proxy_fusion:
+            with torch.no_grad():
+                privileged = net.encode(net(gt))
+        out = model(lq, privileged=privileged)
+    acc = torch.promote_types(out.dtype, torch.float32)  # the loss in at least fp32
+    loss = loss_fn(out.to(acc), gt.to(acc))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
     optimizer.step()
     return loss.detach()

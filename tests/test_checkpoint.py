@@ -1,4 +1,6 @@
 """Checkpoints: every format round-trips, configurations are inferred, errors are clear."""
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -42,6 +44,9 @@ def test_save_and_load_round_trip(tmp_path, model, suffix):
     path = sipl_fast.save_model(model, tmp_path / f"m{suffix}")
     assert_same_model(sipl_fast.load_model(path), model)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's private one
     if suffix != ".safetensors":
         assert set(torch.load(path, weights_only=True)) == {"params"}
 

@@ -35,6 +35,16 @@ def test_restore_follows_the_published_loop_on_odd_sizes(iterations):
     torch.testing.assert_close(out[1:], sipl_fast.restore(model, lq[1:], iterations=iterations), rtol=1e-12, atol=1e-12)
 
 
+def test_refinements_yield_what_restore_returns_for_each_count():
+    model = tiny_model()
+    lq = torch.rand(2, 3, 19, 26, dtype=torch.float64)
+    outs = list(sipl_fast.refinements(model, lq, 2))
+    assert len(outs) == 3
+    for k, out in enumerate(outs):
+        torch.testing.assert_close(out, published_loop(model, lq, k), rtol=0, atol=0)
+    assert len(list(sipl_fast.refinements(tiny_model(proxy_fusion=False), lq, 2))) == 1
+
+
 def test_iterations_change_the_result():
     model = tiny_model()
     lq = torch.rand(1, 3, 21, 18, dtype=torch.float64)
