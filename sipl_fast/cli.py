@@ -363,7 +363,7 @@ def cmd_demo(args) -> int:
                 panel = torch.cat([lq, outs[0], outs[-1]], dim=-1)[0].permute(1, 2, 0).numpy()
                 path = out_dir / f"sipl_demo_{image}_{name}.png"
                 write_image(path, Image(panel, None, 8))
-                print(f"wrote {path} (input | dictionary-only | SIPL, {args.iterations} iterations)")
+                print(f"wrote {path} (input | dictionary-only | SIPL, {args.iterations} iteration{'s' * (args.iterations != 1)})")
     if args.degradation == "all":
         print("average over " + ", ".join(images) + ":")
         for name, rows in table.items():
