@@ -85,7 +85,7 @@ def restore_pixels(model, pixels: np.ndarray, iterations: int, args, log=print) 
     device = next(model.parameters()).device
     x = to_model(pixels, model.config.inp_channels, device)
     run = lambda t: restore(model, t, iterations=iterations)  # noqa: E731
-    tiles = [args.tile] if args.tile else [0, *OOM_TILES]
+    tiles = [args.tile] if args.tile else [0, *(t for t in OOM_TILES if t < max(pixels.shape[:2]))]
     for i, tile in enumerate(tiles):
         try:
             with precision_context(args.precision, device):
