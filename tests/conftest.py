@@ -1,6 +1,15 @@
-"""Shared fixtures: tiny randomised SIPL models that run in milliseconds on a CPU."""
+"""Shared fixtures: tiny randomised SIPL models that run in milliseconds on a CPU.
+
+Without a GPU, Triton kernels run in Triton's interpreter (set before any kernel
+is defined); the ops only use it when a test asks for backend="triton".
+"""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sipl_fast import SIPL, SIPLConfig
 

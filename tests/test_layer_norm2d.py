@@ -1,11 +1,14 @@
 """sipl_fast.ops.layer_norm2d: the reference against an independent computation, backend
 choice, errors, and (on a GPU) the CUDA C++ kernel against the reference."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from sipl_fast import ops
 from sipl_fast.ops import BackendError, layer_norm2d
+from sipl_fast.ops._backend import choose
 
 SHAPES = [(2, 37, 7, 9), (3, 96, 13, 11), (1, 1, 1, 1), (2, 704, 5, 3), (1, 48, 16, 16)]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -90,6 +93,38 @@ def test_available_backends_reports_torch_and_cuda():
         assert info["cuda"]["available"] is False and info["cuda"]["reason"]
 
 
+# --- Triton: on a GPU, or in the interpreter on a CPU --------------------------------
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OP_MODULE = importlib.import_module("sipl_fast.ops.layer_norm2d")  # the attribute of that name is the function
+needs_triton = pytest.mark.skipif(OP_MODULE.triton is None, reason="Triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_kernel_matches_the_reference(shape, dtype):
+    x, w, b = inputs(shape, dtype, TRITON_DEVICE)
+    y = layer_norm2d(x, w, b, backend="triton")
+    assert y.dtype == dtype and y.shape == x.shape
+    err = (y.double() - independent(x, w, b)).abs().max().item()
+    assert err <= (1e-5 if dtype == torch.float32 else error_bound(shape, dtype, TRITON_DEVICE))
+
+
+@needs_triton
+def test_triton_takes_channels_last_and_refuses_gradients():
+    x, w, b = inputs((2, 40, 9, 7), torch.float32, TRITON_DEVICE)
+    y = layer_norm2d(x.to(memory_format=torch.channels_last), w, b, backend="triton")
+    assert (y.double() - independent(x, w, b)).abs().max().item() <= 1e-5
+    with pytest.raises(BackendError, match="forward-only"):
+        layer_norm2d(x.requires_grad_(True), w, b, backend="triton")
+
+
+def test_auto_never_picks_the_triton_interpreter():
+    x, w, b = inputs((1, 6, 4, 4))
+    chosen = choose("layer_norm2d", OP_MODULE.BACKENDS, OP_MODULE.PREFERENCE, None, x, w, b, 1e-5)
+    assert chosen.name == "torch"
+
+
 # --- GPU: the CUDA C++ kernel, through each route that can run here ----------------
 @pytest.fixture(params=["extension", "cupy"])
 def route(request, monkeypatch):
@@ -105,9 +140,9 @@ def route(request, monkeypatch):
     _cuda._reset()
 
 
-def error_bound(shape, dtype):
+def error_bound(shape, dtype, device="cuda"):
     """Twice PyTorch's own error in ``dtype`` (the reference run in that dtype), plus a floor."""
-    x, w, b = inputs(shape, dtype, "cuda")
+    x, w, b = inputs(shape, dtype, device)
     own = (layer_norm2d(x, w, b, backend="torch").double() - independent(x, w, b)).abs().max().item()
     return 2 * own + (1e-5 if dtype == torch.float32 else 1e-3)
 

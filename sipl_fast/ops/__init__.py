@@ -1,11 +1,12 @@
 """SIPL's hot ops, each with a pure-PyTorch reference backend and faster ones.
 
-Choose a backend per call (``backend="torch" | "cuda" | None``) or by the
+Choose a backend per call (``backend="torch" | "cuda" | "triton" | None``) or by the
 environment (``SIPL_FAST_BACKEND_<OP>`` or ``SIPL_FAST_BACKEND``); ``None``
 picks the fastest backend that can run the call and falls back to ``"torch"``.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict
 
 import torch
@@ -16,15 +17,29 @@ from .layer_norm2d import layer_norm2d
 __all__ = ["BackendError", "available_backends", "layer_norm2d"]
 
 
+def _triton_status() -> dict:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return {"available": False, "route": None, "reason": "Triton is not installed"}
+    if torch.cuda.is_available():
+        return {"available": True, "route": "gpu", "reason": None}
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return {"available": False, "route": "interpreter",
+                "reason": "no CUDA device; the interpreter runs CPU tensors only when backend='triton' is asked for"}
+    return {"available": False, "route": None, "reason": "no CUDA device visible to PyTorch"}
+
+
 def available_backends() -> Dict[str, dict]:
     """What this install can run: ``{name: {"available": bool, "route": str | None, "reason": str | None}}``.
 
     ``route`` says how a backend runs: for ``"cuda"``, ``"extension"`` (the
-    compiled ``sipl_fast._C``) or ``"cupy"`` (the same CUDA C++ JIT-compiled by CuPy).
+    compiled ``sipl_fast._C``) or ``"cupy"`` (the same CUDA C++ JIT-compiled by CuPy);
+    for ``"triton"``, ``"gpu"`` or ``"interpreter"`` (``TRITON_INTERPRET=1``).
     """
     from . import _cuda
 
-    result = {"torch": {"available": True, "route": "pytorch", "reason": None}}
+    result = {"torch": {"available": True, "route": "pytorch", "reason": None}, "triton": _triton_status()}
     try:
         route = _cuda.route()
     except (RuntimeError, ValueError) as e:  # a forced SIPL_FAST_CUDA_ROUTE that cannot run

@@ -26,11 +26,14 @@ class Backend:
     """A named implementation with a check that says why it cannot run a call.
 
     ``why_not(*args, **kwargs)`` returns ``None`` when the backend can run the
-    call, else a short reason.
+    call, else a short reason. ``automatic(*args, **kwargs)`` says whether the
+    automatic choice may take it (e.g. not Triton's CPU interpreter, which runs
+    only when asked for).
     """
 
-    def __init__(self, name: str, fn: Callable, why_not: Callable[..., Optional[str]]):
-        self.name, self.fn, self.why_not = name, fn, why_not
+    def __init__(self, name: str, fn: Callable, why_not: Callable[..., Optional[str]],
+                 automatic: Callable[..., bool] = lambda *args, **kwargs: True):
+        self.name, self.fn, self.why_not, self.automatic = name, fn, why_not, automatic
 
 
 def requested(op: str, backend: Optional[str]) -> Optional[str]:
@@ -53,6 +56,6 @@ def choose(op: str, backends: Dict[str, Backend], preference, backend: Optional[
             raise BackendError(f"{op}: backend {name!r} cannot run this call: {reason}")
         return backends[name]
     for candidate in preference:
-        if backends[candidate].why_not(*args, **kwargs) is None:
+        if backends[candidate].automatic(*args, **kwargs) and backends[candidate].why_not(*args, **kwargs) is None:
             return backends[candidate]
     return backends["torch"]
