@@ -23,9 +23,9 @@ import torch
 from . import __version__
 from .checkpoint import infer_config, load_default, load_model, read_state_dict, save_model
 from .images import Image, ImageError, is_image_path, read_image, write_image
-from .loops import restore
-from .metrics import PROTOCOLS, psnr_ssim
 from .distributed import Ranks
+from .loops import refinements
+from .metrics import PROTOCOLS, psnr, psnr_ssim
 from .tiling import tiled
 
 OOM_TILES = (1024, 512, 256, 128)
@@ -77,20 +77,25 @@ def from_model(y: torch.Tensor, channels: int) -> np.ndarray:
     return y[0].permute(1, 2, 0).float().cpu().numpy()
 
 
-def restore_pixels(model, pixels: np.ndarray, iterations: int, args, log=print) -> np.ndarray:
-    """Restore (H, W, C) pixels; on CUDA out-of-memory retry in smaller tiles, saying so.
+def restore_pixels(model, pixels: np.ndarray, iterations: Sequence[int], args, log=print) -> List[np.ndarray]:
+    """Restore (H, W, C) pixels after each count in ``iterations``, from one loop (``refinements``).
 
-    ``args`` carries --precision, --tile and --tile-overlap.
+    On CUDA out-of-memory retry in smaller tiles, saying so. ``args`` carries
+    --precision, --tile and --tile-overlap.
     """
     device = next(model.parameters()).device
     x = to_model(pixels, model.config.inp_channels, device)
-    run = lambda t: restore(model, t, iterations=iterations)  # noqa: E731
+
+    def run(t: torch.Tensor) -> torch.Tensor:  # the asked-for results side by side on the channel axis
+        outs = list(refinements(model, t, max(iterations)))
+        return torch.cat([outs[min(k, len(outs) - 1)] for k in iterations], dim=1)  # plain PromptIR: one pass
+
     tiles = [args.tile] if args.tile else [0, *(t for t in OOM_TILES if t < max(pixels.shape[:2]))]
     for i, tile in enumerate(tiles):
         try:
             with precision_context(args.precision, device):
                 y = tiled(run, x, tile, min(args.tile_overlap, tile // 2)) if tile else run(x)
-            return from_model(y, pixels.shape[2])
+            return [from_model(part, pixels.shape[2]) for part in y.chunk(len(iterations), dim=1)]
         except torch.cuda.OutOfMemoryError:
             if i + 1 == len(tiles):
                 raise
@@ -172,7 +177,7 @@ def cmd_restore(args) -> int:
                 continue
             try:
                 image = read_image(src)
-                pixels = restore_pixels(model, image.pixels, args.iterations, args, log=say)
+                [pixels] = restore_pixels(model, image.pixels, [args.iterations], args, log=say)
                 write_image(dst, Image(pixels, image.alpha, image.bit_depth))
                 done += 1
             except Exception as e:  # one bad image must not stop the others
@@ -222,8 +227,7 @@ def cmd_eval(args) -> int:
             try:
                 lq, gt = read_image(lq_path), read_image(gt_path)
                 row = {"image": name}
-                for k in iterations:
-                    out = restore_pixels(model, lq.pixels, k, args, log=say)
+                for k, out in zip(iterations, restore_pixels(model, lq.pixels, iterations, args, log=say)):
                     row[f"psnr@{k}"], row[f"ssim@{k}"] = psnr_ssim(out, gt.pixels, args.protocol, args.crop_border)
                 rows.append(row)
             except Exception as e:
@@ -339,7 +343,6 @@ def demo_image(name: str, size: int) -> torch.Tensor:
 def cmd_demo(args) -> int:
     from .data import HELD_OUT
     from .degradations import DEGRADATIONS, degrade
-    from .loops import refinements
 
     device = pick_device(args.device)
     model = load_model(args.weights, device=device) if args.weights else load_default(device)
@@ -356,7 +359,7 @@ def cmd_demo(args) -> int:
             start = time.perf_counter()
             outs = [o.float().cpu() for o in refinements(model, lq.to(device), args.iterations)]
             seconds = time.perf_counter() - start
-            scores = [psnr_ssim(t[0].permute(1, 2, 0).numpy(), gt[0].permute(1, 2, 0).numpy())[0] for t in [lq, *outs]]
+            scores = [psnr(t[0].permute(1, 2, 0).numpy(), gt[0].permute(1, 2, 0).numpy()) for t in [lq, *outs]]
             table.setdefault(name, []).append(scores)
             print(f"{image:<10} {name:<12} " + " ".join(f"{v:7.2f}" for v in scores) + f"   {seconds:7.1f}")
             if args.degradation != "all":

@@ -77,7 +77,7 @@ def _line_kernels(b: int, g: torch.Generator, lo: int, hi: int, size: int) -> to
 
 
 def _per_image_conv(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
-    """Convolve each image of x (B, C, H, W) with its own kernel (B, 1, k, k), reflect padding."""
+    """Convolve each image of x (B, C, H, W) with its own kernel (B, 1, k, k), edge-replicating padding."""
     b, c, h, w = x.shape
     pad = kernels.shape[-1] // 2
     xp = F.pad(x.reshape(1, b * c, h, w), (pad, pad, pad, pad), mode="replicate")

@@ -24,6 +24,14 @@ def _crop(a: np.ndarray, border: int) -> np.ndarray:
     return a[border:-border, border:-border] if border else a
 
 
+def psnr(output: np.ndarray, target: np.ndarray) -> float:
+    """PSNR of the ``promptir`` protocol alone: both clipped to [0, 1], data range 1."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    return float(peak_signal_noise_ratio(np.clip(target.astype(np.float64), 0, 1),
+                                         np.clip(output.astype(np.float64), 0, 1), data_range=1))
+
+
 def psnr_ssim(output: np.ndarray, target: np.ndarray, protocol: str = "promptir", crop_border: int = 0) -> Tuple[float, float]:
     """(PSNR, SSIM) of ``output`` against ``target``, both float (H, W, C) in [0, 1] (output may overshoot)."""
     from skimage.color import rgb2ycbcr  # imported here: scikit-image takes a second to load
@@ -37,8 +45,7 @@ def psnr_ssim(output: np.ndarray, target: np.ndarray, protocol: str = "promptir"
     ref = np.clip(target.astype(np.float64), 0, 1)
     if protocol == "promptir":
         out, ref = _crop(out, crop_border), _crop(ref, crop_border)
-        return (peak_signal_noise_ratio(ref, out, data_range=1),
-                structural_similarity(ref, out, data_range=1, channel_axis=-1))
+        return psnr(out, ref), structural_similarity(ref, out, data_range=1, channel_axis=-1)
     out = np.round(out * 255) / 255  # BasicSR saves and scores 8-bit images
     ref = np.round(ref * 255) / 255
     if out.shape[-1] == 3:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from ._files import atomic_path
 from .data import TrainingData, clean_images, paired_images
 from .distributed import Ranks
 from .loops import restore, sipl_training_step
+from .metrics import psnr
 from .model import SIPL, SIPLConfig
 
 
@@ -47,6 +47,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     precision: str = "auto"  # auto: bf16 autocast on CUDA; fp32 | bf16
+    log_every: int = 50  # loss.csv and the progress bar are written this often (one host sync each time)
     val_every: int = 1000
     val_samples: int = 8
     val_iterations: int = 1
@@ -93,16 +94,11 @@ def training_data(cfg: TrainConfig) -> TrainingData:
     return TrainingData(cfg.crop, cfg.seed, clean=clean_images(cfg.images), degradations=cfg.degradations)
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
-    mse = torch.mean((x.clamp(0, 1).double() - y.double()) ** 2).item()
-    return 10 * math.log10(1 / max(mse, 1e-12))
-
-
 def validate(model: SIPL, data: TrainingData, cfg: TrainConfig, device) -> float:
-    """Mean PSNR over a fixed set of samples (step -1) restored with ``val_iterations`` SIPL iterations."""
+    """Mean PSNR over a fixed batch of samples (step -1) restored with ``val_iterations`` SIPL iterations."""
     lq, gt = data.batch(-1, range(cfg.val_samples))
-    return sum(psnr(restore(model, lq[i:i + 1].to(device), cfg.val_iterations).cpu(), gt[i:i + 1])
-               for i in range(len(lq))) / len(lq)
+    out = restore(model, lq.to(device), cfg.val_iterations).float().cpu()
+    return sum(psnr(o.permute(1, 2, 0).numpy(), g.permute(1, 2, 0).numpy()) for o, g in zip(out, gt)) / len(gt)
 
 
 def save(path: Path, step: int, model, ema: EMA, optimizer, sched, cfg: TrainConfig) -> Path:
@@ -184,6 +180,7 @@ def _train(cfg: TrainConfig, resume: Optional[str], stop_at: Optional[int], show
     end = cfg.iterations if stop_at is None else min(stop_at, cfg.iterations)
     bar = tqdm(range(start, end), initial=start, total=cfg.iterations, unit="it", dynamic_ncols=True,
                disable=not show_progress or ranks.rank != 0, desc="train")
+    pending = []  # (step, loss on the device, lr) not yet written: no host sync per step
     for step in bar:
         lq, gt = data.batch(step, mine)
         loss = sipl_training_step(net, lq.to(device), gt.to(device), optimizer,
@@ -191,11 +188,16 @@ def _train(cfg: TrainConfig, resume: Optional[str], stop_at: Optional[int], show
         sched.step()
         ema.update(model)
         done = step + 1
-        loss_value = ranks.total([loss.item()])[0] / ranks.world
+        pending.append((done, loss, optimizer.param_groups[0]["lr"]))
+        if not any(done % every == 0 for every in (cfg.log_every, cfg.val_every, cfg.save_every)) and done != end:
+            continue
+        losses = [v / ranks.world for v in ranks.total(torch.stack([p[1] for p in pending]))]
         if ranks.rank == 0:
             with open(output / "loss.csv", "a") as f:
-                f.write(f"{done},{loss_value:.9g},{optimizer.param_groups[0]['lr']:.6g}\n")
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+                f.writelines(f"{s},{v:.9g},{lr:.6g}\n" for (s, _, lr), v in zip(pending, losses))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{pending[-1][2]:.2e}")
+        pending = []
+        if ranks.rank == 0:
             if done % cfg.val_every == 0 or done == cfg.iterations:
                 t0 = time.perf_counter()
                 value = validate(ema.model, data, cfg, device)

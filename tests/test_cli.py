@@ -196,15 +196,17 @@ def test_torchrun_shards_the_inputs_and_matches_one_process(weights, photos, tmp
 def test_out_of_memory_retries_in_tiles(monkeypatch):
     from sipl_fast import cli
 
-    def restore_that_fits_256(model, x, iterations):
+    def refinements_that_fit_256(model, x, iterations):
         if max(x.shape[-2:]) > 256:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return x * 0.5
+        for k in range(iterations + 1):
+            yield x * (k + 1) / 8
 
-    monkeypatch.setattr(cli, "restore", restore_that_fits_256)
+    monkeypatch.setattr(cli, "refinements", refinements_that_fit_256)
     messages = []
     pixels = np.random.default_rng(0).random((300, 280, 3), dtype=np.float32)
     args = argparse.Namespace(precision="fp32", tile=0, tile_overlap=32)
-    out = cli.restore_pixels(tiny_model(dtype=torch.float32), pixels, 2, args, log=messages.append)
-    np.testing.assert_allclose(out, pixels * 0.5, atol=1e-6)
+    out0, out2 = cli.restore_pixels(tiny_model(dtype=torch.float32), pixels, [0, 2], args, log=messages.append)
+    np.testing.assert_allclose(out0, pixels / 8, atol=1e-6)
+    np.testing.assert_allclose(out2, pixels * 3 / 8, atol=1e-6)
     assert messages == ["out of GPU memory at 280x300: retrying in 256-pixel tiles"]

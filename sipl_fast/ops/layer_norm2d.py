@@ -62,6 +62,13 @@ def _(x, weight, bias, eps=1e-5):
 if triton is not None:
 
     @triton.jit
+    def _channel_tile(base, c0, pixels, in_image, C, HW, BLOCK_C: tl.constexpr):
+        """Offsets and mask of the [BLOCK_C, BLOCK_P] tile of channels c0.. at ``pixels`` (int64 offsets)."""
+        channels = c0 + tl.arange(0, BLOCK_C)
+        mask = (channels[:, None] < C) & in_image[None, :]
+        return base + channels.to(tl.int64)[:, None] * HW + pixels[None, :], mask, channels
+
+    @triton.jit
     def _layer_norm2d_fwd_kernel(X, W, B, Y, C, HW, eps, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """One program normalises BLOCK_P neighbouring pixels of one image.
 
@@ -75,23 +82,17 @@ if triton is not None:
         base = tl.program_id(1).to(tl.int64) * C * HW
         total = tl.zeros([BLOCK_P], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            channels = c0 + tl.arange(0, BLOCK_C)
-            mask = (channels[:, None] < C) & in_image[None, :]
-            offsets = base + channels.to(tl.int64)[:, None] * HW + pixels[None, :]
+            offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, HW, BLOCK_C)
             total += tl.sum(tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32), axis=0)
         mean = total / C
         total = tl.zeros([BLOCK_P], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            channels = c0 + tl.arange(0, BLOCK_C)
-            mask = (channels[:, None] < C) & in_image[None, :]
-            offsets = base + channels.to(tl.int64)[:, None] * HW + pixels[None, :]
+            offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, HW, BLOCK_C)
             d = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32) - mean[None, :], 0.0)
             total += tl.sum(d * d, axis=0)
         rstd = 1.0 / tl.sqrt(total / C + eps)
         for c0 in range(0, C, BLOCK_C):
-            channels = c0 + tl.arange(0, BLOCK_C)
-            mask = (channels[:, None] < C) & in_image[None, :]
-            offsets = base + channels.to(tl.int64)[:, None] * HW + pixels[None, :]
+            offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, HW, BLOCK_C)
             x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
             w = tl.load(W + channels, mask=channels < C, other=0.0)
             b = tl.load(B + channels, mask=channels < C, other=0.0)
