@@ -21,7 +21,7 @@
 #endif
 
 // Host stubs that nvcc emits for the extern "C" __global__ kernels in
-// kernels/layer_norm2d.cu; their addresses identify the kernels to
+// kernels/*.cu; their addresses identify the kernels to
 // cudaLaunchKernel. Signatures must match the kernel definitions exactly.
 extern "C" {
 void layer_norm2d_fwd_f32(const float*, const float*, const float*, float*,
@@ -30,6 +30,46 @@ void layer_norm2d_fwd_f16(const unsigned short*, const float*, const float*,
                           unsigned short*, long long, long long, long long, float);
 void layer_norm2d_fwd_bf16(const unsigned short*, const float*, const float*,
                            unsigned short*, long long, long long, long long, float);
+
+// kernels/cosine_attention.cu: every attention entry has this parameter list.
+#define SIPL_CA_DECL(NAME)                                                                  \
+  void NAME(const void*, const void*, const void*, const float*, const float*, void*, float*, \
+            float*, int, int, int, int, long long, long long, long long, long long, long long, \
+            long long, long long, long long, long long, int, int);
+SIPL_CA_DECL(cosine_attention_fwd_bf16_d32)
+SIPL_CA_DECL(cosine_attention_fwd_bf16_d64)
+SIPL_CA_DECL(cosine_attention_fwd_bf16_d96)
+SIPL_CA_DECL(cosine_attention_fwd_bf16_d128)
+SIPL_CA_DECL(cosine_attention_fwd_bf16_d192)
+SIPL_CA_DECL(cosine_attention_fwd_bf16_d256)
+SIPL_CA_DECL(cosine_attention_fwd_bf16_d384)
+SIPL_CA_DECL(cosine_attention_fwd_bf16_d512)
+SIPL_CA_DECL(cosine_attention_fwd_f16_d32)
+SIPL_CA_DECL(cosine_attention_fwd_f16_d64)
+SIPL_CA_DECL(cosine_attention_fwd_f16_d96)
+SIPL_CA_DECL(cosine_attention_fwd_f16_d128)
+SIPL_CA_DECL(cosine_attention_fwd_f16_d192)
+SIPL_CA_DECL(cosine_attention_fwd_f16_d256)
+SIPL_CA_DECL(cosine_attention_fwd_f16_d384)
+SIPL_CA_DECL(cosine_attention_fwd_f16_d512)
+SIPL_CA_DECL(cosine_attention_fwd_f32_d64)
+SIPL_CA_DECL(cosine_attention_fwd_f32_d128)
+SIPL_CA_DECL(cosine_attention_fwd_f32_d192)
+SIPL_CA_DECL(cosine_attention_fwd_f32_d256)
+SIPL_CA_DECL(cosine_attention_fwd_f32_d320)
+SIPL_CA_DECL(cosine_attention_fwd_f32_d384)
+SIPL_CA_DECL(cosine_attention_fwd_f32_d448)
+SIPL_CA_DECL(cosine_attention_fwd_f32_d512)
+#undef SIPL_CA_DECL
+void cosine_attention_kinv_f32(const void*, float*, int, int, int, long long, long long,
+                               long long, long long);
+void cosine_attention_kinv_f16(const void*, float*, int, int, int, long long, long long,
+                               long long, long long);
+void cosine_attention_kinv_bf16(const void*, float*, int, int, int, long long, long long,
+                                long long, long long);
+void cosine_attention_combine_f32(const float*, const float*, void*, int, int, int, long long);
+void cosine_attention_combine_f16(const float*, const float*, void*, int, int, int, long long);
+void cosine_attention_combine_bf16(const float*, const float*, void*, int, int, int, long long);
 }
 
 namespace {
@@ -96,6 +136,183 @@ PyObject* layer_norm2d_fwd(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// ------------------------------------------------------------ cosine attention
+// Geometry of the kernels in kernels/cosine_attention.cu, mirrored by
+// sipl_fast/ops/_cuda.py (_ca_geometry). Tensor-core kernels (f16/bf16): DP <= 128:
+// 128 rows, 128 threads (4 warps x 32 rows); DP > 128: 64 rows, 512 threads (4
+// warps per 16 rows). fp32: 32 rows, 256 threads, DP = 64 * ceil(D / 64).
+constexpr int kCaBN = 64;  // keys per tile
+
+struct CaKernel {
+  const void* fn;
+  int bm, threads, smem;
+};
+
+int ca_mma_smem(int dp) {
+  const int wd = dp <= 128 ? 1 : 4, rg = 4, mt = dp <= 128 ? 2 : 1, bm = 16 * mt * rg, srow = dp + 8;
+  int bytes = bm * srow * 2 + 2 * kCaBN * srow * 2 + kCaBN * 4;
+  if (wd > 1) bytes += bm * (kCaBN + 8) * 2 + rg * wd * 16 * 4;
+  return bytes;
+}
+
+int ca_f32_smem(int dp) { return 4 * (32 * (dp + 1) + kCaBN * 65 + kCaBN * 64 + 32 * 65 + kCaBN + 32); }
+
+// dp: the padded head dim the caller chose (must be the bucket of D).
+bool ca_kernel(int code, int dp, CaKernel* out) {
+  static const int mma_dps[8] = {32, 64, 96, 128, 192, 256, 384, 512};
+  static const void* const bf16[8] = {
+      reinterpret_cast<const void*>(&cosine_attention_fwd_bf16_d32),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_bf16_d64),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_bf16_d96),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_bf16_d128),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_bf16_d192),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_bf16_d256),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_bf16_d384),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_bf16_d512)};
+  static const void* const f16[8] = {
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f16_d32),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f16_d64),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f16_d96),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f16_d128),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f16_d192),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f16_d256),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f16_d384),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f16_d512)};
+  static const void* const f32[8] = {
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f32_d64),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f32_d128),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f32_d192),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f32_d256),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f32_d320),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f32_d384),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f32_d448),
+      reinterpret_cast<const void*>(&cosine_attention_fwd_f32_d512)};
+  if (code == 0) {
+    if (dp % 64 != 0 || dp < 64 || dp > 512) return false;
+    *out = CaKernel{f32[dp / 64 - 1], 32, 256, ca_f32_smem(dp)};
+    return true;
+  }
+  for (int i = 0; i < 8; ++i) {
+    if (mma_dps[i] != dp) continue;
+    *out = CaKernel{code == 1 ? f16[i] : bf16[i], dp <= 128 ? 128 : 64, dp <= 128 ? 128 : 512,
+                    ca_mma_smem(dp)};
+    return true;
+  }
+  return false;
+}
+
+int ca_bucket(int code, long long d) {
+  if (code == 0) return static_cast<int>((d + 63) / 64 * 64);
+  static const int dps[8] = {32, 64, 96, 128, 192, 256, 384, 512};
+  for (int i = 0; i < 8; ++i)
+    if (d <= dps[i]) return dps[i];
+  return -1;
+}
+
+PyObject* cosine_attention_fwd(PyObject*, PyObject* args) {
+  int code, dp;
+  uintptr_t q, k, v, temp, kinv, out, ws_o, ws_ml, stream;
+  long long B, H, Nq, Nk, D, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, n_split, tps;
+  if (!PyArg_ParseTuple(args, "iiO&O&O&O&O&O&O&O&LLLLLLLLLLLLLLLLO&:cosine_attention_fwd", &code,
+                        &dp, to_pointer, &q, to_pointer, &k, to_pointer, &v, to_pointer, &temp,
+                        to_pointer, &kinv, to_pointer, &out, to_pointer, &ws_o, to_pointer,
+                        &ws_ml, &B, &H, &Nq, &Nk, &D, &sqb, &sqh, &sqn, &skb, &skh, &skn, &svb,
+                        &svh, &svn, &n_split, &tps, to_pointer, &stream))
+    return nullptr;
+  if (code < 0 || code > 2) {
+    PyErr_Format(PyExc_ValueError,
+                 "cosine_attention_fwd: bad dtype code %d (0=f32, 1=f16, 2=bf16)", code);
+    return nullptr;
+  }
+  if (B < 1 || H < 1 || B * H > 65535 || Nq < 1 || Nq > 0x7fffffffLL || Nk < 1 ||
+      Nk > 0x7fffffffLL || D < 8 || D > 512 || D % 8 != 0) {
+    PyErr_Format(PyExc_ValueError,
+                 "cosine_attention_fwd: bad sizes B=%lld H=%lld Nq=%lld Nk=%lld D=%lld (expected "
+                 "B, H, Nq, Nk >= 1, B*H <= 65535, N < 2^31, D a multiple of 8 in [8, 512])",
+                 B, H, Nq, Nk, D);
+    return nullptr;
+  }
+  CaKernel kern;
+  if (dp != ca_bucket(code, D) || !ca_kernel(code, dp, &kern)) {
+    PyErr_Format(PyExc_ValueError, "cosine_attention_fwd: padded head dim %d is not the bucket %d of D=%lld",
+                 dp, ca_bucket(code, D), D);
+    return nullptr;
+  }
+  const long long ntiles = (Nk + kCaBN - 1) / kCaBN;
+  if (n_split < 1 || n_split > 65535 || tps < 1 || tps * n_split < ntiles ||
+      (n_split - 1) * tps >= ntiles || (n_split > 1 && (ws_o == 0 || ws_ml == 0))) {
+    PyErr_Format(PyExc_ValueError,
+                 "cosine_attention_fwd: bad split n_split=%lld tiles_per_split=%lld for %lld key "
+                 "tiles (every split must be non-empty; workspace needed when n_split > 1)",
+                 n_split, tps, ntiles);
+    return nullptr;
+  }
+  static const void* const kinv_fns[3] = {
+      reinterpret_cast<const void*>(&cosine_attention_kinv_f32),
+      reinterpret_cast<const void*>(&cosine_attention_kinv_f16),
+      reinterpret_cast<const void*>(&cosine_attention_kinv_bf16)};
+  static const void* const combine_fns[3] = {
+      reinterpret_cast<const void*>(&cosine_attention_combine_f32),
+      reinterpret_cast<const void*>(&cosine_attention_combine_f16),
+      reinterpret_cast<const void*>(&cosine_attention_combine_bf16)};
+
+  const void* qp = reinterpret_cast<const void*>(q);
+  const void* kp = reinterpret_cast<const void*>(k);
+  const void* vp = reinterpret_cast<const void*>(v);
+  const float* tp = reinterpret_cast<const float*>(temp);
+  float* kip = reinterpret_cast<float*>(kinv);
+  void* op = reinterpret_cast<void*>(out);
+  float* wop = reinterpret_cast<float*>(ws_o);
+  float* wmp = reinterpret_cast<float*>(ws_ml);
+  int Hi = static_cast<int>(H), Nqi = static_cast<int>(Nq), Nki = static_cast<int>(Nk),
+      Di = static_cast<int>(D), tpsi = static_cast<int>(tps), nsi = static_cast<int>(n_split);
+  long long krows = B * H * Nk, orows = B * H * Nq;
+  const float* kicp = kip;
+  void* kinv_args[] = {&kp, &kip, &Hi, &Nki, &Di, &skb, &skh, &skn, &krows};
+  void* attn_args[] = {&qp, &kp, &vp, &tp, &kicp, &op, &wop, &wmp, &Hi, &Nqi, &Nki, &Di,
+                       &sqb, &sqh, &sqn, &skb, &skh, &skn, &svb, &svh, &svn, &tpsi, &nsi};
+  const float* wocp = wop;
+  const float* wmcp = wmp;
+  void* comb_args[] = {&wocp, &wmcp, &op, &Nqi, &Di, &nsi, &orows};
+  auto aux_blocks = [](long long rows) {  // 8 rows (warps) per 256-thread block
+    long long b = (rows + 7) / 8;
+    return static_cast<unsigned>(b > (1LL << 20) ? (1LL << 20) : b);
+  };
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned>((Nq + kern.bm - 1) / kern.bm),
+                  static_cast<unsigned>(n_split), static_cast<unsigned>(B * H));
+
+  cudaError_t err;
+  const char* what = "";
+  Py_BEGIN_ALLOW_THREADS
+  do {
+    what = "k norms";
+    err = cudaLaunchKernel(kinv_fns[code], dim3(aux_blocks(krows)), dim3(256), kinv_args, 0, st);
+    if (err != cudaSuccess) break;
+    what = "cudaFuncSetAttribute";
+    err = cudaFuncSetAttribute(kern.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kern.smem);
+    if (err != cudaSuccess) break;
+    what = "attention";
+    err = cudaLaunchKernel(kern.fn, grid, dim3(kern.threads), attn_args, kern.smem, st);
+    if (err != cudaSuccess) break;
+    if (n_split > 1) {
+      what = "split combine";
+      err = cudaLaunchKernel(combine_fns[code], dim3(aux_blocks(orows)), dim3(256), comb_args, 0, st);
+      if (err != cudaSuccess) break;
+    }
+    what = "cudaGetLastError";
+    err = cudaGetLastError();
+  } while (false);
+  if (err != cudaSuccess) cudaGetLastError();  // clear this runtime's error state
+  Py_END_ALLOW_THREADS
+  if (err != cudaSuccess) {
+    PyErr_Format(PyExc_RuntimeError, "cosine_attention_fwd: CUDA launch failed (%s): %s (%s)", what,
+                 cudaGetErrorString(err), cudaGetErrorName(err));
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 // None when this build's (static) CUDA runtime can run here, else why not: no
 // driver, or a driver of an older CUDA major version than the runtime.
 PyObject* runtime_problem(PyObject*, PyObject*) {
@@ -123,6 +340,13 @@ PyMethodDef methods[] = {
     {"layer_norm2d_fwd", layer_norm2d_fwd, METH_VARARGS,
      "layer_norm2d_fwd(dtype_code, x_ptr, w_ptr, b_ptr, y_ptr, N, C, HW, eps, stream) -> None\n"
      "Launch LayerNorm2d forward on `stream` (no sync). dtype_code: 0=f32, 1=f16, 2=bf16."},
+    {"cosine_attention_fwd", cosine_attention_fwd, METH_VARARGS,
+     "cosine_attention_fwd(dtype_code, dp, q, k, v, temp32, kinv_ws, out, ws_o, ws_ml, B, H, Nq, Nk,\n"
+     "  D, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, n_split, tiles_per_split, stream) -> None\n"
+     "Cosine attention forward on `stream` (no sync): k inverse norms into kinv_ws (B*H*Nk fp32),\n"
+     "attention (grid ceil(Nq/BM) x n_split x B*H), then the split combine when n_split > 1\n"
+     "(ws_o: B*H*n_split*Nq*D fp32, ws_ml: B*H*n_split*Nq*2 fp32). dtype_code: 0=f32, 1=f16, 2=bf16;\n"
+     "dp: padded head dim (f16/bf16: 32,64,96,128,192,256,384,512 bucket of D; f32: 64*ceil(D/64))."},
     {"runtime_problem", runtime_problem, METH_NOARGS,
      "runtime_problem() -> str | None: why this build cannot run on this machine, or None."},
     {"cuda_arch_list", cuda_arch_list, METH_NOARGS,

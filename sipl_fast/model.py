@@ -136,17 +136,6 @@ class FeedForward(nn.Module):
         return self.project_out(x)
 
 
-def cosine_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """``softmax((normalize(q) @ normalize(k)^T) * t) @ v`` with L2 norms over the last axis.
-
-    q (B, heads, M, D), k and v (B, heads, N, D), temperature (heads, 1, 1) -> (B, heads, M, D).
-    MDTA uses it with channels as tokens (D = H*W), the cross attention with pixels (D = C/heads).
-    """
-    q = F.normalize(q, dim=-1)
-    k = F.normalize(k, dim=-1)
-    return ((q @ k.transpose(-2, -1)) * temperature).softmax(dim=-1) @ v
-
-
 class Attention(nn.Module):
     """MDTA, transposed self-attention: a (C/heads x C/heads) map per head over H*W."""
 
@@ -162,7 +151,7 @@ class Attention(nn.Module):
         h, w = x.shape[-2:]
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
         q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=self.num_heads) for t in (q, k, v))
-        out = cosine_softmax_attention(q, k, v, self.temperature)
+        out = ops.cosine_attention_torch(q, k, v, self.temperature)  # tokens: channels, D = H*W
         out = rearrange(out, "b head c (h w) -> b (head c) h w", head=self.num_heads, h=h, w=w)
         return self.project_out(out)
 
@@ -208,7 +197,7 @@ class CrossAttention(nn.Module):
         q = self.q_dwconv(self.q(x_q))
         k, v = self.kv_dwconv(self.kv(x_kv)).chunk(2, dim=1)
         q, k, v = (rearrange(t, "b (head c) h w -> b head (h w) c", head=self.num_heads) for t in (q, k, v))
-        out = cosine_softmax_attention(q, k, v, self.temperature)
+        out = ops.cosine_attention(q, k, v, self.temperature)
         out = rearrange(out, "b head (h w) c -> b (head c) h w", head=self.num_heads, h=h, w=w)
         return self.project_out(out)
 

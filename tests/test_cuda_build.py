@@ -24,6 +24,11 @@ KERNEL_DIR = ROOT / "kernels"
 CU_FILES = sorted(KERNEL_DIR.glob("*.cu"))
 EXPECTED_KERNELS = {
     "layer_norm2d.cu": ["layer_norm2d_fwd_f32", "layer_norm2d_fwd_f16", "layer_norm2d_fwd_bf16"],
+    "cosine_attention.cu": (
+        [f"cosine_attention_fwd_{t}_d{dp}" for t in ("f16", "bf16") for dp in (32, 64, 96, 128, 192, 256, 384, 512)]
+        + [f"cosine_attention_fwd_f32_d{64 * n}" for n in range(1, 9)]
+        + [f"cosine_attention_{kind}_{t}" for kind in ("kinv", "combine") for t in ("f32", "f16", "bf16")]
+    ),
 }
 
 
@@ -168,6 +173,63 @@ def test_extension_imports_and_validates():
         _C.layer_norm2d_fwd(0, -1, 0, 0, 0, 1, 1, 1, 1e-6, 0)
 
 
+def _ca_args(code=2, dp=96, sizes=(1, 1, 4, 4, 96), n_split=1, tps=1):
+    # (code, dp, q, k, v, t, kinv, out, ws_o, ws_ml, B, H, Nq, Nk, D, 9 strides, n_split, tps, stream)
+    return (code, dp, 0, 0, 0, 0, 0, 0, 0, 0, *sizes, *([0] * 9), n_split, tps, 0)
+
+
+@needs_ext
+def test_extension_cosine_attention_validates():
+    from sipl_fast import _C
+
+    with pytest.raises(ValueError, match="dtype code"):
+        _C.cosine_attention_fwd(*_ca_args(code=3))
+    for sizes in ((1, 1, 4, 4, 12), (1, 1, 4, 4, 520), (1, 1, 0, 4, 96), (1, 70000, 4, 4, 96)):
+        with pytest.raises(ValueError, match="sizes"):
+            _C.cosine_attention_fwd(*_ca_args(sizes=sizes))
+    with pytest.raises(ValueError, match="bucket"):
+        _C.cosine_attention_fwd(*_ca_args(dp=128))  # D=96 belongs to the 96 bucket
+    with pytest.raises(ValueError, match="bucket"):
+        _C.cosine_attention_fwd(*_ca_args(code=0, dp=96))  # fp32: 64-column chunks
+    with pytest.raises(ValueError, match="split"):  # 2 splits of 1 tile for 1 key tile
+        _C.cosine_attention_fwd(*_ca_args(n_split=2, tps=1))
+    with pytest.raises(ValueError, match="split"):  # workspace missing
+        _C.cosine_attention_fwd(*_ca_args(sizes=(1, 1, 4, 128, 96), n_split=2, tps=1))
+    with pytest.raises(OverflowError):
+        _C.cosine_attention_fwd(*_ca_args()[:2], -1, *_ca_args()[3:])
+
+
+def test_cosine_attention_geometry_matches_extension():
+    """_cuda's geometry mirrors the kernels' buckets and shared-memory sizes."""
+    from sipl_fast.ops import _cuda
+
+    src = (KERNEL_DIR / "cosine_attention.cu").read_text()
+    for code in (0, 1, 2):
+        for d in range(8, 513, 8):
+            name, dp, bm, threads, smem, _ = _cuda._ca_geometry(code, d)
+            assert d <= dp and name in _cuda._CA_KERNEL_NAMES and name.endswith(f"_d{dp}")
+            assert f"{name}," in src  # instantiated
+            assert smem <= 227 * 1024 and threads % 32 == 0 and bm % 16 == 0
+    for args in ((1, 256, 65536, 64, 1, 132), (1, 4096, 65536, 128, 2, 132), (3, 5, 200, 128, 2, 132),
+                 (1, 1048576, 4096, 128, 2, 132), (1, 7, 1, 128, 2, 132)):
+        n_split, tps = _cuda._ca_splits(*args)
+        ntiles = (args[2] + 63) // 64
+        assert 1 <= n_split <= 65535 and n_split * tps >= ntiles > (n_split - 1) * tps
+
+
+def test_cosine_attention_validates_without_gpu():
+    from sipl_fast.ops import _cuda
+
+    q = torch.zeros(1, 2, 4, 96)
+    t = torch.ones(2)
+    with pytest.raises(ValueError, match="dtype"):
+        _cuda.cosine_attention_fwd(q.double(), q.double(), q.double(), t, q.double())
+    with pytest.raises(ValueError, match="CUDA"):
+        _cuda.cosine_attention_fwd(q, q, q, t, torch.empty_like(q))
+    with pytest.raises(ValueError, match="shape"):
+        _cuda.cosine_attention_fwd(q, q[:, :1], q, t, torch.empty_like(q))
+
+
 def _cuda_driver_present():
     for name in ("libcuda.so.1", "libcuda.so"):
         try:
@@ -202,6 +264,7 @@ def test_extension_is_torch_and_cudart_independent():
                           check=True).stdout
     exported = [line.split()[-1] for line in syms.splitlines() if " UND " not in line and "GLOBAL" in line]
     assert "PyInit__C" in exported
+    assert {"layer_norm2d_fwd", "cosine_attention_fwd", "runtime_problem"} <= set(dir(_C))
     assert not [s for s in exported if s.startswith(("cuda", "__cuda"))], "static cudart symbols leak"
 
 

@@ -24,13 +24,24 @@ import torch
 
 ROUTE_ENV = "SIPL_FAST_CUDA_ROUTE"
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPE_SUFFIX = ("f32", "f16", "bf16")
 _KERNEL_NAMES = ("layer_norm2d_fwd_f32", "layer_norm2d_fwd_f16", "layer_norm2d_fwd_bf16")
+# cosine_attention.cu: head-dim buckets (padded D) of the f16/bf16 tensor-core
+# kernels; the fp32 kernels use DP = 64 * ceil(D / 64).
+_CA_MMA_DPS = (32, 64, 96, 128, 192, 256, 384, 512)
+_CA_KERNEL_NAMES = tuple(
+    [f"cosine_attention_fwd_{t}_d{dp}" for t in ("f16", "bf16") for dp in _CA_MMA_DPS]
+    + [f"cosine_attention_fwd_f32_d{64 * n}" for n in range(1, 9)]
+    + [f"cosine_attention_{kind}_{t}" for kind in ("kinv", "combine") for t in _DTYPE_SUFFIX])
+# Kernels of each source file in kernels/ (one CuPy RawModule per file).
+_KERNEL_FILES = {"layer_norm2d.cu": _KERNEL_NAMES, "cosine_attention.cu": _CA_KERNEL_NAMES}
 _THREADS = 256  # launch geometry; same as csrc/sipl_fast_ext.cpp
 _MAX_BLOCKS = 65535
 
 _lock = threading.Lock()
 _state: tuple[str | None, str, str] | None = None  # (route, reason if None, forced name)
 _cupy_functions: dict[str, object] = {}
+_sm_counts: dict[int, int] = {}
 
 
 # ---------------------------------------------------------------- route choice
@@ -94,6 +105,14 @@ def route() -> str | None:
     return name
 
 
+def problem() -> str | None:
+    """None when a route can launch kernels, else why not (also a forced route that cannot run)."""
+    try:
+        return None if route() is not None else why_unavailable()
+    except (RuntimeError, ValueError) as e:
+        return str(e)
+
+
 def why_unavailable() -> str:
     """One-line reason why route() is None ("" when a route is available)."""
     name, reason, _ = _get_state()
@@ -145,22 +164,26 @@ def _fwd_extension(x, weight32, bias32, eps, out) -> None:
 
 
 def _cupy_function(name: str):
-    """RawKernel for `name`; CuPy compiles/loads it on first use on each device."""
+    """RawKernel for `name`; CuPy compiles/loads its source file on first use on each device."""
     fn = _cupy_functions.get(name)
     if fn is None:
         with _lock:
-            if not _cupy_functions:
+            fn = _cupy_functions.get(name)
+            if fn is None:
                 import cupy
 
+                fname = next((f for f, names in _KERNEL_FILES.items() if name in names), None)
+                if fname is None:
+                    raise KeyError(f"unknown kernel {name!r}")
                 kdir = kernel_dir()
-                source = (kdir / "layer_norm2d.cu").read_text()
+                source = (kdir / fname).read_text()
                 # CuPy's disk cache keys on this source text, not on included
                 # headers: append a digest of the headers so edits to them recompile.
                 digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(kdir.glob("*.cuh"))))
                 source += f"\n// headers sha256: {digest.hexdigest()}\n"
                 module = cupy.RawModule(code=source, options=("-std=c++17", f"-I{kdir}"))
-                _cupy_functions.update({k: module.get_function(k) for k in _KERNEL_NAMES})
-            fn = _cupy_functions[name]
+                _cupy_functions.update({k: module.get_function(k) for k in _KERNEL_FILES[fname]})
+                fn = _cupy_functions[name]
     return fn
 
 
@@ -198,3 +221,196 @@ def layer_norm2d_fwd(x, weight32, bias32, eps, out) -> None:
     if name is None:
         raise RuntimeError(f"sipl_fast CUDA kernels unavailable: {why_unavailable()}")
     _LAUNCHERS[name](x, weight32, bias32, eps, out)
+
+
+# ---------------------------------------------------------------- cosine attention
+_CA_BN = 64  # keys per tile (kernels/cosine_attention.cu)
+_AUX_THREADS = 256  # k-norm / combine kernels: 8 rows (warps) per block
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _sm_counts.get(idx)
+    if n is None:
+        n = _sm_counts[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+def _ca_geometry(code: int, d: int) -> tuple[str, int, int, int, int, int]:
+    """(kernel name, padded D, rows per block, threads, dynamic smem bytes, blocks per SM).
+
+    Mirrors kernels/cosine_attention.cu (MmaGeom / F32Geom) and csrc/sipl_fast_ext.cpp.
+    """
+    if code == 0:
+        dp = (d + 63) // 64 * 64
+        smem = 4 * (32 * (dp + 1) + _CA_BN * 65 + _CA_BN * 64 + 32 * 65 + _CA_BN + 32)
+        return f"cosine_attention_fwd_f32_d{dp}", dp, 32, 256, smem, 2 if dp <= 320 else 1
+    dp = next(b for b in _CA_MMA_DPS if d <= b)
+    wd, rg, mt = (1, 4, 2) if dp <= 128 else (4, 4, 1)  # warps per row group, row groups, m16 tiles
+    bm, srow = 16 * mt * rg, dp + 8
+    smem = bm * srow * 2 + 2 * _CA_BN * srow * 2 + _CA_BN * 4
+    if wd > 1:
+        smem += bm * (_CA_BN + 8) * 2 + rg * wd * 16 * 4
+    return f"cosine_attention_fwd_{_DTYPE_SUFFIX[code]}_d{dp}", dp, bm, 32 * wd * rg, smem, 2 if wd == 1 else 1
+
+
+def _ca_splits(bh: int, nq: int, nk: int, bm: int, per_sm: int, sms: int) -> tuple[int, int]:
+    """(n_split, key tiles per split): split the keys only when the (query block x head)
+    grid fills less than ~80% of one wave; then aim at ~2 waves, >= 2 key tiles per
+    split, every split non-empty."""
+    ntiles = (nk + _CA_BN - 1) // _CA_BN
+    blocks = bh * ((nq + bm - 1) // bm)
+    target = sms * per_sm
+    n_split = 1
+    if 5 * blocks < 4 * target:
+        n_split = max(1, min((2 * target + blocks - 1) // blocks, ntiles // 2, 65535))
+    tps = (ntiles + n_split - 1) // n_split
+    return (ntiles + tps - 1) // tps, tps
+
+
+def _aligned_rows(x: torch.Tensor) -> bool:
+    """Every row start 16-byte aligned (the kernels load 16-byte chunks)."""
+    per = 16 // x.element_size()
+    if x.data_ptr() % 16:
+        return False
+    return all(st % per == 0 for sz, st in zip(x.shape[:-1], x.stride()[:-1]) if sz > 1)
+
+
+def _ca_check(q, k, v, temperature32, out) -> int:
+    """Validate (no device sync); return the dtype code."""
+    name = "cosine_attention"
+    if q.dtype not in _DTYPE_CODES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name}: q, k, v must share one dtype of float32/float16/bfloat16, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{name}: expected 4-D q (B, H, Nq, D), k and v (B, H, Nk, D), got shapes "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, h, nq, d = q.shape
+    if k.shape[:2] != (b, h) or k.shape[3] != d or v.shape != k.shape:
+        raise ValueError(f"{name}: expected k and v of shape ({b}, {h}, Nk, {d}), got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
+    for t in (q, k, v, temperature32, out):
+        if not t.is_cuda or t.device != q.device:
+            raise ValueError(f"{name}: all tensors must be on one CUDA device (q is on {q.device}, "
+                             f"got a tensor on {t.device})")
+    for label, t in (("q", q), ("k", k), ("v", v)):
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name}: {label} must have a contiguous last dim (stride(-1) == 1), "
+                             f"got strides {t.stride()}")
+    if (temperature32.dtype != torch.float32 or temperature32.numel() != h or not temperature32.is_contiguous()
+            or any(n != 1 for n in temperature32.shape[1:])):
+        raise ValueError(f"{name}: temperature32 must be a contiguous float32 tensor of shape ({h},) (or "
+                         f"({h}, 1, 1)), got {temperature32.dtype} {tuple(temperature32.shape)}")
+    if out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"{name}: out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)}, got "
+                         f"{out.dtype} {tuple(out.shape)} (contiguous={out.is_contiguous()})")
+    if out.numel() and k.shape[2] and (d % 8 or not 8 <= d <= 512):
+        raise ValueError(f"{name}: head dim D must be a multiple of 8 in [8, 512], got {d}")
+    if b * h > 65535 or nq >= 2**31 or k.shape[2] >= 2**31:
+        raise ValueError(f"{name}: expected B*H <= 65535 and Nq, Nk < 2^31, got B*H={b * h}, "
+                         f"Nq={nq}, Nk={k.shape[2]}")
+    return _DTYPE_CODES[q.dtype]
+
+
+def _ca_prepare(q, k, v, temperature32, out):
+    """Validation, geometry and workspaces shared by both routes (None: nothing to launch)."""
+    code = _ca_check(q, k, v, temperature32, out)
+    if out.numel() == 0:
+        return None
+    if k.shape[2] == 0:  # softmax over no keys, then @ (0, D) v: zeros (as torch's matmul)
+        out.zero_()
+        return None
+    # Rows must start 16-byte aligned; otherwise work on an aligned contiguous copy.
+    q, k, v = (x if _aligned_rows(x) else torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+               for x in (q, k, v))
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    kname, dp, bm, threads, smem, per_sm = _ca_geometry(code, d)
+    n_split, tps = _ca_splits(b * h, nq, nk, bm, per_sm, _sm_count(q.device))
+    f32 = dict(dtype=torch.float32, device=q.device)
+    kinv = torch.empty(b * h * nk, **f32)
+    if n_split > 1:
+        ws_o = torch.empty(b * h * n_split * nq * d, **f32)
+        ws_ml = torch.empty(b * h * n_split * nq * 2, **f32)
+    else:
+        ws_o = ws_ml = None
+    return dict(code=code, q=q, k=k, v=v, t=temperature32, out=out, kinv=kinv, ws_o=ws_o, ws_ml=ws_ml,
+                kname=kname, dp=dp, bm=bm, threads=threads, smem=smem, n_split=n_split, tps=tps,
+                sizes=(b, h, nq, nk, d))
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _ca_extension(p) -> None:
+    from sipl_fast import _C
+
+    q, k, v = p["q"], p["k"], p["v"]
+    b, h, nq, nk, d = p["sizes"]
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        _C.cosine_attention_fwd(p["code"], p["dp"], q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                p["t"].data_ptr(), p["kinv"].data_ptr(), p["out"].data_ptr(),
+                                _ptr(p["ws_o"]), _ptr(p["ws_ml"]), b, h, nq, nk, d,
+                                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                p["n_split"], p["tps"], stream)
+
+
+def _ca_cupy(p) -> None:
+    import cupy
+    import numpy as np
+
+    q, k, v = p["q"], p["k"], p["v"]
+    b, h, nq, nk, d = p["sizes"]
+    code, n_split = p["code"], p["n_split"]
+    u64, i32, i64 = np.uint64, np.int32, np.int64
+    krows, orows = b * h * nk, b * h * nq
+    aux = lambda rows: (min((rows + 7) // 8, 1 << 20),)  # noqa: E731 - 8 rows per block
+    dev = q.device.index
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        with cupy.cuda.Device(dev), cupy.cuda.ExternalStream(stream, dev):
+            sfx = _DTYPE_SUFFIX[code]
+            _cupy_function(f"cosine_attention_kinv_{sfx}")(
+                aux(krows), (_AUX_THREADS,),
+                (u64(k.data_ptr()), u64(p["kinv"].data_ptr()), i32(h), i32(nk), i32(d),
+                 *(i64(s) for s in k.stride()[:3]), i64(krows)))
+            fn = _cupy_function(p["kname"])
+            if fn.max_dynamic_shared_size_bytes < p["smem"]:  # per device; set once
+                fn.max_dynamic_shared_size_bytes = p["smem"]
+            grid = ((nq + p["bm"] - 1) // p["bm"], n_split, b * h)
+            fn(grid, (p["threads"],),
+               (u64(q.data_ptr()), u64(k.data_ptr()), u64(v.data_ptr()), u64(p["t"].data_ptr()),
+                u64(p["kinv"].data_ptr()), u64(p["out"].data_ptr()), u64(_ptr(p["ws_o"])),
+                u64(_ptr(p["ws_ml"])), i32(h), i32(nq), i32(nk), i32(d),
+                *(i64(s) for s in q.stride()[:3]), *(i64(s) for s in k.stride()[:3]),
+                *(i64(s) for s in v.stride()[:3]), i32(p["tps"]), i32(n_split)),
+               shared_mem=p["smem"])
+            if n_split > 1:
+                _cupy_function(f"cosine_attention_combine_{sfx}")(
+                    aux(orows), (_AUX_THREADS,),
+                    (u64(p["ws_o"].data_ptr()), u64(p["ws_ml"].data_ptr()), u64(p["out"].data_ptr()),
+                     i32(nq), i32(d), i32(n_split), i64(orows)))
+
+
+_CA_LAUNCHERS = {"extension": _ca_extension, "cupy": _ca_cupy}
+
+
+def cosine_attention_fwd(q, k, v, temperature32, out) -> None:
+    """out = softmax_j(t_h * cos(q_i, k_j)) @ v, fp32 accumulation; on torch's current stream.
+
+    q (B, H, Nq, D), k and v (B, H, Nk, D): CUDA tensors of one dtype (float32 /
+    float16 / bfloat16) with stride(-1) == 1 (other strides arbitrary; rows not
+    16-byte aligned are copied first); D a multiple of 8 in [8, 512].
+    temperature32: contiguous float32 (H,) (or (H, 1, 1)). out: contiguous, q's shape and dtype.
+    cos uses F.normalize's rule (norm clamped at 1e-12). Raises ValueError on bad
+    arguments; never synchronizes (CUDA-graph capturable after a warm-up call).
+    """
+    p = _ca_prepare(q, k, v, temperature32, out)
+    if p is None:
+        return
+    name = route()
+    if name is None:
+        raise RuntimeError(f"sipl_fast CUDA kernels unavailable: {why_unavailable()}")
+    _CA_LAUNCHERS[name](p)

@@ -142,10 +142,7 @@ def _cuda_why_not(x, weight, bias, eps) -> Optional[str]:
         return reason
     from . import _cuda
 
-    try:
-        return None if _cuda.route() is not None else _cuda.why_unavailable()
-    except (RuntimeError, ValueError) as e:  # a forced SIPL_FAST_CUDA_ROUTE that cannot run
-        return str(e)
+    return _cuda.problem()
 
 
 BACKENDS = {

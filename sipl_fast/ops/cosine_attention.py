@@ -1,0 +1,677 @@
+"""Cosine attention: SIPL's Proxy Fusion cross-attention, fused.
+
+``out = softmax((normalize(q) @ normalize(k)^T) * t_h) @ v`` with q (B, H, Nq, D),
+k and v (B, H, Nk, D), a temperature per head t (H,) or (H, 1, 1), and
+``normalize`` the L2 norm over D with ``F.normalize``'s rule ``x / max(|x|, 1e-12)``.
+At a 2048x2048 input, stage 1 attends 1,048,576 query pixels to a 4,096-entry
+dictionary: the published code materialises that score matrix several times.
+
+Backends (first the reference):
+
+- ``"torch"``: the published expression op by op, any float dtype, differentiable.
+- ``"triton"``: the Triton kernels below; forward and backward (autograd), fp32,
+  fp16, bf16 with fp32 accumulation, D a multiple of 8 up to 512. No Nq x Nk
+  matrix is ever stored: memory is linear in Nq + Nk. With ``TRITON_INTERPRET=1``
+  it also runs on CPU tensors when asked for explicitly (tests), except bf16,
+  whose dots the interpreter gets wrong.
+- ``"cuda"``: the CUDA C++ forward ``kernels/cosine_attention.cu`` (through the
+  compiled extension or CuPy), inference only.
+
+Each fast backend is a ``torch.library`` custom op with a fake implementation,
+so it traces under ``torch.compile`` without graph breaks, and launches without
+host syncs or host-side allocations outside PyTorch's allocator, so it can be
+captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import Backend, choose
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships with Linux torch wheels only
+    triton = None
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+EPS = 1e-12  # F.normalize's default
+MAX_D = 512
+
+# Forward tiles by head dim: the fp32 accumulator is BLOCK_M x D registers, so large D takes
+# fewer rows; fp32 operands take twice the shared memory. On a GPU the autotuner picks among
+# these (per D and dtype, at the first call; SIPL_FAST_TRITON_AUTOTUNE=0 skips it and takes
+# the first, as the interpreter does).
+def _configs(block_m, *shapes):
+    return [triton.Config(dict(BLOCK_M=block_m, BLOCK_N=bn), num_warps=w, num_stages=s) for bn, w, s in shapes]
+
+
+_FWD_CONFIGS = {
+    (False, False): _configs(128, (64, 8, 3), (64, 4, 3), (128, 8, 3), (64, 8, 4), (32, 4, 4)),  # 16-bit, D <= 128
+    (False, True): _configs(64, (32, 8, 2), (32, 4, 2), (64, 8, 2), (16, 4, 3), (32, 8, 1), (16, 4, 1))
+    + _configs(32, (32, 4, 1), (16, 4, 1)),  # 16-bit, D > 128
+    (True, False): _configs(64, (32, 4, 2), (32, 8, 2), (64, 8, 1)) + _configs(32, (32, 4, 1)),  # fp32, D <= 128
+    (True, True): _configs(32, (16, 4, 1), (32, 8, 1)) + _configs(16, (16, 4, 1)),  # fp32, D > 128
+} if triton else {}
+# Backward tiles (BLOCK_M, BLOCK_N, warps, stages): four BLOCK x D operands and two fp32
+# accumulators per program, D padded to a power of two.
+_BWD_CONFIGS = {
+    (False, False): [(64, 64, 8, 2), (32, 64, 4, 1), (32, 32, 4, 1)],
+    (False, True): [(32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+    (True, False): [(32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
+    (True, True): [(16, 16, 4, 1)],
+}
+_fitting: dict = {}  # (kernel, key) -> index of the first config that fits this GPU
+
+
+def _launch_fitting(kernel, key, configs, grid, *args, **constants) -> None:
+    """Launch ``kernel`` with the first of ``configs`` (triton.Config) that fits the device.
+
+    Shared-memory needs differ across Triton versions and GPUs: a config that does not
+    fit raises OutOfResources when loaded, before anything runs, so the next is tried.
+    The choice is remembered, so later calls (and CUDA-graph capture) launch directly.
+    """
+    start = _fitting.get((kernel, key), 0)
+    for i in range(start, len(configs)):
+        cfg = configs[i]
+        try:
+            kernel[grid(cfg.kwargs)](*args, **constants, **cfg.kwargs, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages)
+        except triton.runtime.errors.OutOfResources:
+            if i == len(configs) - 1:
+                raise
+            continue
+        _fitting[(kernel, key)] = i
+        return
+
+
+def _fwd_configs_for(d: int, dtype: torch.dtype):
+    return _FWD_CONFIGS[dtype == torch.float32, d > 128]
+
+
+def _prune_fwd_configs(configs, nargs, **kwargs):
+    return _fwd_configs_for(nargs["D"], nargs["Q"].dtype)
+
+
+def cosine_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Reference: the published expression, op by op, in the inputs' dtype (also MDTA's)."""
+    t = temperature.reshape(-1, 1, 1)
+    q = F.normalize(q, dim=-1)
+    k = F.normalize(k, dim=-1)
+    return ((q @ k.transpose(-2, -1)) * t).softmax(dim=-1) @ v
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _program_head(T, H):
+        """(bh, b, h, t_h) of this program: axis 1 runs over b * H + h; b is int64 for offsets."""
+        bh = tl.program_id(1)
+        h = bh % H
+        return bh, (bh // H).to(tl.int64), h, tl.load(T + h).to(tl.float32)
+
+    @triton.jit
+    def _load_rows(X, b, h, rows, N, sb, sh, sn, sd, D, BLOCK_D: tl.constexpr):
+        """The [len(rows), BLOCK_D] tile of X[b, h, rows, :D], zero-padded; and its mask."""
+        d = tl.arange(0, BLOCK_D)
+        mask = (rows < N)[:, None] & (d < D)[None, :]
+        x = tl.load(X + b * sb + h.to(tl.int64) * sh + rows.to(tl.int64)[:, None] * sn + d[None, :] * sd,
+                    mask=mask, other=0.0)
+        return x, mask
+
+    @triton.jit
+    def _inv_norm_kernel(X, R, N, D, H, sxb, sxh, sxn, sxd, eps,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """R[bh, n] = 1 / max(|X[b, h, n, :]|, eps) for a block of BLOCK_N rows, fp32."""
+        bh = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        base = X + (bh // H).to(tl.int64) * sxb + (bh % H).to(tl.int64) * sxh + rows.to(tl.int64)[:, None] * sxn
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(base + cols[None, :] * sxd, mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)
+            x = x.to(tl.float32)
+            total += tl.sum(x * x, axis=1)
+        tl.store(R + bh.to(tl.int64) * N + rows, 1.0 / tl.maximum(tl.sqrt(total), eps), mask=rows < N)
+
+    @triton.jit
+    def _attend(q_a, q_b, Kb, Vb, RKb, lo, hi, t2, m0, D, skn, skd, svn, svd, FIXED: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                DA: tl.constexpr, DB: tl.constexpr):
+        """The key loop of ``_fwd_kernel`` over keys lo..hi: (acc_a, acc_b, l, m), p = exp2(s - m).
+
+        FIXED: m = m0 throughout (the bounded-logit shift); else the online
+        softmax's running max, starting at m0 = -inf.
+        """
+        da = tl.arange(0, DA)
+        db = DA + tl.arange(0, DB if DB > 0 else 16)
+        acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + m0
+        for start in range(lo, hi, BLOCK_N):
+            col_ok = (start - lo + tl.arange(0, BLOCK_N)) < hi - lo
+            kt_a = tl.load(Kb + da[:, None] * skd, mask=col_ok[None, :] & (da[:, None] < D), other=0.0)
+            s = tl.dot(q_a, kt_a, input_precision=PRECISION)
+            if DB > 0:
+                kt_b = tl.load(Kb + db[:, None] * skd, mask=col_ok[None, :] & (db[:, None] < D), other=0.0)
+                s = tl.dot(q_b, kt_b, s, input_precision=PRECISION)
+            rk = tl.load(RKb, mask=col_ok, other=0.0)
+            s = s * (rk * t2)[None, :] + tl.where(col_ok, 0.0, float("-inf"))[None, :]
+            if FIXED:
+                p = tl.math.exp2(s - m_i[:, None])
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(s - m_new[:, None])
+                l_i = l_i * alpha
+                acc_a = acc_a * alpha[:, None]
+                if DB > 0:
+                    acc_b = acc_b * alpha[:, None]
+                m_i = m_new
+            p = p.to(Vb.dtype.element_ty)
+            l_i += tl.sum(p.to(tl.float32), axis=1)  # the rounded weights: they sum to exactly 1
+            v_a = tl.load(Vb + da[None, :] * svd, mask=col_ok[:, None] & (da[None, :] < D), other=0.0)
+            acc_a = tl.dot(p, v_a, acc_a, input_precision=PRECISION)
+            if DB > 0:
+                v_b = tl.load(Vb + db[None, :] * svd, mask=col_ok[:, None] & (db[None, :] < D), other=0.0)
+                acc_b = tl.dot(p, v_b, acc_b, input_precision=PRECISION)
+            Kb += BLOCK_N * skn
+            Vb += BLOCK_N * svn
+            RKb += BLOCK_N
+        return acc_a, acc_b, l_i, m_i
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, T, RK, O, LSE, PO, PL, PM,
+                    Nq, Nk, D, H, keys_per_split,
+                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                    P_RANGE: tl.constexpr, P_TOP: tl.constexpr, PRECISION: tl.constexpr,
+                    SPLIT: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One program: BLOCK_M queries of one (b, h) against one split of the keys.
+
+        D is covered by two power-of-two column blocks DA + DB (96 = 64 + 32,
+        384 = 256 + 128), so no tensor-core work is wasted on padding; other D
+        pad DA with masked columns and have DB = 0.
+
+        Per key block: s = (q @ k^T) * (rk_j * t * log2 e) -- q is normalised
+        by its inverse norm on load, k by the precomputed ``RK`` -- then
+        p = exp2(s - m), rounded to v's dtype, and acc += p @ v, l += rowsum(p). The logits are cosines
+        times t, so they lie in [-|t|, |t|] and the shift m = |t| log2 e - P_TOP
+        is fixed: no running max and no rescaling of acc. That is exact unless
+        exp2(-2 |t| log2 e) would leave the normal range of the dtype p is cast
+        to for the p @ v product (``P_RANGE`` octaves; fp16 also lifts p by
+        2^P_TOP): then this program runs the usual online softmax instead.
+        The choice reads t on the device, so no host sync is needed.
+
+        With SPLIT, programs along axis 2 take consecutive key ranges and write
+        un-normalised (acc, l, m) in fp32 to PO/PL/PM for ``_combine_kernel``;
+        otherwise they write O = acc / l and the log2-sum-exp LSE = m + log2 l.
+        """
+        pid_m = tl.program_id(0)
+        split = tl.program_id(2)
+        bh, b, h, t = _program_head(T, H)
+        t2 = t * 1.4426950408889634  # exp2 units
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < Nq
+        da = tl.arange(0, DA)
+        Qb = Q + b * sqb + h.to(tl.int64) * sqh + rows.to(tl.int64)[:, None] * sqn
+        q_a = tl.load(Qb + da[None, :] * sqd, mask=row_ok[:, None] & (da[None, :] < D), other=0.0)
+        sumsq = tl.sum(q_a.to(tl.float32) * q_a.to(tl.float32), axis=1)
+        if DB > 0:
+            db = DA + tl.arange(0, DB)
+            q_b = tl.load(Qb + db[None, :] * sqd, mask=row_ok[:, None] & (db[None, :] < D), other=0.0)
+            sumsq += tl.sum(q_b.to(tl.float32) * q_b.to(tl.float32), axis=1)
+        rq = 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12)
+        q_a = (q_a.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
+        if DB > 0:
+            q_b = (q_b.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
+        else:
+            q_b = q_a  # unused
+
+        lo = split * keys_per_split
+        hi = tl.minimum(lo + keys_per_split, Nk)
+        cols = lo + tl.arange(0, BLOCK_N)
+        Kb = K + b * skb + h.to(tl.int64) * skh + cols.to(tl.int64)[None, :] * skn
+        Vb = V + b * svb + h.to(tl.int64) * svh + cols.to(tl.int64)[:, None] * svn
+        RKb = RK + bh.to(tl.int64) * Nk + cols
+        if 2.0 * tl.abs(t2) <= P_RANGE:
+            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, Kb, Vb, RKb, lo, hi, t2, tl.abs(t2) - P_TOP, D,
+                                             skn, skd, svn, svd, True, PRECISION, BLOCK_M, BLOCK_N, DA, DB)
+        else:
+            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, Kb, Vb, RKb, lo, hi, t2, float("-inf"), D,
+                                             skn, skd, svn, svd, False, PRECISION, BLOCK_M, BLOCK_N, DA, DB)
+
+        row_offsets = bh.to(tl.int64) * Nq + rows
+        l_i = tl.where(row_ok, l_i, 1.0)  # rows past Nq: keep their unstored math finite
+        if SPLIT:
+            stat = split.to(tl.int64) * tl.num_programs(1) * Nq + row_offsets
+            tl.store(PL + stat, l_i, mask=row_ok)
+            tl.store(PM + stat, m_i, mask=row_ok)
+            POb = PO + stat[:, None] * D
+            tl.store(POb + da[None, :], acc_a, mask=row_ok[:, None] & (da[None, :] < D))
+            if DB > 0:
+                tl.store(POb + db[None, :], acc_b, mask=row_ok[:, None] & (db[None, :] < D))
+        else:
+            tl.store(LSE + row_offsets, m_i + tl.math.log2(l_i), mask=row_ok)
+            Ob = O + row_offsets[:, None] * D
+            inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)
+            tl.store(Ob + da[None, :], (acc_a * inv_l[:, None]).to(O.dtype.element_ty),
+                     mask=row_ok[:, None] & (da[None, :] < D))
+            if DB > 0:
+                tl.store(Ob + db[None, :], (acc_b * inv_l[:, None]).to(O.dtype.element_ty),
+                         mask=row_ok[:, None] & (db[None, :] < D))
+
+    _fwd_kernel_tuned = triton.autotune(
+        configs=[c for group in _FWD_CONFIGS.values() for c in group], key=["D"],
+        prune_configs_by={"early_config_prune": _prune_fwd_configs},
+    )(_fwd_kernel)
+
+    @triton.jit
+    def _combine_kernel(PO, PL, PM, O, LSE, Nq, D, BH, SPLITS, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Merge the key splits of ``_fwd_kernel``: O = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
+
+        Splits are read in order, so the result does not depend on scheduling.
+        """
+        bh = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < Nq
+        row_offsets = bh.to(tl.int64) * Nq + rows
+        m = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        for s in range(0, SPLITS):
+            m = tl.maximum(m, tl.load(PM + s * BH * Nq + row_offsets, mask=row_ok, other=0.0))
+        l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for s in range(0, SPLITS):
+            stat = s * BH * Nq + row_offsets
+            l_sum += tl.load(PL + stat, mask=row_ok, other=0.0) * tl.math.exp2(
+                tl.load(PM + stat, mask=row_ok, other=0.0) - m)
+        l_sum = tl.where(row_ok, l_sum, 1.0)
+        tl.store(LSE + row_offsets, m + tl.math.log2(l_sum), mask=row_ok)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mask = row_ok[:, None] & (cols[None, :] < D)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for s in range(0, SPLITS):
+                stat = s * BH * Nq + row_offsets
+                w = tl.math.exp2(tl.load(PM + stat, mask=row_ok, other=0.0) - m)
+                acc += tl.load(PO + stat[:, None] * D + cols[None, :], mask=mask, other=0.0) * w[:, None]
+            tl.store(O + row_offsets[:, None] * D + cols[None, :], (acc / l_sum[:, None]).to(O.dtype.element_ty),
+                     mask=mask)
+
+    @triton.jit
+    def _unnormalize_grad(x, dxn, r):
+        """Gradient through ``x * r`` with r = 1 / max(|x|, eps): (dxn - xn (xn . dxn)) r, or dxn r if clamped."""
+        xn = x * r[:, None]
+        radial = tl.where(tl.sqrt(tl.sum(x * x, axis=1)) > 1e-12, tl.sum(xn * dxn, axis=1), 0.0)
+        return (dxn - xn * radial[:, None]) * r[:, None]
+
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DK, DV, Nq, Nk, D, H,
+                         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+        """dk, dv for BLOCK_N keys of one (b, h), looping over every query block.
+
+        Recomputes the cosines c^T = (k @ qn^T) rk (q normalised on load, in its
+        dtype) and p^T = exp2(c^T t log2 e - lse) from the saved log2-sum-exp, then
+        dv += p^T dO, ds^T = p^T (dO v^T - delta), dkn += t ds^T qn, and finally
+        maps dkn through k's normalisation. dO and out are contiguous (B, H, Nq, D).
+        """
+        bh, b, h, t = _program_head(T, H)
+        t2 = t * 1.4426950408889634  # exp2 units
+        keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        key_ok = keys < Nk
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        k, kmask = _load_rows(K, b, h, keys, Nk, skb, skh, skn, skd, D, BLOCK_D)
+        v, kmask = _load_rows(V, b, h, keys, Nk, svb, svh, svn, svd, D, BLOCK_D)
+        rk = tl.load(RK + bh.to(tl.int64) * Nk + keys, mask=key_ok, other=0.0)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dkn = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        rows = tl.arange(0, BLOCK_M)
+        Qb = Q + b * sqb + h.to(tl.int64) * sqh + rows.to(tl.int64)[None, :] * sqn
+        DOb = DO + bh.to(tl.int64) * Nq * D + rows.to(tl.int64)[:, None] * D
+        stats = bh.to(tl.int64) * Nq + rows
+        for start in range(0, Nq, BLOCK_M):
+            row_ok = start + rows < Nq
+            qt = tl.load(Qb + d[:, None] * sqd, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
+            rq = tl.load(RQ + stats, mask=row_ok, other=0.0)
+            qnt = (qt.to(tl.float32) * rq[None, :]).to(Q.dtype.element_ty)
+            lse = tl.load(LSE + stats, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+            do = tl.load(DOb + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            c = tl.dot(k, qnt, input_precision=PRECISION) * rk[:, None]
+            p = tl.math.exp2(c * t2 - lse[None, :])
+            dv = tl.dot(p.to(DO.dtype.element_ty), do, dv, input_precision=PRECISION)
+            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds = p * (dp - delta[None, :])
+            dkn = tl.dot(ds.to(Q.dtype.element_ty), tl.trans(qnt), dkn, input_precision=PRECISION)
+            Qb += BLOCK_M * sqn
+            DOb += BLOCK_M * D
+            stats += BLOCK_M
+        dk = _unnormalize_grad(k.to(tl.float32), dkn * t, rk)
+        out = bh.to(tl.int64) * Nk * D + keys.to(tl.int64)[:, None] * D + d[None, :]
+        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kmask)
+        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kmask)
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, dt_stride, Nq, Nk, D, H,
+                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        """dq and this block's share of dt for BLOCK_M queries of one (b, h), looping over the keys.
+
+        ds = p (dO v^T - delta) is the gradient of the logits t c; dqn = t ds kn
+        goes through q's normalisation. dt = sum_ij ds c is a sum over all rows, so
+        its per-row error must not be biased: it is formed from row sums of p, p c,
+        p dp and p dp c as E[dp c] - E[dp] E[c] under p / sum(p). That takes neither
+        delta (from the rounded output) nor the exact scale of p (from the fp32 lse).
+        The dt shares are written per program and summed by the caller
+        (deterministic, no atomics).
+        """
+        bh, b, h, t = _program_head(T, H)
+        t2 = t * 1.4426950408889634  # exp2 units
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < Nq
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        q, qmask = _load_rows(Q, b, h, rows, Nq, sqb, sqh, sqn, sqd, D, BLOCK_D)
+        stats = bh.to(tl.int64) * Nq + rows
+        rq = tl.load(RQ + stats, mask=row_ok, other=0.0)
+        lse = tl.load(LSE + stats, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
+        do = tl.load(DO + stats[:, None] * D + d[None, :], mask=qmask, other=0.0)
+        dqn = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        sum_p = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sum_pc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sum_pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sum_pdpc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        cols = tl.arange(0, BLOCK_N)
+        Kb = K + b * skb + h.to(tl.int64) * skh + cols.to(tl.int64)[None, :] * skn
+        Vb = V + b * svb + h.to(tl.int64) * svh + cols.to(tl.int64)[None, :] * svn
+        RKb = RK + bh.to(tl.int64) * Nk + cols
+        for start in range(0, Nk, BLOCK_N):
+            col_ok = start + cols < Nk
+            kt = tl.load(Kb + d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            vt = tl.load(Vb + d[:, None] * svd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+            rk = tl.load(RKb, mask=col_ok, other=0.0)
+            knt = (kt.to(tl.float32) * rk[None, :]).to(K.dtype.element_ty)
+            c = tl.dot(q, knt, input_precision=PRECISION) * rq[:, None]
+            p = tl.math.exp2(c * t2 - lse[:, None] + tl.where(col_ok, 0.0, float("-inf"))[None, :])
+            dp = tl.dot(do, vt, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            pc = p * c
+            sum_p += tl.sum(p, axis=1)
+            sum_pc += tl.sum(pc, axis=1)
+            sum_pdp += tl.sum(p * dp, axis=1)
+            sum_pdpc += tl.sum(pc * dp, axis=1)
+            dqn = tl.dot(ds.to(K.dtype.element_ty), tl.trans(knt), dqn, input_precision=PRECISION)
+            Kb += BLOCK_N * skn
+            Vb += BLOCK_N * svn
+            RKb += BLOCK_N
+        dq = _unnormalize_grad(q.to(tl.float32), dqn * t, rq)
+        tl.store(DQ + stats[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+        sum_p = tl.where(row_ok, sum_p, 1.0)
+        dt = tl.where(row_ok, (sum_pdpc - sum_pdp * sum_pc / sum_p) / sum_p, 0.0)
+        tl.store(DT + bh.to(tl.int64) * dt_stride + tl.program_id(0), tl.sum(dt, axis=0))
+
+
+# ----------------------------------------------------------------------------- Triton launchers
+def _column_blocks(d: int) -> Tuple[int, int]:
+    """(DA, DB): D = DA + DB with both powers of two >= 16 where possible, else (next pow2, 0) masked."""
+    if d >= 16 and d & (d - 1) == 0:
+        return d, 0
+    high = 1 << (d.bit_length() - 1)
+    if high >= 16 and d - high >= 16 and (d - high) & (d - high - 1) == 0:
+        return high, d - high
+    return max(16, triton.next_power_of_2(d)), 0
+
+
+# softmax range: octaves of p's dtype below 1 that stay normal, and the lift of p's maximum
+_P_RANGE = {torch.float32: 120.0, torch.bfloat16: 120.0, torch.float16: 28.0}
+_P_TOP = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 15.0}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: small, so CPU tests exercise the split path too
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+_SPLIT_ALIGN = 128  # keys per split: a multiple of every BLOCK_N
+
+
+def _splits(programs: int, nk: int, device: torch.device) -> int:
+    """Key splits so that the grid covers about two waves, each split >= 2 x 128 keys."""
+    want = math.ceil(2 * _sm_count(device) / programs)
+    return max(1, min(want, nk // (2 * _SPLIT_ALIGN)))
+
+
+def _inv_norms(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    r = torch.empty((b, h, n), device=x.device, dtype=torch.float32)
+    if r.numel():
+        grid = (triton.cdiv(n, 64), b * h)
+        _inv_norm_kernel[grid](x, r, n, d, h, *x.stride(), EPS, BLOCK_N=64, BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
+    return r
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: bool = False):
+    """(out, lse): out (B, H, Nq, D) contiguous in q's dtype, lse (B, H, Nq) fp32 log2-sum-exp.
+
+    ``splits`` forces the number of key splits; ``online_only`` disables the fixed-shift
+    softmax (both for tests and benchmarks).
+    """
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    out = torch.empty((b, h, nq, d), device=q.device, dtype=q.dtype)
+    lse = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    da, db = _column_blocks(d)
+    configs = _fwd_configs_for(d, q.dtype)
+    block_m = configs[0].kwargs["BLOCK_M"]
+    if splits is None:
+        splits = _splits(triton.cdiv(nq, block_m) * b * h, nk, q.device)
+    per_split = triton.cdiv(triton.cdiv(nk, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    splits = triton.cdiv(nk, per_split)
+    rk = _inv_norms(k)
+    if splits > 1:
+        po = torch.empty((splits, b * h, nq, d), device=q.device, dtype=torch.float32)
+        pl = torch.empty((splits, b * h, nq), device=q.device, dtype=torch.float32)
+        pm = torch.empty_like(pl)
+    else:
+        po = pl = pm = lse  # unused
+    args = (q, k, v, t32, rk, out, lse, po, pl, pm, nq, nk, d, h, per_split, *q.stride(), *k.stride(), *v.stride())
+    constants = dict(P_RANGE=-1.0 if online_only else _P_RANGE[q.dtype], P_TOP=_P_TOP[q.dtype],
+                     PRECISION=_precision(q.dtype), SPLIT=splits > 1, DA=da, DB=db)
+    if q.is_cuda and os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "1") != "0":
+        _fwd_kernel_tuned[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits)](*args, **constants)
+    else:
+        _launch_fitting(_fwd_kernel, (d, q.dtype, splits > 1, online_only), configs,
+                        lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args, **constants)
+    if splits > 1:
+        block_d = min(128, max(16, triton.next_power_of_2(d)))
+        _combine_kernel[(triton.cdiv(nq, 32), b * h)](po, pl, pm, out, lse, nq, d, b * h, splits,
+                                                      BLOCK_M=32, BLOCK_D=block_d)
+    return out, lse
+
+
+def _triton_backward(q, k, v, t32, out, lse, dout):
+    """(dq, dk, dv, dt) in the inputs' dtypes (dt fp32, shape (H,))."""
+    b, h, nq, d = q.shape
+    nk = k.shape[2]
+    dout = dout.contiguous()
+    dq = torch.empty((b, h, nq, d), device=q.device, dtype=q.dtype)
+    dk = torch.empty((b, h, nk, d), device=q.device, dtype=k.dtype)
+    dv = torch.empty((b, h, nk, d), device=q.device, dtype=v.dtype)
+    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
+               for bm, bn, w, st in _BWD_CONFIGS[q.dtype == torch.float32, d > 128]]
+    dt = torch.zeros((b * h, triton.cdiv(max(nq, 1), 16)), device=q.device, dtype=torch.float32)
+    if q.numel() and k.numel():
+        delta = (dout.float() * out.float()).sum(-1)
+        rq, rk = _inv_norms(q), _inv_norms(k)
+        args = (q, k, v, t32, rq, rk, dout, lse, delta)
+        sizes = (nq, nk, d, h, *q.stride(), *k.stride(), *v.stride())
+        constants = dict(PRECISION=_precision(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)))
+        key = (d, q.dtype)
+        _launch_fitting(_bwd_dkdv_kernel, key, configs, lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * h),
+                        *args, dk, dv, *sizes, **constants)
+        _launch_fitting(_bwd_dq_kernel, key, configs, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h),
+                        *args, dq, dt, dt.shape[1], *sizes, **constants)
+    else:
+        dk.zero_()
+        dv.zero_()
+    return dq, dk, dv, dt.view(b, h, -1).sum((0, 2))
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("sipl_fast::cosine_attention_triton", mutates_args=())
+def cosine_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            temperature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward: (out (B, H, Nq, D) contiguous, lse (B, H, Nq) fp32); temperature (H,)."""
+    return _triton_forward(q, k, v, temperature.float().contiguous())
+
+
+@cosine_attention_triton.register_fake
+def _(q, k, v, temperature):
+    b, h, nq, d = q.shape
+    return q.new_empty((b, h, nq, d)), q.new_empty((b, h, nq), dtype=torch.float32)
+
+
+@torch.library.custom_op("sipl_fast::cosine_attention_triton_bwd", mutates_args=())
+def cosine_attention_triton_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                                out: torch.Tensor, lse: torch.Tensor,
+                                dout: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton backward: (dq, dk, dv, dtemperature) for the forward's (out, lse)."""
+    dq, dk, dv, dt = _triton_backward(q, k, v, temperature.float().contiguous(), out, lse, dout)
+    return dq, dk, dv, dt.to(temperature.dtype)
+
+
+@cosine_attention_triton_bwd.register_fake
+def _(q, k, v, temperature, out, lse, dout):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), temperature.new_empty(temperature.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, temperature, out, lse = ctx.saved_tensors
+    return cosine_attention_triton_bwd(q, k, v, temperature, out, lse, dout)
+
+
+cosine_attention_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("sipl_fast::cosine_attention_cuda", mutates_args=(), device_types="cuda")
+def cosine_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """CUDA C++ forward: out (B, H, Nq, D) contiguous; q, k, v need a unit stride along D."""
+    from . import _cuda
+
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    _cuda.cosine_attention_fwd(q, k, v, temperature.float().contiguous(), out)
+    return out
+
+
+@cosine_attention_cuda.register_fake
+def _(q, k, v, temperature):
+    return q.new_empty(q.shape)
+
+
+# ----------------------------------------------------------------------------- backend choice
+def _kernel_why_not(q, k, v) -> Optional[str]:
+    if q.dtype not in KERNEL_DTYPES:
+        return f"dtype {q.dtype} is not one of float32, float16, bfloat16"
+    d = q.shape[-1]
+    if d % 8 or d > MAX_D:
+        return f"head dim D={d} is not a multiple of 8 between 8 and {MAX_D}"
+    return None
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _triton_why_not(q, k, v, temperature) -> Optional[str]:
+    if triton is None:
+        return "Triton is not installed"
+    if not q.is_cuda:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "input is not on a CUDA device (CPU tensors need TRITON_INTERPRET=1)"
+        if q.dtype == torch.bfloat16:
+            return "Triton's CPU interpreter computes bf16 dot products wrongly; use float32 or float16 on the CPU"
+    return _kernel_why_not(q, k, v)
+
+
+def _cuda_why_not(q, k, v, temperature) -> Optional[str]:
+    if not q.is_cuda:
+        return "input is not on a CUDA device"
+    reason = _kernel_why_not(q, k, v)
+    if reason is None and _needs_grad(q, k, v, temperature):
+        reason = "the CUDA kernel is forward-only and this call needs gradients (use 'triton' or 'torch')"
+    if reason is not None:
+        return reason
+    from . import _cuda
+
+    return _cuda.problem()
+
+
+def _run_triton(q, k, v, temperature):
+    return cosine_attention_triton(q, k, v, temperature.reshape(-1))[0]
+
+
+BACKENDS = {
+    "torch": Backend("torch", cosine_attention_torch, lambda *a: None),
+    "triton": Backend("triton", _run_triton, _triton_why_not, automatic=lambda q, *a: q.is_cuda),
+    "cuda": Backend("cuda", lambda q, k, v, t: cosine_attention_cuda(q, k, v, t.reshape(-1)), _cuda_why_not),
+}
+# Automatic choice, from benchmarks/results/cosine_attention.md (H200, bf16): the CUDA C++
+# forward beat the Triton one on every shape (1.2-1.6x); with gradients the CUDA kernel
+# refuses, so training takes Triton, whose memory stays linear (naive autograd needs 2.5 GiB
+# at 65536 x 4096 and ~40 GiB at a 2048^2 input).
+PREFERENCE = ("cuda", "triton", "torch")
+
+
+def _check(q, k, v, temperature) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"cosine_attention: expected {name} as a floating-point (B, H, N, D) tensor, "
+                             f"got {getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}")
+    b, h, _, d = q.shape
+    if k.shape[:2] != (b, h) or k.shape[3] != d or v.shape != k.shape:
+        raise ValueError(f"cosine_attention: expected k and v of shape ({b}, {h}, Nk, {d}) like q {tuple(q.shape)}, "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[2] < 1:
+        raise ValueError("cosine_attention: expected at least one key (Nk >= 1)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"cosine_attention: expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not isinstance(temperature, torch.Tensor) or temperature.numel() != h or temperature.shape not in ((h,), (h, 1, 1)):
+        raise ValueError(f"cosine_attention: expected temperature of shape ({h},) or ({h}, 1, 1), "
+                         f"got {tuple(getattr(temperature, 'shape', ()))}")
+    for name, x in (("k", k), ("v", v), ("temperature", temperature)):
+        if x.device != q.device:
+            raise ValueError(f"cosine_attention: {name} is on {x.device}, q on {q.device}")
+
+
+def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                     backend: Optional[str] = None) -> torch.Tensor:
+    """``softmax((normalize(q) @ normalize(k)^T) * t_h) @ v``: (B, H, Nq, D) from q (B, H, Nq, D),
+    k and v (B, H, Nk, D), temperature (H,) or (H, 1, 1).
+
+    ``backend``: None/"auto" (the first of cuda, triton, torch that can run), "torch", "triton" or "cuda".
+    """
+    _check(q, k, v, temperature)
+    return choose("cosine_attention", BACKENDS, PREFERENCE, backend, q, k, v, temperature).fn(q, k, v, temperature)

@@ -1,0 +1,87 @@
+"""The benchmark scripts run end to end: tiny shapes on the CPU, results in a temporary folder.
+
+A smoke test only: speed is never asserted, only that a run writes rows that make sense.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sipl_fast import ops
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_bench(script: str, *args, results: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SIPL_FAST_BENCH_RESULTS": str(results), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env.pop("TRITON_INTERPRET", None)  # no timing of Triton's interpreter: its kernels say n/a on the CPU
+    return subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def load_script(name: str, monkeypatch):
+    """Import a benchmark script as a module (it imports ``_common`` from its own folder)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cosine_attention_quick_cpu(tmp_path):
+    has_op = hasattr(ops, "cosine_attention")  # the script runs without it too: its backends say n/a
+    variants = "naive,sdpa,torch,triton,cuda" if has_op else "naive,sdpa,triton,cuda"
+    result = run_bench("cosine_attention.py", "--quick", "--device", "cpu", "--variants", variants, results=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads((tmp_path / "cosine_attention_cpu.json").read_text())
+    assert data["environment"]["device"] and data["environment"]["torch"]
+    assert (tmp_path / "cosine_attention_cpu.md").exists()
+    rows = data["rows"]
+    forward = [r for r in rows if r["pass"] == "forward"]
+    backward = [r for r in rows if r["pass"] == "fwd+bwd"]
+    assert len(forward) == len(backward) >= 1
+    for row in forward + backward:
+        assert isinstance(row["naive ms"], float) and row["naive TFLOP/s"] > 0, row
+        assert isinstance(row["sdpa ms"], float) and row["sdpa backend"] == "default", row
+        assert row["ref"] == "naive"
+        for name in ("triton", "cuda"):  # a kernel is timed, or unavailable; never broken
+            assert isinstance(row[f"{name} ms"], float) or row[f"{name} ms"] == "n/a", (name, row)
+    for row in forward:
+        assert row["sdpa max|diff|"] < 1e-4, row
+        for name in ("torch", "triton", "cuda"):
+            if isinstance(row.get(f"{name} ms"), float):
+                assert row[f"{name} max|diff|"] < 1e-4, (name, row)
+    for row in backward:
+        assert row["sdpa grad err"] < 1e-4, row
+        for name in ("torch", "triton"):
+            if isinstance(row.get(f"{name} ms"), float):
+                assert row[f"{name} grad err"] < 1e-4, (name, row)
+    if has_op:  # the op's reference backend always runs
+        assert all(isinstance(r["torch ms"], float) for r in rows)
+
+
+def test_cosine_attention_no_backward_one_shape(tmp_path, monkeypatch):
+    bench = load_script("cosine_attention", monkeypatch)
+    monkeypatch.setattr(sys.modules["_common"], "RESULTS", tmp_path)
+    bench.main(["--shapes", "9x70x8x3", "--no-backward", "--device", "cpu", "--variants", "naive,sdpa"])
+    rows = json.loads((tmp_path / "cosine_attention_cpu.json").read_text())["rows"]
+    assert [(r["pass"], r["Nq"], r["Nk"], r["D"], r["H"]) for r in rows] == [("forward", 9, 70, 8, 3)]
+    assert rows[0]["sdpa max|diff|"] < 1e-5 and "triton ms" not in rows[0]
+
+
+def test_cosine_attention_shape_flag(monkeypatch):
+    import torch
+
+    bench = load_script("cosine_attention", monkeypatch)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert bench.parse_shapes(None, False, gpu) == bench.SHAPES and len(bench.SHAPES) == 7
+    assert bench.parse_shapes(None, False, cpu) == bench.QUICK == bench.parse_shapes(None, True, gpu)
+    assert bench.parse_shapes("0, 4,77x45x24x2", False, cpu) == [bench.SHAPES[0], bench.SHAPES[4], (77, 45, 24, 2)]
+    assert bench.parse_shapes("all", False, cpu) == bench.SHAPES
+    for bad in ("7", "64x64", "big"):
+        with pytest.raises(Exception, match="--shapes"):
+            bench.parse_shapes(bad, False, cpu)

@@ -1,0 +1,296 @@
+"""sipl_fast.ops.cosine_attention: the reference against an independent float64 formula, the
+Triton kernels (forward and backward; in the interpreter on a CPU) and the CUDA C++ kernel (on
+a GPU) against the reference, backend choice, errors, torch.compile and CUDA-graph capture.
+
+Tolerances: fp32 forward within 1e-5 of float64; fp32 gradients within 10x the error that
+PyTorch autograd makes in fp32; fp16/bf16 within 2x the error of the naive computation in that
+dtype (all against float64 on the same inputs).
+"""
+import importlib
+import math
+
+import pytest
+import torch
+
+from sipl_fast import ops
+from sipl_fast.ops import BackendError, cosine_attention
+from sipl_fast.ops import cosine_attention_torch
+
+module = importlib.import_module("sipl_fast.ops.cosine_attention")  # the package attribute is the function
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytest.importorskip("triton")
+# Backends with kernels here: Triton everywhere (its interpreter on a CPU), CUDA C++ on a GPU.
+KERNELS = ["triton", pytest.param("cuda", marks=needs_cuda)]
+# bf16 dots are wrong in Triton's interpreter: bf16 runs on a GPU only.
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]
+
+
+def inputs(b, h, nq, nk, d, temperatures, seed=0, scale=1.0):
+    """float64 q, k, v with varied row norms, and a (H, 1, 1) temperature."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, nq, d, generator=g, dtype=torch.float64) * (0.5 + torch.rand(b, h, nq, 1, generator=g))
+    k = torch.randn(b, h, nk, d, generator=g, dtype=torch.float64) * (0.5 + torch.rand(b, h, nk, 1, generator=g))
+    v = torch.randn(b, h, nk, d, generator=g, dtype=torch.float64) * scale
+    t = torch.tensor(temperatures, dtype=torch.float64).view(h, 1, 1)
+    return q, k, v, t
+
+
+def independent(q, k, v, t):
+    """softmax over explicit exp(t cos) / sum, in float64 with einsum."""
+    qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    kn = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    logits = torch.einsum("bhid,bhjd->bhij", qn, kn) * t.reshape(1, -1, 1, 1)
+    w = (logits - logits.amax(-1, keepdim=True)).exp()
+    return torch.einsum("bhij,bhjd->bhid", w / w.sum(-1, keepdim=True), v)
+
+
+def to(dtype, *xs):
+    return [x.to(DEVICE, dtype) for x in xs]
+
+
+def fp32_tolerance(q, k, v, t, ref):
+    """1e-5, or twice the naive fp32 error where that is larger (logits of |t| ~ 50 carry ~1e-5 in fp32)."""
+    return max(1e-5, 2 * max_err(cosine_attention_torch(*to(torch.float32, q, k, v, t)), ref))
+
+
+def max_err(x, ref):
+    return (x.double().cpu() - ref.double().cpu()).abs().max().item()
+
+
+# ------------------------------------------------------------------ reference
+@pytest.mark.parametrize("t_shape", ["(H,)", "(H,1,1)"])
+def test_reference_matches_an_independent_formula(t_shape):
+    q, k, v, t = inputs(2, 3, 7, 5, 6, [0.3, 4.0, -2.0])
+    q[1, 2, 3] = 0  # a zero row normalises to zero (clamped norm)
+    t = t.view(-1) if t_shape == "(H,)" else t
+    torch.testing.assert_close(cosine_attention(q, k, v, t, backend="torch"), independent(q, k, v, t),
+                               rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------ forward kernels
+CASES = [  # (B, H, Nq, Nk, D, temperatures): odd sizes, both softmax paths, padded and split D
+    (2, 2, 77, 45, 96, [0.1, 5.0]),
+    (2, 2, 77, 45, 24, [50.0, 1.0]),
+    (2, 2, 77, 45, 384, [13.0, -3.0]),
+    (1, 3, 33, 130, 40, [0.0, 7.5, 30.0]),
+    (1, 1, 1, 1, 8, [2.0]),
+    (2, 1, 5, 300, 512, [11.0]),
+]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_forward_matches_reference(backend, dtype, case):
+    *shape, temps = case
+    q, k, v, t = inputs(*shape, temps)
+    ref = cosine_attention_torch(q, k, v, t)
+    out = cosine_attention(*to(dtype, q, k, v), t.float().to(DEVICE), backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype and out.device.type == DEVICE
+    if dtype == torch.float32:
+        assert max_err(out, ref) <= fp32_tolerance(q, k, v, t, ref)
+    else:
+        naive = cosine_attention_torch(*to(dtype, q, k, v, t))
+        assert max_err(out, ref) <= 2 * max_err(naive, ref)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 5])
+@pytest.mark.parametrize("temperature,online", [(3.0, False), (3.0, True), (60.0, False)])  # fixed shift, online
+def test_triton_key_splits_agree(splits, temperature, online):
+    q, k, v, t = inputs(2, 1, 70, 333, 32, [temperature])
+    ref = cosine_attention_torch(q, k, v, t)
+    out, lse = module._triton_forward(*to(torch.float32, q, k, v), t.view(-1).float().to(DEVICE), splits,
+                                      online_only=online)
+    assert max_err(out, ref) <= fp32_tolerance(q, k, v, t, ref)
+    qn, kn = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    lse_ref = torch.logsumexp(qn @ kn.transpose(-1, -2) * t, -1) / math.log(2)
+    assert max_err(lse, lse_ref) <= 1e-5 * max(1.0, lse_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_non_contiguous_inputs(backend):
+    """The model's layout: (B, H*D, Hi, Wi) viewed as (B, H, Hi*Wi, D), and k, v halves of one tensor."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2 * 16, 7, 9, generator=g, dtype=torch.float64)
+    kv = torch.randn(2, 4 * 16, 5, 3, generator=g, dtype=torch.float64)
+    q = x.view(2, 2, 16, 63).transpose(-1, -2)
+    k, v = (y.reshape(2, 2, 16, 15).transpose(-1, -2) for y in kv.chunk(2, dim=1))
+    t = torch.tensor([2.0, 0.7], dtype=torch.float64)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out = cosine_attention(*to(torch.float32, q, k, v, t), backend=backend)
+    assert max_err(out, cosine_attention_torch(q, k, v, t)) <= 1e-5
+
+
+def test_extreme_temperature_does_not_underflow():
+    """Logits of -2|t| below the shift: the online softmax takes over, no 0/0."""
+    q, k, v, t = inputs(1, 2, 9, 70, 16, [200.0, -200.0])
+    k[..., 1:, :] = -q[..., :1, :].expand(-1, -1, 69, -1)  # query 0 is anti-parallel to all but one key
+    for dtype in (torch.float32, torch.float16):
+        out = cosine_attention(*to(dtype, q, k, v, t), backend="triton")
+        assert torch.isfinite(out).all()
+        assert max_err(out, cosine_attention_torch(q, k, v, t)) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+# ------------------------------------------------------------------ backward (Triton)
+def grads(fn, dtype, q, k, v, t, dout):
+    xs = [x.to(DEVICE, dtype).detach().requires_grad_() for x in (q, k, v, t)]
+    fn(*xs).backward(dout.to(DEVICE, dtype))
+    return [x.grad for x in xs]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [(2, 2, 77, 45, 96, [0.1, 5.0]), (1, 2, 41, 67, 24, [50.0, -3.0]),
+                                  (1, 1, 37, 29, 384, [12.0])], ids=lambda c: "x".join(map(str, c[:5])))
+def test_backward_matches_autograd(dtype, case):
+    *shape, temps = case
+    q, k, v, t = inputs(*shape, temps)
+    if dtype == torch.float32:
+        q[0, 0, 3] = 0  # a clamped norm: the gradient is dq_hat / eps
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = grads(cosine_attention_torch, torch.float64, q, k, v, t, dout)
+    got = grads(lambda *a: cosine_attention(*a, backend="triton"), dtype, q, k, v, t, dout)
+    naive = grads(cosine_attention_torch, dtype, q, k, v, t, dout)
+    factor = 10 if dtype == torch.float32 else 2
+    for name, g, n, r in zip("qkvt", got, naive, ref):
+        assert g.shape == r.shape and g.dtype == dtype, name
+        assert max_err(g, r) <= factor * max_err(n, r), name
+
+
+# ------------------------------------------------------------------ registration
+def test_opcheck_triton_ops():
+    q, k, v, t = to(torch.float32, *inputs(1, 2, 19, 21, 16, [1.5, 4.0]))
+    t = t.view(-1)
+    torch.library.opcheck(module.cosine_attention_triton, (q, k, v, t))
+    q, k, v, t = (x.detach().requires_grad_() for x in (q, k, v, t))
+    torch.library.opcheck(module.cosine_attention_triton, (q, k, v, t))
+
+
+def test_compiles_without_graph_breaks():
+    q, k, v, t = to(torch.float32, *inputs(1, 2, 19, 21, 16, [1.5, 4.0]))
+    q.requires_grad_(True)
+    fn = torch.compile(lambda *a: cosine_attention(*a, backend="triton"), fullgraph=True,
+                       backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    out = fn(q, k, v, t)
+    out.sum().backward()
+    assert max_err(out, cosine_attention_torch(q.detach(), k, v, t)) <= 1e-5 and q.grad is not None
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_cuda_graph_replay_equals_eager(backend):
+    q, k, v, t = to(torch.bfloat16, *inputs(1, 2, 1000, 3000, 96, [2.0, 30.0]))
+    t = t.float()
+    eager = cosine_attention(q, k, v, t, backend=backend)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cosine_attention(q, k, v, t, backend=backend)
+    for _ in range(2):
+        q.mul_(1.5)  # new data in the captured buffers
+        graph.replay()
+        torch.testing.assert_close(out, cosine_attention(q, k, v, t, backend=backend), rtol=0, atol=0)
+    assert not torch.equal(out, eager)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_memory_is_linear(backend):
+    """No Nq x Nk matrix: extra memory beyond the output is a few percent of it."""
+    q, k, v, t = to(torch.bfloat16, *inputs(1, 1, 65536, 4096, 96, [4.0]))
+    t = t.float()
+    cosine_attention(q, k, v, t, backend=backend)  # warm-up: compile, load
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = cosine_attention(q, k, v, t, backend=backend)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+    assert extra <= 0.1 * out.numel() * out.element_size()
+
+
+# ------------------------------------------------------------------ backend choice and errors
+def test_auto_on_cpu_is_the_reference():
+    q, k, v, t = inputs(1, 2, 5, 4, 8, [1.0, 2.0])
+    if DEVICE == "cpu":
+        torch.testing.assert_close(cosine_attention(q.float(), k.float(), v.float(), t.float()),
+                                   cosine_attention_torch(q.float(), k.float(), v.float(), t.float()), rtol=0, atol=0)
+
+
+def test_environment_selects_the_backend(monkeypatch):
+    q, k, v, t = to(torch.float32, *inputs(1, 2, 5, 4, 8, [1.0, 2.0]))
+    calls = []
+    monkeypatch.setitem(module.BACKENDS, "triton", module.Backend(
+        "triton", lambda *a: calls.append(1) or cosine_attention_torch(*a), lambda *a: None))
+    monkeypatch.setenv("SIPL_FAST_BACKEND_COSINE_ATTENTION", "triton")
+    cosine_attention(q, k, v, t)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("backend,dtype,d,why", [
+    ("triton", torch.float64, 16, "dtype torch.float64 is not one of"),
+    ("triton", torch.float32, 20, "head dim D=20 is not a multiple of 8"),
+    ("triton", torch.float32, 520, "between 8 and 512"),
+    ("cuda", torch.float32, 16, "CUDA"),
+])
+def test_explicit_backend_that_cannot_run_says_why(backend, dtype, d, why):
+    if backend == "cuda" and DEVICE == "cuda":
+        pytest.skip("the CPU-tensor refusal is what is tested")
+    q, k, v, t = to(dtype, *inputs(1, 1, 3, 4, d, [1.0]))
+    with pytest.raises(BackendError, match=why):
+        cosine_attention(q, k, v, t, backend=backend)
+    cosine_attention(q, k, v, t)  # automatic: falls back quietly
+
+
+def test_triton_refusals_on_the_cpu(monkeypatch):
+    q, k, v, t = inputs(1, 1, 3, 4, 16, [1.0])
+    if DEVICE == "cuda":
+        pytest.skip("CPU-tensor rules")
+    with pytest.raises(BackendError, match="bf16 dot products"):
+        cosine_attention(*(x.bfloat16() for x in (q, k, v, t)), backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+        cosine_attention(*(x.float() for x in (q, k, v, t)), backend="triton")
+
+
+def test_cuda_backend_refuses_gradients():
+    if DEVICE != "cuda" or not ops.available_backends()["cuda"]["available"]:
+        pytest.skip("needs the CUDA backend")
+    q, k, v, t = to(torch.float32, *inputs(1, 1, 3, 4, 16, [1.0]))
+    q.requires_grad_(True)
+    with pytest.raises(BackendError, match="forward-only"):
+        cosine_attention(q, k, v, t, backend="cuda")
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda q, k, v, t: (q[0], k, v, t), "expected q as a floating-point"),
+    (lambda q, k, v, t: (q, k[:, :, :, :4], v, t), "expected k and v of shape"),
+    (lambda q, k, v, t: (q, k, v[:, :, :2], t), "expected k and v of shape"),
+    (lambda q, k, v, t: (q, k[:, :, :0], v[:, :, :0], t), "at least one key"),
+    (lambda q, k, v, t: (q, k.float(), v, t), "one dtype"),
+    (lambda q, k, v, t: (q, k, v, t[:1]), "temperature of shape"),
+    (lambda q, k, v, t: (q.long(), k, v, t), "floating-point"),
+])
+def test_bad_input_is_a_value_error(mutate, match):
+    q, k, v, t = inputs(1, 2, 3, 4, 8, [1.0, 2.0])
+    with pytest.raises(ValueError, match=match):
+        cosine_attention(*mutate(q, k, v, t))
+
+
+def test_empty_queries():
+    q, k, v, t = inputs(2, 2, 0, 4, 16, [1.0, 2.0])
+    for backend in ("torch", "triton"):
+        assert cosine_attention(*to(torch.float32, q, k, v, t), backend=backend).shape == (2, 2, 0, 16)
+
+
+# ------------------------------------------------------------------ the model through the op
+def test_model_runs_through_the_triton_backend(monkeypatch):
+    from conftest import tiny_model
+
+    model = tiny_model(dtype=torch.float32).to(DEVICE)
+    x = torch.rand(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    with torch.no_grad():
+        ref = model(x)
+        monkeypatch.setenv("SIPL_FAST_BACKEND_COSINE_ATTENTION", "triton")
+        out = model(x)
+    assert max_err(out, ref) <= 1e-5
