@@ -16,8 +16,8 @@ export SIPL_FAST_CUDA_ARCH_LIST=${SIPL_FAST_CUDA_ARCH_LIST:-90a} SIPL_FAST_REQUI
 export SIPL_FAST_NVCC_THREADS=${SIPL_FAST_NVCC_THREADS:-8} SIPL_FAST_BENCH_RESULTS="$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts import sipl_fast even where the editable hook does not
 TESTS=("$@")
-[ ${#TESTS[@]} -eq 0 ] && TESTS=(tests/test_cosine_attention.py tests/test_layer_norm2d.py)
-BENCHMARKS=${BENCHMARKS:-"cosine_attention|--variants naive,sdpa,triton,triton-online,cuda --backward-shapes 0,2;layer_norm2d|"}
+[ ${#TESTS[@]} -eq 0 ] && TESTS=(tests/test_cosine_attention.py tests/test_layer_norm2d.py tests/test_engine.py)
+BENCHMARKS=${BENCHMARKS:-"cosine_attention|--variants naive,sdpa,triton,triton-online,cuda --backward-shapes 0,2;layer_norm2d|;fast_sipl|--sizes 256,256b4,512,1024,2048 --variants eager-fp32,eager-bf16,fast-fp32,fast-bf16,fast-bf16-eager"}
 
 stage() { echo "=== $1 ($(date -u +%H:%M:%S), ${SECONDS}s in)" | tee -a "$LOG"; }
 {

@@ -53,6 +53,11 @@ def _check_images(name: str, x: torch.Tensor, channels: int) -> None:
         raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
 
 
+def _check_iterations(iterations) -> None:
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+
+
 @torch.no_grad()
 def refinements(model, lq: torch.Tensor, iterations: int = 2) -> Iterator[torch.Tensor]:
     """Yield what ``restore(model, lq, k)`` returns for k = 0, 1, ..., ``iterations``, sharing the work.
@@ -61,8 +66,7 @@ def refinements(model, lq: torch.Tensor, iterations: int = 2) -> Iterator[torch.
     all the results cost no more than ``restore(model, lq, iterations)`` alone.
     A model without Proxy Fusion yields its one plain pass only.
     """
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-        raise ValueError(f"iterations must be an integer >= 0, got {iterations!r}")
+    _check_iterations(iterations)
     _check_images("restore", lq, model.config.inp_channels)
     h, w = lq.shape[-2:]
     img = pad_to_multiple(lq)

@@ -192,11 +192,17 @@ class CrossAttention(nn.Module):
         self.q_dwconv = dwconv3x3(dim, bias)
         self.project_out = conv1x1(dim, dim, bias)
 
-    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
-        h, w = x_q.shape[-2:]
-        q = self.q_dwconv(self.q(x_q))
+    def keys_values(self, x_kv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, heads, Nkv, C/heads) of the key/value feature map."""
         k, v = self.kv_dwconv(self.kv(x_kv)).chunk(2, dim=1)
-        q, k, v = (rearrange(t, "b (head c) h w -> b head (h w) c", head=self.num_heads) for t in (q, k, v))
+        return tuple(rearrange(t, "b (head c) h w -> b head (h w) c", head=self.num_heads) for t in (k, v))
+
+    def forward(self, x_q: torch.Tensor, x_kv: Optional[torch.Tensor] = None,
+                kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """Attend from x_q to x_kv, or to ready ``kv = keys_values(x_kv)``."""
+        h, w = x_q.shape[-2:]
+        q = rearrange(self.q_dwconv(self.q(x_q)), "b (head c) h w -> b head (h w) c", head=self.num_heads)
+        k, v = self.keys_values(x_kv) if kv is None else kv
         out = ops.cosine_attention(q, k, v, self.temperature)
         out = rearrange(out, "b head (h w) c -> b (head c) h w", head=self.num_heads, h=h, w=w)
         return self.project_out(out)
@@ -216,9 +222,14 @@ class CrossBlock(nn.Module):
         self.norm2 = LayerNorm(dim)
         self.ffn = FeedForward(dim, 2, bias, dual_gate=True)
 
-    def forward(self, x_q: torch.Tensor, x_kv: torch.Tensor) -> torch.Tensor:
+    def keys_values(self, x_kv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The attention's k, v of ``LN12(x_kv)`` (what depends on the key/value side only)."""
+        return self.attn.keys_values(self.norm12(x_kv))
+
+    def forward(self, x_q: torch.Tensor, x_kv: Optional[torch.Tensor] = None,
+                kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         a = self.norm11(x_q)
-        y = a + self.attn(a, self.norm12(x_kv))
+        y = a + self.attn(a, kv=self.keys_values(x_kv) if kv is None else kv)
         return y + self.ffn(self.norm2(y))
 
 

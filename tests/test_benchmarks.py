@@ -85,3 +85,13 @@ def test_cosine_attention_shape_flag(monkeypatch):
     for bad in ("7", "64x64", "big"):
         with pytest.raises(Exception, match="--shapes"):
             bench.parse_shapes(bad, False, cpu)
+
+
+def test_fast_sipl_smoke(tmp_path):
+    """The end-to-end script on a tiny model and a tiny image: the reference and the engine."""
+    proc = run_bench("fast_sipl.py", "--sizes", "16,16x24b2", "--variants", "eager-fp32,fast-fp32",
+                     "--iterations", "1", results=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "fast_sipl_quick_cpu.json").read_text())["rows"]
+    assert [r["size"] for r in rows] == ["1x16x16", "2x24x16"]
+    assert all(isinstance(r["fast-fp32 ms"], float) and r["fast-fp32 speedup"] > 0 for r in rows)

@@ -11,11 +11,11 @@ from typing import Dict
 
 import torch
 
-from ._backend import BackendError
+from ._backend import BackendError, backend_scope
 from .cosine_attention import cosine_attention, cosine_attention_torch
 from .layer_norm2d import layer_norm2d
 
-__all__ = ["BackendError", "available_backends", "cosine_attention", "cosine_attention_torch", "layer_norm2d"]
+__all__ = ["BackendError", "available_backends", "backend_scope", "cosine_attention", "cosine_attention_torch", "layer_norm2d"]
 
 
 def _triton_status() -> dict:

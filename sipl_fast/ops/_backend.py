@@ -3,7 +3,8 @@
 Each op lists its backends in order of preference, the pure-PyTorch reference
 ``"torch"`` always first in its table and last to be preferred. The choice:
 
-- ``backend=`` argument, else the environment variable ``SIPL_FAST_BACKEND_<OP>``
+- ``backend=`` argument, else an enclosing :func:`backend_scope`, else the environment
+  variable ``SIPL_FAST_BACKEND_<OP>``
   (e.g. ``SIPL_FAST_BACKEND_LAYER_NORM2D=cuda``), else ``SIPL_FAST_BACKEND``:
   an explicit request. A backend that cannot run the call raises
   :class:`BackendError` saying why.
@@ -12,10 +13,12 @@ Each op lists its backends in order of preference, the pure-PyTorch reference
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from typing import Callable, Dict, Optional
 
-__all__ = ["BackendError", "Backend", "choose"]
+__all__ = ["BackendError", "Backend", "backend_scope", "choose"]
 
 
 class BackendError(ValueError):
@@ -36,8 +39,24 @@ class Backend:
         self.name, self.fn, self.why_not, self.automatic = name, fn, why_not, automatic
 
 
+_scope: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("sipl_fast_backend", default=None)
+
+
+@contextlib.contextmanager
+def backend_scope(name: Optional[str]):
+    """Inside the block, op calls without ``backend=`` use ``name`` ("auto": the automatic
+    choice), ahead of the environment variables. ``None`` changes nothing."""
+    token = _scope.set(name)
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
 def requested(op: str, backend: Optional[str]) -> Optional[str]:
     """The explicitly requested backend name for ``op``, or None for automatic choice."""
+    if backend is None:
+        backend = _scope.get()
     if backend is None:
         backend = os.environ.get(f"SIPL_FAST_BACKEND_{op.upper()}") or os.environ.get("SIPL_FAST_BACKEND")
     if backend is None or backend.strip().lower() in ("", "auto"):

@@ -1,0 +1,154 @@
+"""FastSIPL against the published loop (sipl_fast.restore) on the same model: fp32 within 1e-4,
+bf16 no worse than twice eager bf16 autocast; odd sizes, batches, iteration counts, plain PromptIR,
+tiling, checkpoints, bad input; CUDA-graph replay, shapes and cache eviction on a GPU."""
+import importlib
+import warnings
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from sipl_fast import FastSIPL, restore, save_model
+from sipl_fast.tiling import tiled
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def images(b, h, w, seed=0, device="cpu"):
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(dtype=torch.float32)
+
+
+@pytest.mark.parametrize("iterations", [0, 1, 2])
+@pytest.mark.parametrize("size", [(2, 19, 23), (1, 32, 16), (3, 9, 40)])
+def test_fp32_engine_equals_restore(model, iterations, size):
+    x = images(*size)
+    out = FastSIPL(model, dtype=torch.float32)(x, iterations)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert err(out, restore(model, x, iterations)) <= 1e-4
+
+
+def test_bf16_engine_error_is_that_of_autocast(model):
+    x = images(2, 24, 21)
+    ref = restore(model, x, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = restore(model, x, 2)
+    out = FastSIPL(model, dtype=torch.bfloat16)(x, 2)
+    assert out.dtype == torch.float32
+    assert 0 < err(out, ref) <= 2 * err(eager, ref)
+
+
+def test_plain_promptir_runs_its_single_pass():
+    plain = tiny_model(dtype=torch.float32, proxy_fusion=False)
+    x = images(2, 17, 16)
+    for iterations in (0, 2):
+        assert err(FastSIPL(plain, dtype=torch.float32)(x, iterations), restore(plain, x, iterations)) <= 1e-4
+
+
+def test_the_users_model_is_untouched():
+    model = tiny_model(dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cls = type(model)
+    fast = FastSIPL(model, dtype=torch.float32)
+    fast(images(1, 16, 16).double(), 1)
+    assert type(model) is cls and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert next(model.parameters()).dtype == torch.float64 and fast.model is not model
+
+
+def test_tiling_blends_the_tiles_of_the_published_loop(model):
+    x = images(1, 40, 56)
+    out = FastSIPL(model, dtype=torch.float32, tile=32, tile_overlap=8)(x, 1)
+    ref = tiled(lambda t: restore(model, t, 1), x, 32, 8)
+    assert out.shape == x.shape and err(out, ref) <= 1e-4
+    # a tile that covers the image is no tiling at all
+    assert err(FastSIPL(model, dtype=torch.float32, tile=64)(x, 1), restore(model, x, 1)) <= 1e-4
+
+
+def test_from_checkpoint(model, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_model(model, path)
+    fast = FastSIPL.from_checkpoint(path, device="cpu", dtype=torch.float32)
+    x = images(1, 16, 24)
+    assert err(fast(x, 1), restore(model, x, 1)) <= 1e-4
+
+
+def test_backend_is_applied_to_every_op(model, monkeypatch):
+    calls = []
+    for name in ("cosine_attention", "layer_norm2d"):
+        module = importlib.import_module(f"sipl_fast.ops.{name}")
+        torch_backend = module.BACKENDS["torch"]
+        monkeypatch.setitem(module.BACKENDS, "torch", type(torch_backend)(
+            "torch", lambda *a, _f=torch_backend.fn, _n=name: calls.append(_n) or _f(*a), torch_backend.why_not))
+    FastSIPL(model, dtype=torch.float32, backend="torch")(images(1, 16, 16), 1)
+    assert {"cosine_attention", "layer_norm2d"} <= set(calls)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dtype=torch.float64), "dtype must be one of"),
+    (dict(backend="fast"), "backend must be one of"),
+    (dict(tile=20), "tile must be a multiple of 16"),
+    (dict(tile=32, tile_overlap=32), "tile_overlap"),
+    (dict(max_graphs=0), "max_graphs"),
+])
+def test_bad_settings_are_value_errors(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FastSIPL(model, **kwargs)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda f: f(images(1, 16, 16), -1), "iterations"),
+    (lambda f: f(torch.rand(1, 4, 16, 16), 1), r"\(B, 3, H, W\)"),
+    (lambda f: f(torch.zeros(1, 3, 16, 16, dtype=torch.uint8), 1), "floating-point"),
+])
+def test_bad_input_is_a_value_error(model, call, match):
+    with pytest.raises(ValueError, match=match):
+        call(FastSIPL(model, dtype=torch.float32))
+
+
+# ------------------------------------------------------------------ GPU: CUDA graphs
+@needs_cuda
+def test_graph_replay_equals_eager_for_two_shapes_and_evicts():
+    model = tiny_model(dtype=torch.float32).cuda()
+    graphs = FastSIPL(model, dtype=torch.float32, max_graphs=1)
+    eager = FastSIPL(model, dtype=torch.float32, cuda_graphs=False)
+    for size in [(2, 40, 24), (1, 33, 17), (2, 40, 24)]:
+        for seed in (0, 1):  # new data through the same captured graph
+            x = images(*size, seed=seed, device="cuda")
+            out = graphs(x, 2)
+            assert err(out, eager(x, 2)) <= 1e-5
+            assert err(out, restore(model, x, 2)) <= 1e-4
+        assert len(graphs._graphs) == 1  # the other shape was evicted
+
+
+@needs_cuda
+def test_bf16_engine_on_the_gpu():
+    model = tiny_model(dtype=torch.float32).cuda()
+    x = images(2, 48, 40, device="cuda")
+    ref = restore(model, x, 2)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = restore(model, x, 2)
+    assert err(FastSIPL(model)(x, 2), ref) <= 2 * err(eager, ref)
+
+
+@needs_cuda
+def test_capture_failure_falls_back_to_eager(monkeypatch):
+    model = tiny_model(dtype=torch.float32).cuda()
+    fast = FastSIPL(model, dtype=torch.float32)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("capture refused")
+    monkeypatch.setattr(torch.cuda, "graph", broken)
+    x = images(1, 16, 16, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fast(x, 1)
+    assert any("capture failed" in str(w.message) for w in caught)
+    assert err(out, restore(model, x, 1)) <= 1e-4
