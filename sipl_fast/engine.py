@@ -133,15 +133,12 @@ class FastSIPL:
     def _run(self, img: torch.Tensor, iterations: int) -> torch.Tensor:
         """The loop on one padded batch: a replayed CUDA graph where possible, else eager."""
         key = (tuple(img.shape), img.dtype, iterations)
-        if not self.cuda_graphs or key in self._failed:
+        entry = None
+        if self.cuda_graphs and key not in self._failed:
+            entry = self._graphs.get(key) or self._capture(img, iterations, key)
+        if entry is None:
             with self._context():
                 return self._loop(img, iterations)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._capture(img, iterations, key)
-            if entry is None:
-                with self._context():
-                    return self._loop(img, iterations)
         self._graphs.move_to_end(key)
         graph, static_in, static_out = entry
         static_in.copy_(img)
@@ -176,7 +173,6 @@ class FastSIPL:
         """Restore ``lq`` (B, C, H, W), any H and W; the result of ``restore(model, lq, iterations)``."""
         _check_iterations(iterations)
         _check_images("FastSIPL", lq, self.model.config.inp_channels)
-        h, w = lq.shape[-2:]
         x = lq.to(self.device, torch.float32)
 
         def run(part: torch.Tensor) -> torch.Tensor:
@@ -184,4 +180,4 @@ class FastSIPL:
             return self._run(pad_to_multiple(part), iterations)[..., :ph, :pw]
 
         out = run(x) if self.tile is None else tiled(run, x, self.tile, self.tile_overlap)
-        return out[..., :h, :w].to(lq.device, lq.dtype)
+        return out.to(lq.device, lq.dtype)

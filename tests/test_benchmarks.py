@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from sipl_fast import ops
-
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -33,9 +31,8 @@ def load_script(name: str, monkeypatch):
 
 
 def test_cosine_attention_quick_cpu(tmp_path):
-    has_op = hasattr(ops, "cosine_attention")  # the script runs without it too: its backends say n/a
-    variants = "naive,sdpa,torch,triton,cuda" if has_op else "naive,sdpa,triton,cuda"
-    result = run_bench("cosine_attention.py", "--quick", "--device", "cpu", "--variants", variants, results=tmp_path)
+    result = run_bench("cosine_attention.py", "--quick", "--device", "cpu", "--variants", "naive,sdpa,torch,triton,cuda",
+                       results=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "cosine_attention_cpu.json").read_text())
     assert data["environment"]["device"] and data["environment"]["torch"]
@@ -60,8 +57,7 @@ def test_cosine_attention_quick_cpu(tmp_path):
         for name in ("torch", "triton"):
             if isinstance(row.get(f"{name} ms"), float):
                 assert row[f"{name} grad err"] < 1e-4, (name, row)
-    if has_op:  # the op's reference backend always runs
-        assert all(isinstance(r["torch ms"], float) for r in rows)
+    assert all(isinstance(r["torch ms"], float) for r in rows)  # the op's reference backend always runs
 
 
 def test_cosine_attention_no_backward_one_shape(tmp_path, monkeypatch):

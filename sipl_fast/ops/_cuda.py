@@ -113,6 +113,14 @@ def problem() -> str | None:
         return str(e)
 
 
+def _active_route() -> str:
+    """route(), or RuntimeError saying why no route can launch."""
+    name = route()
+    if name is None:
+        raise RuntimeError(f"sipl_fast CUDA kernels unavailable: {why_unavailable()}")
+    return name
+
+
 def why_unavailable() -> str:
     """One-line reason why route() is None ("" when a route is available)."""
     name, reason, _ = _get_state()
@@ -217,9 +225,7 @@ def layer_norm2d_fwd(x, weight32, bias32, eps, out) -> None:
     """
     if x.dtype not in _DTYPE_CODES:
         raise ValueError(f"layer_norm2d: unsupported dtype {x.dtype} (float32/float16/bfloat16)")
-    name = route()
-    if name is None:
-        raise RuntimeError(f"sipl_fast CUDA kernels unavailable: {why_unavailable()}")
+    name = _active_route()
     _LAUNCHERS[name](x, weight32, bias32, eps, out)
 
 
@@ -410,7 +416,5 @@ def cosine_attention_fwd(q, k, v, temperature32, out) -> None:
     p = _ca_prepare(q, k, v, temperature32, out)
     if p is None:
         return
-    name = route()
-    if name is None:
-        raise RuntimeError(f"sipl_fast CUDA kernels unavailable: {why_unavailable()}")
+    name = _active_route()
     _CA_LAUNCHERS[name](p)

@@ -441,7 +441,9 @@ _P_TOP = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 15.0}
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: small, so CPU tests exercise the split path too
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    from . import _cuda
+
+    return _cuda._sm_count(device)
 
 
 _SPLIT_ALIGN = 128  # keys per split: a multiple of every BLOCK_N
