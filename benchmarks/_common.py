@@ -85,3 +85,136 @@ def report(name: str, rows: List[dict], columns: List[str], env: Dict[str, str],
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ----------------------------------------------------------------------------- op benchmarks
+#: Variants of an op benchmark: the reference eager in fp32 and bf16, torch.compile of the
+#: reference in bf16, then each fast backend in bf16 (named "<backend>-bf16").
+BASE_VARIANTS = ("eager-fp32", "eager-bf16", "compile-bf16")
+
+
+class Case:
+    """One shape of one op: the callables to time and the bytes each must move at least.
+
+    ``variants``: name -> (dtype, fn); ``elements``: tensor elements read + written by the op
+    (GB/s = elements x the variant's element size / time); ``count``: calls per model pass.
+    """
+
+    def __init__(self, op: str, shape: str, elements: int, count: int, variants: Dict[str, tuple]):
+        self.op, self.shape, self.elements, self.count, self.variants = op, shape, elements, count, variants
+
+
+def op_variants(op: str, reference: Callable, args: tuple, wanted, device: torch.device, compiled: Callable) -> Dict[str, tuple]:
+    """Case.variants for ``sipl_fast.ops.<op>``: ``args`` are the fp32 arguments of ``reference``;
+    the bf16 variants get floating tensors cast to bf16. Fast backends that cannot run here
+    are left out."""
+    from sipl_fast import ops
+
+    low = tuple(a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    fn = getattr(ops, op)
+    table = {"eager-fp32": (torch.float32, lambda: reference(*args)),
+             "eager-bf16": (torch.bfloat16, lambda: reference(*low)),
+             "compile-bf16": (torch.bfloat16, lambda: compiled(*low))}
+    for name, info in ops.available_backends().items():
+        if name != "torch" and info["available"]:
+            table[f"{name}-bf16"] = (torch.bfloat16, lambda b=name: fn(*low, backend=b))
+    return {name: table[name] for name in table if name in wanted or (wanted == "all")}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """GB/s of a large device-to-device copy (read + write): what this device's memory moves."""
+    n = (256 << 20) if device.type == "cuda" else (8 << 20)
+    src = torch.empty(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / 1e9 / (time_ms(lambda: dst.copy_(src), device) / 1e3)
+
+
+def run_cases(cases: List[Case], device: torch.device, bandwidth: float) -> List[dict]:
+    """Time every variant of every case: ms, GB/s, % of ``bandwidth``, and speedups over
+    eager bf16 and over torch.compile (where those ran)."""
+    rows = []
+    for case in cases:
+        row = {"op": case.op, "shape": case.shape, "calls/pass": case.count}
+        for name, (dtype, fn) in case.variants.items():
+            ms = time_ms(fn, device)
+            gbs = case.elements * torch.finfo(dtype).bits / 8 / 1e9 / (ms / 1e3) if case.elements else None
+            row[f"{name} ms"] = ms
+            if gbs is not None:
+                row[f"{name} GB/s"] = gbs
+                row[f"{name} %bw"] = 100 * gbs / bandwidth
+        for name in case.variants:
+            for base in ("eager-bf16", "compile-bf16"):
+                if name not in BASE_VARIANTS and f"{base} ms" in row:
+                    row[f"{name} vs {base}"] = row[f"{base} ms"] / row[f"{name} ms"]
+        rows.append(row)
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+    return rows
+
+
+def report_cases(name: str, rows: List[dict], device: torch.device, bandwidth: float) -> None:
+    """``report`` with the columns the rows have, and a plot of speedups over eager bf16."""
+    columns = ["op", "shape", "calls/pass"]
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    env = {**environment(device), "copy bandwidth": f"{bandwidth:.0f} GB/s"}
+
+    def plot(plt):
+        names = [c[: -len(" vs eager-bf16")] for c in columns if c.endswith(" vs eager-bf16")]
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
+        width = 0.8 / max(1, len(names))
+        for i, n in enumerate(names):
+            ax.bar([j + i * width for j in range(len(rows))], [r.get(f"{n} vs eager-bf16", 0) for r in rows],
+                   width, label=n)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))])
+        ax.set_xticklabels([f"{r['op']}\n{r['shape']}" for r in rows], rotation=60, fontsize=7, ha="right")
+        ax.set_ylabel("speedup over eager bf16")
+        ax.set_title(f"{name}, {env['device']}")
+        if names:
+            ax.legend()
+        return fig
+
+    report(name, rows, columns, env, plot)
+
+
+def add_shape_flags(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="small shapes (the default on a CPU)")
+    group.add_argument("--headline", action="store_true", help="only the first (target) shape of each op")
+
+
+def shape_set(args, device: torch.device) -> str:
+    """"quick", "headline" or "all" from the flags of ``add_shape_flags``."""
+    return "quick" if args.quick or device.type == "cpu" else "headline" if args.headline else "all"
+
+
+def pick_shapes(shapes: list, quick: list, which: str) -> list:
+    return quick if which == "quick" else shapes[:1] if which == "headline" else shapes
+
+
+def setup(parser):
+    """Adds ``--variants`` and the shape flags, parses, and measures the copy bandwidth:
+    (args, device, wanted variants or "all", "quick" | "headline" | "all", GB/s). Quick runs
+    leave torch.compile out unless ``--variants`` names it."""
+    parser.add_argument("--variants", default="all", help="comma-separated, e.g. eager-bf16,compile-bf16,triton-bf16")
+    add_shape_flags(parser)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    which = shape_set(args, device)
+    if args.variants != "all":
+        wanted = args.variants.split(",")
+    elif which == "quick":  # compiling takes longer than the quick run itself: only when named
+        wanted = ["eager-fp32", "eager-bf16", "triton-bf16", "cuda-bf16", "auto-bf16"]
+    else:
+        wanted = "all"
+    return args, device, wanted, which, copy_bandwidth(device)
+
+
+def op_main(op: str, module, doc: str) -> None:
+    """Command line of a one-op benchmark script (``module`` has SHAPES, QUICK and cases)."""
+    import argparse
+
+    _, device, wanted, which, bandwidth = setup(argparse.ArgumentParser(description=doc.splitlines()[0]))
+    rows = run_cases(list(module.cases(device, wanted, pick_shapes(module.SHAPES, module.QUICK, which))), device,
+                     bandwidth)
+    report_cases(f"{op}_{device.type}" + ("" if which == "all" else f"_{which}"), rows, device, bandwidth)

@@ -16,8 +16,11 @@ export SIPL_FAST_CUDA_ARCH_LIST=${SIPL_FAST_CUDA_ARCH_LIST:-90a} SIPL_FAST_REQUI
 export SIPL_FAST_NVCC_THREADS=${SIPL_FAST_NVCC_THREADS:-8} SIPL_FAST_BENCH_RESULTS="$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts import sipl_fast even where the editable hook does not
 TESTS=("$@")
-[ ${#TESTS[@]} -eq 0 ] && TESTS=(tests/test_cosine_attention.py tests/test_layer_norm2d.py tests/test_engine.py)
-BENCHMARKS=${BENCHMARKS:-"cosine_attention|--variants naive,sdpa,triton,triton-online,cuda --backward-shapes 0,2;layer_norm2d|;fast_sipl|--sizes 256,256b4,512,1024,2048 --variants eager-fp32,eager-bf16,fast-fp32,fast-bf16,fast-bf16-eager"}
+[ ${#TESTS[@]} -eq 0 ] && TESTS=(tests/test_gated_dwconv_gelu.py tests/test_channel_attention.py tests/test_layer_norm2d.py
+                                  tests/test_cosine_attention.py tests/test_engine.py)
+# backbone: first the target shapes with torch.compile, then every shape without it (compiling
+# each shape takes seconds)
+BENCHMARKS=${BENCHMARKS:-"backbone|--headline;backbone|--variants eager-fp32,eager-bf16,triton-bf16,cuda-bf16,auto-bf16;cosine_attention|--variants naive,sdpa,triton,triton-online,cuda --backward-shapes 0,2;fast_sipl|--sizes 256,256b4,512,1024,2048 --variants eager-fp32,eager-bf16,fast-fp32,fast-bf16,fast-bf16-eager"}
 
 stage() { echo "=== $1 ($(date -u +%H:%M:%S), ${SECONDS}s in)" | tee -a "$LOG"; }
 {

@@ -70,6 +70,17 @@ void cosine_attention_kinv_bf16(const void*, float*, int, int, int, long long, l
 void cosine_attention_combine_f32(const float*, const float*, void*, int, int, int, long long);
 void cosine_attention_combine_f16(const float*, const float*, void*, int, int, int, long long);
 void cosine_attention_combine_bf16(const float*, const float*, void*, int, int, int, long long);
+
+// kernels/gated_dwconv_gelu.cu: (x, weight, bias, out, B, h, H, W, dual).
+#define SIPL_GDG_DECL(NAME, T) \
+  void NAME(const T*, const float*, const float*, T*, long long, long long, long long, long long, int);
+SIPL_GDG_DECL(gated_dwconv_gelu_nchw_f32, float)
+SIPL_GDG_DECL(gated_dwconv_gelu_nchw_f16, unsigned short)
+SIPL_GDG_DECL(gated_dwconv_gelu_nchw_bf16, unsigned short)
+SIPL_GDG_DECL(gated_dwconv_gelu_nhwc_f32, float)
+SIPL_GDG_DECL(gated_dwconv_gelu_nhwc_f16, unsigned short)
+SIPL_GDG_DECL(gated_dwconv_gelu_nhwc_bf16, unsigned short)
+#undef SIPL_GDG_DECL
 }
 
 namespace {
@@ -313,6 +324,92 @@ PyObject* cosine_attention_fwd(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// ------------------------------------------------------------ gated dwconv + gelu
+// Geometry of kernels/gated_dwconv_gelu.cu (sipl::gdg), mirrored by
+// sipl_fast/ops/_cuda.py (_GDG_*); tests/test_cuda_build.py checks they agree.
+// Blocks are (32, 8) threads; the 1-D grid has one block per work item (capped
+// at 2^31-1: the kernels loop over work items with a grid stride). A work item
+// is an NCHW tile of 32 x 16 output pixels of one (b, c) plane, or an NHWC
+// tile of 8 x 8 pixels x 32 output channels.
+constexpr unsigned kGdgThreadsX = 32;
+constexpr unsigned kGdgThreadsY = 8;
+constexpr long long kGdgNchwTileW = 32;
+constexpr long long kGdgNchwTileH = 16;
+constexpr long long kGdgNhwcTileW = 8;
+constexpr long long kGdgNhwcTileH = 8;
+constexpr long long kGdgNhwcChunk = 32;
+constexpr long long kGdgMaxGrid = 0x7fffffffLL;
+
+PyObject* gated_dwconv_gelu_fwd(PyObject*, PyObject* args) {
+  int code, layout, dual;
+  uintptr_t x, w, b, y, stream;
+  long long B, h, H, W;
+  if (!PyArg_ParseTuple(args, "iiiO&O&O&O&LLLLO&:gated_dwconv_gelu_fwd", &code, &layout, &dual,
+                        to_pointer, &x, to_pointer, &w, to_pointer, &b, to_pointer, &y, &B, &h, &H,
+                        &W, to_pointer, &stream))
+    return nullptr;
+  if (code < 0 || code > 2) {
+    PyErr_Format(PyExc_ValueError,
+                 "gated_dwconv_gelu_fwd: bad dtype code %d (0=f32, 1=f16, 2=bf16)", code);
+    return nullptr;
+  }
+  if (layout < 0 || layout > 1) {
+    PyErr_Format(PyExc_ValueError, "gated_dwconv_gelu_fwd: bad layout %d (0=nchw, 1=nhwc)", layout);
+    return nullptr;
+  }
+  if (dual < 0 || dual > 1) {
+    PyErr_Format(PyExc_ValueError, "gated_dwconv_gelu_fwd: bad mode dual=%d (0=gdfn, 1=dual)", dual);
+    return nullptr;
+  }
+  // x has B*2h*H*W elements; that count must fit in int64 (the kernels' offsets).
+  if (B < 1 || h < 1 || H < 1 || W < 1 || H > 0x7fffffffLL || W > 0x7fffffffLL ||
+      B > INT64_MAX / 2 / h / H / W) {
+    PyErr_Format(PyExc_ValueError,
+                 "gated_dwconv_gelu_fwd: bad sizes B=%lld h=%lld H=%lld W=%lld (expected B, h, H, W "
+                 ">= 1, H and W < 2^31, B*2h*H*W < 2^63)",
+                 B, h, H, W);
+    return nullptr;
+  }
+  static const void* const kernels[2][3] = {
+      {reinterpret_cast<const void*>(&gated_dwconv_gelu_nchw_f32),
+       reinterpret_cast<const void*>(&gated_dwconv_gelu_nchw_f16),
+       reinterpret_cast<const void*>(&gated_dwconv_gelu_nchw_bf16)},
+      {reinterpret_cast<const void*>(&gated_dwconv_gelu_nhwc_f32),
+       reinterpret_cast<const void*>(&gated_dwconv_gelu_nhwc_f16),
+       reinterpret_cast<const void*>(&gated_dwconv_gelu_nhwc_bf16)}};
+
+  // Work items (each tile holds >= 1 output, so this cannot exceed B*h*H*W).
+  long long work;
+  if (layout == 0) {
+    work = B * h * ((W + kGdgNchwTileW - 1) / kGdgNchwTileW) *
+           ((H + kGdgNchwTileH - 1) / kGdgNchwTileH);
+  } else {
+    work = B * ((W + kGdgNhwcTileW - 1) / kGdgNhwcTileW) *
+           ((H + kGdgNhwcTileH - 1) / kGdgNhwcTileH) * ((h + kGdgNhwcChunk - 1) / kGdgNhwcChunk);
+  }
+  const long long blocks = work < kGdgMaxGrid ? work : kGdgMaxGrid;
+
+  const void* xp = reinterpret_cast<const void*>(x);
+  const float* wp = reinterpret_cast<const float*>(w);
+  const float* bp = reinterpret_cast<const float*>(b);  // null: no bias
+  void* yp = reinterpret_cast<void*>(y);
+  void* kargs[] = {&xp, &wp, &bp, &yp, &B, &h, &H, &W, &dual};
+
+  cudaError_t err;
+  Py_BEGIN_ALLOW_THREADS
+  err = cudaLaunchKernel(kernels[layout][code], dim3(static_cast<unsigned>(blocks)),
+                         dim3(kGdgThreadsX, kGdgThreadsY), kargs, 0,
+                         reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) cudaGetLastError();  // clear this runtime's error state
+  Py_END_ALLOW_THREADS
+  if (err != cudaSuccess) {
+    PyErr_Format(PyExc_RuntimeError, "gated_dwconv_gelu_fwd: CUDA launch failed: %s (%s)",
+                 cudaGetErrorString(err), cudaGetErrorName(err));
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 // None when this build's (static) CUDA runtime can run here, else why not: no
 // driver, or a driver of an older CUDA major version than the runtime.
 PyObject* runtime_problem(PyObject*, PyObject*) {
@@ -347,6 +444,12 @@ PyMethodDef methods[] = {
      "attention (grid ceil(Nq/BM) x n_split x B*H), then the split combine when n_split > 1\n"
      "(ws_o: B*H*n_split*Nq*D fp32, ws_ml: B*H*n_split*Nq*2 fp32). dtype_code: 0=f32, 1=f16, 2=bf16;\n"
      "dp: padded head dim (f16/bf16: 32,64,96,128,192,256,384,512 bucket of D; f32: 64*ceil(D/64))."},
+    {"gated_dwconv_gelu_fwd", gated_dwconv_gelu_fwd, METH_VARARGS,
+     "gated_dwconv_gelu_fwd(dtype_code, layout, dual, x, w32, b32, out, B, h, H, W, stream) -> None\n"
+     "Depthwise 3x3 conv (zero padding 1) of x (B, 2h, H, W) + GELU gate into out (B, h, H, W), on\n"
+     "`stream` (no sync). dtype_code: 0=f32, 1=f16, 2=bf16; layout: 0=NCHW, 1=NHWC (channels-last;\n"
+     "x and out alike); dual: 0 -> gelu(y1)*y2, 1 -> gelu(y2)*y1 + gelu(y1)*y2. w32: fp32 (2h*9),\n"
+     "b32: fp32 (2h,) or 0 for no bias."},
     {"runtime_problem", runtime_problem, METH_NOARGS,
      "runtime_problem() -> str | None: why this build cannot run on this machine, or None."},
     {"cuda_arch_list", cuda_arch_list, METH_NOARGS,

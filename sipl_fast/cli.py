@@ -24,6 +24,7 @@ from . import __version__
 from .checkpoint import infer_config, load_default, load_model, read_state_dict, save_model
 from .images import Image, ImageError, is_image_path, read_image, write_image
 from .distributed import Ranks
+from .engine import FastSIPL
 from .loops import refinements
 from .metrics import PROTOCOLS, psnr, psnr_ssim
 from .tiling import tiled
@@ -51,13 +52,17 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def precision_context(precision: str, device: torch.device):
-    """Autocast for bf16/fp16 (the published code's reduced-precision mode), nothing for fp32."""
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """--precision as a dtype: auto is bf16 on GPUs that support it, else fp32."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[precision])
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def precision_context(precision: str, device: torch.device):
+    """Autocast for bf16/fp16 (the published code's reduced-precision mode), nothing for fp32."""
+    dtype = precision_dtype(precision, device)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def to_model(pixels: np.ndarray, channels: int, device) -> torch.Tensor:
@@ -77,8 +82,10 @@ def from_model(y: torch.Tensor, channels: int) -> np.ndarray:
     return y[0].permute(1, 2, 0).float().cpu().numpy()
 
 
-def restore_pixels(model, pixels: np.ndarray, iterations: Sequence[int], args, log=print) -> List[np.ndarray]:
-    """Restore (H, W, C) pixels after each count in ``iterations``, from one loop (``refinements``).
+def restore_pixels(model, pixels: np.ndarray, iterations: Sequence[int], args, log=print,
+                   fast: Optional[FastSIPL] = None) -> List[np.ndarray]:
+    """Restore (H, W, C) pixels after each count in ``iterations``, from one loop (``refinements``),
+    or with ``fast``, a FastSIPL of ``model`` (one count in ``iterations``; its own precision).
 
     On CUDA out-of-memory retry in smaller tiles, saying so. ``args`` carries
     --precision, --tile and --tile-overlap.
@@ -87,13 +94,15 @@ def restore_pixels(model, pixels: np.ndarray, iterations: Sequence[int], args, l
     x = to_model(pixels, model.config.inp_channels, device)
 
     def run(t: torch.Tensor) -> torch.Tensor:  # the asked-for results side by side on the channel axis
+        if fast is not None:
+            return fast(t, iterations[0])
         outs = list(refinements(model, t, max(iterations)))
         return torch.cat([outs[min(k, len(outs) - 1)] for k in iterations], dim=1)  # plain PromptIR: one pass
 
     tiles = [args.tile] if args.tile else [0, *(t for t in OOM_TILES if t < max(pixels.shape[:2]))]
     for i, tile in enumerate(tiles):
         try:
-            with precision_context(args.precision, device):
+            with precision_context("fp32" if fast is not None else args.precision, device):
                 y = tiled(run, x, tile, min(args.tile_overlap, tile // 2)) if tile else run(x)
             return [from_model(part, pixels.shape[2]) for part in y.chunk(len(iterations), dim=1)]
         except torch.cuda.OutOfMemoryError:
@@ -159,6 +168,7 @@ def cmd_restore(args) -> int:
     try:
         device = pick_device(args.device, ranks.local_rank)
         model = load_model(args.weights, device=device)
+        fast = FastSIPL(model, dtype=precision_dtype(args.precision, device)) if args.engine == "fast" else None
         inputs, ignored = collect_inputs(Path(args.input))
         out_dir = Path(args.output)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +187,7 @@ def cmd_restore(args) -> int:
                 continue
             try:
                 image = read_image(src)
-                [pixels] = restore_pixels(model, image.pixels, [args.iterations], args, log=say)
+                [pixels] = restore_pixels(model, image.pixels, [args.iterations], args, log=say, fast=fast)
                 write_image(dst, Image(pixels, image.alpha, image.bit_depth))
                 done += 1
             except Exception as e:  # one bad image must not stop the others
@@ -400,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder (created if missing)")
     model_options(r)
     r.add_argument("--iterations", type=int, default=2, help="SIPL iterations; 0 = one dictionary-only pass (default 2)")
+    r.add_argument("--engine", choices=["reference", "fast"], default="reference",
+                   help="reference: the published loop; fast: sipl_fast.FastSIPL (encoder reuse, fused kernels, "
+                        "CUDA graphs; the same results to float rounding) (default reference)")
     r.add_argument("--suffix", default="_sipl", help="added to output file names (default _sipl)")
     r.add_argument("--ext", choices=["auto", *EXTENSIONS], default="auto", help="output format; auto keeps the input's (default)")
     r.add_argument("--skip-existing", action="store_true", help="leave images whose output exists")

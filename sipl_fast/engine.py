@@ -6,6 +6,11 @@ returns. Every change is an exact rewrite of the published computation:
 - **the encoder once per iteration**: the published loop runs ``net(img)`` and then
   ``net(img, privileged=F)``, two encoder passes over the same image; here one encoder pass
   feeds both decoders (the 2-iteration loop at 512x512 drops from 7.18 to 6.37 TFLOP);
+- **LayerNorm affine folded**: where a LayerNorm feeds only a 1x1 convolution (``qkv`` and
+  ``project_in`` of every block, the cross blocks' ``kv``), its per-channel scale and shift
+  move into that convolution's weight and bias, once;
+- **MDTA's output projection folded**: ``project_out`` (a 1x1 convolution) times the
+  block-diagonal attention maps is one matrix per image, applied to v in one product;
 - **dictionary keys/values once**: in the dictionary-only pass, Proxy Fusion attends to the
   learned dictionaries, so the key/value side of ``cross_p1..3`` (LayerNorm, 1x1 and depthwise
   convolutions of the dictionary) depends on the weights alone: computed at construction;
@@ -28,20 +33,47 @@ import contextlib
 import copy
 import warnings
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
+import torch.nn as nn
 
 from . import ops
 from .checkpoint import load_model
 from .loops import _check_images, _check_iterations, pad_to_multiple
-from .model import SIPL
+from .model import SIPL, Attention, CrossBlock, LayerNorm, TransformerBlock
 from .tiling import tiled
 
 __all__ = ["FastSIPL"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+class _EngineAttention(Attention):
+    """MDTA with ``project_out`` folded into the attention product (``ops.channel_attention``'s
+    ``proj_weight``): the merged heads never reach memory."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        q, k, v = (t.reshape(b, self.num_heads, -1, h * w) for t in self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1))
+        out = ops.channel_attention(q, k, v, self.temperature, self.project_out.weight, self.project_out.bias)
+        return out.view(b, -1, h, w)
+
+
+def _fold_norm_affine(norm: LayerNorm, conv: nn.Conv2d) -> None:
+    """``conv(LN(x))`` with LN's per-channel affine moved into the 1x1 ``conv``:
+    ``W (w * xhat + b) + c = (W diag(w)) xhat + (W b + c)``, computed in float64; LN keeps
+    weight 1, bias 0."""
+    w, b = (p.detach().double() for p in (norm.body.weight, norm.body.bias))
+    weight = conv.weight.detach().double()
+    bias = weight[:, :, 0, 0] @ b
+    if conv.bias is not None:
+        bias += conv.bias.detach().double()
+    conv.weight = nn.Parameter((weight * w.view(1, -1, 1, 1)).to(conv.weight.dtype), requires_grad=False)
+    conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+    norm.body.weight.fill_(1.0)
+    norm.body.bias.zero_()
 
 
 class _EngineSIPL(SIPL):
@@ -62,19 +94,26 @@ class FastSIPL:
 
     ``model`` is copied, not changed. ``dtype``: torch.bfloat16 (default), torch.float16 or
     torch.float32; ``backend``: "auto" or one of "torch", "triton", "cuda" for every op;
+    or ``{op: backend}`` for some ops (see ``sipl_fast.ops.OPS``; the others choose automatically);
     ``cuda_graphs``: capture and replay on a GPU; ``max_graphs``: graphs kept (least recently
     used dropped); ``tile``/``tile_overlap``: tiled restoration in pixels (None: whole image).
     """
 
-    def __init__(self, model: SIPL, dtype: torch.dtype = torch.bfloat16, backend: str = "auto",
+    def __init__(self, model: SIPL, dtype: torch.dtype = torch.bfloat16, backend: Union[str, Mapping[str, str]] = "auto",
                  cuda_graphs: bool = True, max_graphs: int = 4, tile: Optional[int] = None,
                  tile_overlap: int = 32):
         if not isinstance(model, SIPL):
             raise ValueError(f"FastSIPL: expected a sipl_fast.SIPL model, got {type(model).__name__}")
         if dtype not in DTYPES:
             raise ValueError(f"FastSIPL: dtype must be one of {DTYPES}, got {dtype}")
-        if backend not in BACKENDS:
-            raise ValueError(f"FastSIPL: backend must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(backend, Mapping):
+            bad = {op: name for op, name in backend.items() if op not in ops.OPS or name not in BACKENDS}
+            if bad:
+                raise ValueError(f"FastSIPL: a backend mapping takes ops {ops.OPS} to one of {BACKENDS}, got {bad}")
+            backend = dict(backend)
+        elif backend not in BACKENDS:
+            raise ValueError(f"FastSIPL: backend must be one of {BACKENDS} or a mapping {{op: backend}}, "
+                             f"got {backend!r}")
         if tile is not None and (tile < 16 or tile % 16 or not 0 <= tile_overlap < tile):
             raise ValueError(f"FastSIPL: tile must be a multiple of 16 and tile_overlap in [0, tile), "
                              f"got tile={tile}, tile_overlap={tile_overlap}")
@@ -89,6 +128,16 @@ class FastSIPL:
         if param.dtype != torch.float32:  # weights in fp32; autocast provides the reduced precision
             net.float()
         net.__class__ = _EngineSIPL
+        with torch.no_grad():
+            for module in net.modules():
+                if isinstance(module, TransformerBlock):
+                    _fold_norm_affine(module.norm1, module.attn.qkv)
+                if isinstance(module, CrossBlock):
+                    _fold_norm_affine(module.norm12, module.attn.kv)  # norm11's output is also the residual
+                if isinstance(module, (TransformerBlock, CrossBlock)):
+                    _fold_norm_affine(module.norm2, module.ffn.project_in)
+                if type(module) is Attention:
+                    module.__class__ = _EngineAttention
         net.dictionary_kv = {}
         if net.config.proxy_fusion:
             with self._context():

@@ -128,11 +128,8 @@ class FeedForward(nn.Module):
         self.dual_gate = dual_gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
-        if self.dual_gate:
-            x = F.gelu(x2) * x1 + F.gelu(x1) * x2
-        else:
-            x = F.gelu(x1) * x2
+        x = self.project_in(x)  # then dwconv, chunk into x1, x2 and gate, in one op
+        x = ops.gated_dwconv_gelu(x, self.dwconv.weight, "dual" if self.dual_gate else "gdfn", self.dwconv.bias)
         return self.project_out(x)
 
 
@@ -151,7 +148,7 @@ class Attention(nn.Module):
         h, w = x.shape[-2:]
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
         q, k, v = (rearrange(t, "b (head c) h w -> b head c (h w)", head=self.num_heads) for t in (q, k, v))
-        out = ops.cosine_attention_torch(q, k, v, self.temperature)  # tokens: channels, D = H*W
+        out = ops.channel_attention(q, k, v, self.temperature)  # tokens: channels, D = H*W
         out = rearrange(out, "b head c (h w) -> b (head c) h w", head=self.num_heads, h=h, w=w)
         return self.project_out(out)
 

@@ -91,3 +91,26 @@ def test_fast_sipl_smoke(tmp_path):
     rows = json.loads((tmp_path / "fast_sipl_quick_cpu.json").read_text())["rows"]
     assert [r["size"] for r in rows] == ["1x16x16", "2x24x16"]
     assert all(isinstance(r["fast-fp32 ms"], float) and r["fast-fp32 speedup"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("script", ["layer_norm2d", "channel_attention", "gated_dwconv_gelu"])
+def test_op_scripts_quick_cpu(script, tmp_path):
+    """Each one-op script: the quick shapes, eager fp32 and bf16, GB/s against the copy bandwidth."""
+    proc = run_bench(f"{script}.py", "--variants", "eager-fp32,eager-bf16", results=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / f"{script}_cpu_quick.json").read_text())
+    assert data["environment"]["copy bandwidth"].endswith("GB/s") and len(data["rows"]) == 2
+    for row in data["rows"]:
+        assert row["op"] == script and row["eager-fp32 ms"] > 0 and 0 < row["eager-bf16 %bw"] < 1000
+
+
+def test_backbone_quick_cpu(tmp_path):
+    """One run: every op section and the block, with the automatic fast block (torch on a CPU)."""
+    proc = run_bench("backbone.py", "--variants", "eager-fp32,auto-bf16", results=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "backbone_cpu_quick.json").read_text())["rows"]
+    assert [r["op"] for r in rows] == ["layer_norm2d"] * 2 + ["channel_attention"] * 2 + ["gated_dwconv_gelu"] * 2 + [
+        "transformer_block"]
+    block = rows[-1]
+    assert block["eager-fp32 ms"] > 0 and block["auto-bf16 ms"] > 0 and "auto-bf16 vs eager-bf16" not in block
+    assert (tmp_path / "backbone_cpu_quick.md").read_text().count("transformer_block") == 1

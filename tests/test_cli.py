@@ -175,7 +175,7 @@ def test_bench_quick_prints_its_tables(tmp_path):
     result = console("bench", "--quick", env={"SIPL_FAST_BENCH_RESULTS": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| shape |" in result.stdout
-    assert (tmp_path / "layer_norm2d_cpu.json").is_file()
+    assert (tmp_path / "layer_norm2d_cpu_quick.json").is_file() and (tmp_path / "backbone_cpu_quick.json").is_file()
 
 
 def test_torchrun_shards_the_inputs_and_matches_one_process(weights, photos, tmp_path):
@@ -191,6 +191,18 @@ def test_torchrun_shards_the_inputs_and_matches_one_process(weights, photos, tmp
     assert sorted(p.name for p in multi.iterdir()) == sorted(p.name for p in single.iterdir())
     for p in single.iterdir():
         assert (multi / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_fast_engine_writes_what_the_reference_writes(weights, photos, tmp_path):
+    ref, fast = tmp_path / "ref", tmp_path / "fast"
+    for engine, out in (("reference", ref), ("fast", fast)):
+        proc = console("restore", "-i", photos, "-o", out, "--weights", weights, "--engine", engine, "--precision", "fp32")
+        assert proc.returncode == 1 and "corrupt.png" in proc.stderr  # the corrupt file fails, the others go on
+    names = sorted(p.name for p in ref.iterdir())
+    assert names == sorted(p.name for p in fast.iterdir()) and len(names) == 4
+    for name in names:  # 8- and 16-bit files: at most one level apart (rounding of values ~1e-6 apart)
+        a, b = read_image(ref / name), read_image(fast / name)
+        assert np.abs(a.pixels - b.pixels).max() <= 1.0 / (2 ** a.bit_depth - 1) + 1e-6
 
 
 def test_out_of_memory_retries_in_tiles(monkeypatch):

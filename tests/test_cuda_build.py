@@ -29,6 +29,7 @@ EXPECTED_KERNELS = {
         + [f"cosine_attention_fwd_f32_d{64 * n}" for n in range(1, 9)]
         + [f"cosine_attention_{kind}_{t}" for kind in ("kinv", "combine") for t in ("f32", "f16", "bf16")]
     ),
+    "gated_dwconv_gelu.cu": [f"gated_dwconv_gelu_{lay}_{t}" for lay in ("nchw", "nhwc") for t in ("f32", "f16", "bf16")],
 }
 
 
@@ -230,6 +231,98 @@ def test_cosine_attention_validates_without_gpu():
         _cuda.cosine_attention_fwd(q, q[:, :1], q, t, torch.empty_like(q))
 
 
+def _gdg_args(code=0, layout=0, dual=0, sizes=(1, 2, 3, 4)):
+    # (code, layout, dual, x, w, b, out, B, h, H, W, stream)
+    return (code, layout, dual, 0, 0, 0, 0, *sizes, 0)
+
+
+@needs_ext
+def test_extension_gated_dwconv_gelu_validates():
+    from sipl_fast import _C
+
+    with pytest.raises(ValueError, match="dtype code"):
+        _C.gated_dwconv_gelu_fwd(*_gdg_args(code=3))
+    with pytest.raises(ValueError, match="layout"):
+        _C.gated_dwconv_gelu_fwd(*_gdg_args(layout=2))
+    with pytest.raises(ValueError, match="dual"):
+        _C.gated_dwconv_gelu_fwd(*_gdg_args(dual=2))
+    for sizes in ((0, 2, 3, 4), (1, 0, 3, 4), (1, 2, 0, 4), (1, 2, 3, -1), (1, 2, 2**31, 4),
+                  (2**40, 2**10, 2**10, 2**10)):
+        with pytest.raises(ValueError, match="sizes"):
+            _C.gated_dwconv_gelu_fwd(*_gdg_args(sizes=sizes))
+    with pytest.raises(OverflowError):
+        _C.gated_dwconv_gelu_fwd(*_gdg_args()[:3], -1, *_gdg_args()[4:])
+    with pytest.raises(TypeError):
+        _C.gated_dwconv_gelu_fwd(*_gdg_args()[:-1])
+
+
+def test_gated_dwconv_gelu_geometry_matches_sources():
+    """_cuda's block / tile geometry is the one of the kernels and of the extension."""
+    from sipl_fast.ops import _cuda
+
+    cu = (KERNEL_DIR / "gated_dwconv_gelu.cu").read_text()
+    cpp = (ROOT / "csrc" / "sipl_fast_ext.cpp").read_text()
+
+    def const(src, name):
+        values = re.findall(rf"constexpr\s+(?:unsigned|int|long long)\s+{name}\s*=\s*(\d+)\s*;", src)
+        assert len(values) == 1, f"{name}: {values}"
+        return int(values[0])
+
+    expected = {"ThreadsX": _cuda._GDG_BLOCK[0], "ThreadsY": _cuda._GDG_BLOCK[1],
+                "NchwTileW": _cuda._GDG_NCHW_TILE[0], "NchwTileH": _cuda._GDG_NCHW_TILE[1],
+                "NhwcTileW": _cuda._GDG_NHWC_TILE[0], "NhwcTileH": _cuda._GDG_NHWC_TILE[1],
+                "NhwcChunk": _cuda._GDG_NHWC_TILE[2]}
+    for key, value in expected.items():
+        assert const(cu, f"k{key}") == value, key
+        assert const(cpp, f"kGdg{key}") == value, key
+    assert re.search(r"kGdgMaxGrid\s*=\s*0x7fffffffLL", cpp) and _cuda._GDG_MAX_GRID == 0x7FFFFFFF
+    assert _cuda._KERNEL_FILES["gated_dwconv_gelu.cu"] == tuple(EXPECTED_KERNELS["gated_dwconv_gelu.cu"])
+    # one block per work item; every output lies in exactly one item
+    assert _cuda._gdg_blocks(0, 2, 3, 17, 33) == 2 * 3 * 2 * 2
+    assert _cuda._gdg_blocks(1, 2, 33, 17, 9) == 2 * 3 * 2 * 2
+    assert _cuda._gdg_blocks(0, 1, 1, 1, 1) == _cuda._gdg_blocks(1, 1, 1, 1, 1) == 1
+    assert _cuda._gdg_blocks(0, 65536, 4096, 64, 64) == 2**31 - 1  # capped: the kernels grid-stride
+
+
+def test_gated_dwconv_gelu_validates_without_gpu():
+    from sipl_fast.ops import _cuda
+
+    x = torch.zeros(2, 6, 5, 7)
+    w = torch.ones(6, 1, 3, 3)
+    b = torch.zeros(6)
+    out = torch.empty(2, 3, 5, 7)
+    fwd = _cuda.gated_dwconv_gelu_fwd
+    with pytest.raises(ValueError, match="dtype"):
+        fwd(x.double(), w, b, False, out.double())
+    with pytest.raises(ValueError, match="4-D"):
+        fwd(x[0], w, b, False, out[0])
+    with pytest.raises(ValueError, match="even"):
+        fwd(x[:, :5], w[:5], b[:5], False, out)
+    with pytest.raises(ValueError, match="shape"):
+        fwd(x, w, b, False, out[:, :2])
+    with pytest.raises(ValueError, match="shape"):
+        fwd(x, w, b, True, out.half())
+    with pytest.raises(ValueError, match="weight32"):
+        fwd(x, w[:3], b, False, out)
+    with pytest.raises(ValueError, match="weight32"):
+        fwd(x, w.double(), b, False, out)
+    with pytest.raises(ValueError, match="bias32"):
+        fwd(x, w, b[:3], False, out)
+    with pytest.raises(ValueError, match="dual"):
+        fwd(x, w, b, 2, out)
+    with pytest.raises(ValueError, match="channels-last"):
+        fwd(x.transpose(2, 3).contiguous().transpose(2, 3), w, b, False, out)
+    with pytest.raises(ValueError, match="out must be NCHW"):
+        fwd(x, w, b, False, out.contiguous(memory_format=torch.channels_last))
+    with pytest.raises(ValueError, match="out must be channels-last"):
+        fwd(x.contiguous(memory_format=torch.channels_last), w, None, False, out)
+    with pytest.raises(ValueError, match="CUDA"):
+        fwd(x, w, b, False, out)
+    with pytest.raises(ValueError, match="CUDA"):
+        fwd(x.contiguous(memory_format=torch.channels_last), w, None, True,
+            out.contiguous(memory_format=torch.channels_last))
+
+
 def _cuda_driver_present():
     for name in ("libcuda.so.1", "libcuda.so"):
         try:
@@ -248,6 +341,9 @@ def test_extension_launch_error_is_runtime_error():
 
     with pytest.raises(RuntimeError, match="CUDA launch failed"):
         _C.layer_norm2d_fwd(0, 0, 0, 0, 0, 1, 1, 1, 1e-6, 0)
+    for layout in (0, 1):
+        with pytest.raises(RuntimeError, match="CUDA launch failed"):
+            _C.gated_dwconv_gelu_fwd(*_gdg_args(layout=layout))
 
 
 @needs_ext
@@ -264,7 +360,7 @@ def test_extension_is_torch_and_cudart_independent():
                           check=True).stdout
     exported = [line.split()[-1] for line in syms.splitlines() if " UND " not in line and "GLOBAL" in line]
     assert "PyInit__C" in exported
-    assert {"layer_norm2d_fwd", "cosine_attention_fwd", "runtime_problem"} <= set(dir(_C))
+    assert {"layer_norm2d_fwd", "cosine_attention_fwd", "gated_dwconv_gelu_fwd", "runtime_problem"} <= set(dir(_C))
     assert not [s for s in exported if s.startswith(("cuda", "__cuda"))], "static cudart symbols leak"
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from sipl_fast import FastSIPL, restore, save_model
+from sipl_fast import FastSIPL, ops, restore, save_model
 from sipl_fast.tiling import tiled
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -82,18 +82,40 @@ def test_from_checkpoint(model, tmp_path):
 
 def test_backend_is_applied_to_every_op(model, monkeypatch):
     calls = []
-    for name in ("cosine_attention", "layer_norm2d"):
+    for name in ops.OPS:
         module = importlib.import_module(f"sipl_fast.ops.{name}")
         torch_backend = module.BACKENDS["torch"]
         monkeypatch.setitem(module.BACKENDS, "torch", type(torch_backend)(
             "torch", lambda *a, _f=torch_backend.fn, _n=name: calls.append(_n) or _f(*a), torch_backend.why_not))
     FastSIPL(model, dtype=torch.float32, backend="torch")(images(1, 16, 16), 1)
-    assert {"cosine_attention", "layer_norm2d"} <= set(calls)
+    assert set(ops.OPS) <= set(calls)
+    calls.clear()
+    FastSIPL(model, dtype=torch.float32, backend={"layer_norm2d": "triton"})(images(1, 16, 16), 1)
+    assert set(calls) == set(ops.OPS) - {"layer_norm2d"}  # the others choose automatically: the reference here
+
+
+def test_layer_norm_affine_is_folded_into_the_next_convolution(model):
+    fast = FastSIPL(model, dtype=torch.float32)
+    blocks = [m for m in fast.model.modules() if type(m).__name__ in ("TransformerBlock", "CrossBlock")]
+    assert blocks and all(torch.all(b.norm2.body.weight == 1) and torch.all(b.norm2.body.bias == 0) for b in blocks)
+    assert all(b.ffn.project_in.bias is not None for b in blocks)
+    assert not torch.all(model.refinement[0].norm2.body.weight == 1)  # the user's model keeps its own
+    x = images(2, 21, 17)
+    assert err(fast(x, 2), restore(model, x, 2)) <= 1e-4
+
+
+def test_triton_backend_of_every_op_serves_the_whole_model(model):
+    """fp32 through the Triton kernels (the interpreter on a CPU) matches the reference loop."""
+    x = images(2, 19, 23)
+    assert err(FastSIPL(model, dtype=torch.float32, backend="triton", cuda_graphs=False)(x, 1),
+               restore(model, x, 1)) <= 1e-4
 
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dtype=torch.float64), "dtype must be one of"),
     (dict(backend="fast"), "backend must be one of"),
+    (dict(backend={"layer_norm": "torch"}), "mapping"),
+    (dict(backend={"layer_norm2d": "fast"}), "mapping"),
     (dict(tile=20), "tile must be a multiple of 16"),
     (dict(tile=32, tile_overlap=32), "tile_overlap"),
     (dict(max_graphs=0), "max_graphs"),

@@ -111,10 +111,14 @@ def test_triton_kernel_matches_the_reference(shape, dtype):
 
 
 @needs_triton
-def test_triton_takes_channels_last_and_refuses_gradients():
-    x, w, b = inputs((2, 40, 9, 7), torch.float32, TRITON_DEVICE)
+@pytest.mark.parametrize("shape", [(2, 40, 9, 7), (3, 96, 5, 13), (2, 176, 1, 3)])
+def test_triton_keeps_channels_last_and_refuses_gradients(shape):
+    x, w, b = inputs(shape, torch.float32, TRITON_DEVICE)
     y = layer_norm2d(x.to(memory_format=torch.channels_last), w, b, backend="triton")
+    assert y.is_contiguous(memory_format=torch.channels_last)
     assert (y.double() - independent(x, w, b)).abs().max().item() <= 1e-5
+    strided = layer_norm2d(x.transpose(2, 3), w, b, backend="triton")  # neither layout: copied to NCHW
+    assert strided.is_contiguous() and (strided.double() - independent(x.transpose(2, 3), w, b)).abs().max() <= 1e-5
     with pytest.raises(BackendError, match="forward-only"):
         layer_norm2d(x.requires_grad_(True), w, b, backend="triton")
 

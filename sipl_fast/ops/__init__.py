@@ -12,10 +12,16 @@ from typing import Dict
 import torch
 
 from ._backend import BackendError, backend_scope
+from .channel_attention import channel_attention
 from .cosine_attention import cosine_attention, cosine_attention_torch
+from .gated_dwconv_gelu import gated_dwconv_gelu
 from .layer_norm2d import layer_norm2d
 
-__all__ = ["BackendError", "available_backends", "backend_scope", "cosine_attention", "cosine_attention_torch", "layer_norm2d"]
+#: Every op, by the name its backend variables and ``backend_scope`` mappings use.
+OPS = ("channel_attention", "cosine_attention", "gated_dwconv_gelu", "layer_norm2d")
+
+__all__ = ["OPS", "BackendError", "available_backends", "backend_scope", "channel_attention", "cosine_attention",
+           "cosine_attention_torch", "gated_dwconv_gelu", "layer_norm2d"]
 
 
 def _triton_status() -> dict:

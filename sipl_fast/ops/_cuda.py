@@ -33,8 +33,12 @@ _CA_KERNEL_NAMES = tuple(
     [f"cosine_attention_fwd_{t}_d{dp}" for t in ("f16", "bf16") for dp in _CA_MMA_DPS]
     + [f"cosine_attention_fwd_f32_d{64 * n}" for n in range(1, 9)]
     + [f"cosine_attention_{kind}_{t}" for kind in ("kinv", "combine") for t in _DTYPE_SUFFIX])
+# gated_dwconv_gelu.cu: one entry per layout x storage dtype (index [layout][dtype code]).
+_GDG_LAYOUTS = ("nchw", "nhwc")
+_GDG_KERNEL_NAMES = tuple(f"gated_dwconv_gelu_{lay}_{t}" for lay in _GDG_LAYOUTS for t in _DTYPE_SUFFIX)
 # Kernels of each source file in kernels/ (one CuPy RawModule per file).
-_KERNEL_FILES = {"layer_norm2d.cu": _KERNEL_NAMES, "cosine_attention.cu": _CA_KERNEL_NAMES}
+_KERNEL_FILES = {"layer_norm2d.cu": _KERNEL_NAMES, "cosine_attention.cu": _CA_KERNEL_NAMES,
+                 "gated_dwconv_gelu.cu": _GDG_KERNEL_NAMES}
 _THREADS = 256  # launch geometry; same as csrc/sipl_fast_ext.cpp
 _MAX_BLOCKS = 65535
 
@@ -418,3 +422,112 @@ def cosine_attention_fwd(q, k, v, temperature32, out) -> None:
         return
     name = _active_route()
     _CA_LAUNCHERS[name](p)
+
+
+# ---------------------------------------------------------------- gated dwconv + gelu
+# Geometry of kernels/gated_dwconv_gelu.cu (namespace sipl::gdg), mirrored by
+# csrc/sipl_fast_ext.cpp (kGdg*): keep the three in sync
+# (tests/test_cuda_build.py::test_gated_dwconv_gelu_geometry_matches_sources).
+# The kernels loop over work items with a grid stride, so the grid size only
+# affects speed; the block shape is required by their thread mapping.
+_GDG_BLOCK = (32, 8)  # threads (x: column / channel lane, y: row)
+_GDG_NCHW_TILE = (32, 16)  # NCHW work item: (W, H) output pixels of one (b, c) plane
+_GDG_NHWC_TILE = (8, 8, 32)  # NHWC work item: (W, H) output pixels x output channels
+_GDG_MAX_GRID = 2**31 - 1
+
+
+def _gdg_blocks(layout: int, b: int, h: int, hh: int, ww: int) -> int:
+    """1-D grid size: one block per work item, capped at 2^31-1 (as the extension)."""
+    if layout == 0:
+        tw, th = _GDG_NCHW_TILE
+        work = b * h * -(-ww // tw) * -(-hh // th)
+    else:
+        tw, th, tc = _GDG_NHWC_TILE
+        work = b * -(-ww // tw) * -(-hh // th) * -(-h // tc)
+    return min(work, _GDG_MAX_GRID)
+
+
+def _gdg_check(x, weight32, bias32, dual, out) -> tuple[int, int, tuple[int, int, int, int]]:
+    """Validate (no device sync); return (dtype code, layout 0=NCHW / 1=NHWC, (B, h, H, W))."""
+    name = "gated_dwconv_gelu"
+    if x.dtype not in _DTYPE_CODES:
+        raise ValueError(f"{name}: unsupported dtype {x.dtype} (expected float32/float16/bfloat16)")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D x (B, 2h, H, W), got shape {tuple(x.shape)}")
+    b, c2, hh, ww = x.shape
+    if c2 % 2:
+        raise ValueError(f"{name}: x must have an even channel count 2h, got {c2}")
+    h = c2 // 2
+    if not isinstance(dual, (bool, int)) or dual not in (0, 1):
+        raise ValueError(f"{name}: dual must be a bool, got {dual!r}")
+    if tuple(out.shape) != (b, h, hh, ww) or out.dtype != x.dtype:
+        raise ValueError(f"{name}: out must be a {x.dtype} tensor of shape {(b, h, hh, ww)}, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    if weight32.dtype != torch.float32 or weight32.numel() != c2 * 9 or not weight32.is_contiguous():
+        raise ValueError(f"{name}: weight32 must be a contiguous float32 tensor of {c2 * 9} elements "
+                         f"(({c2}, 1, 3, 3)), got {weight32.dtype} {tuple(weight32.shape)}")
+    if bias32 is not None and (bias32.dtype != torch.float32 or bias32.numel() != c2
+                               or not bias32.is_contiguous()):
+        raise ValueError(f"{name}: bias32 must be None or a contiguous float32 tensor of {c2} elements, "
+                         f"got {bias32.dtype} {tuple(bias32.shape)}")
+    if hh >= 2**31 or ww >= 2**31:
+        raise ValueError(f"{name}: expected H, W < 2^31, got H={hh}, W={ww}")
+    # Layout: NCHW first; a tensor contiguous in both formats has one memory order for both.
+    if x.is_contiguous():
+        layout = 0
+    elif x.is_contiguous(memory_format=torch.channels_last):
+        layout = 1
+    else:
+        raise ValueError(f"{name}: x must be contiguous NCHW or channels-last, got strides {x.stride()}")
+    if not out.is_contiguous(memory_format=torch.channels_last if layout else torch.contiguous_format):
+        raise ValueError(f"{name}: out must be {('NCHW', 'channels-last')[layout]} contiguous like x, got "
+                         f"strides {out.stride()}")
+    for label, t in (("x", x), ("out", out), ("weight32", weight32), ("bias32", bias32)):
+        if t is not None and (not t.is_cuda or t.device != x.device):
+            raise ValueError(f"{name}: all tensors must be on one CUDA device (x is on {x.device}, "
+                             f"{label} on {t.device})")
+    return _DTYPE_CODES[x.dtype], layout, (b, h, hh, ww)
+
+
+def _gdg_extension(code, layout, dual, x, weight32, bias32, out, sizes) -> None:
+    from sipl_fast import _C
+
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        _C.gated_dwconv_gelu_fwd(code, layout, int(dual), x.data_ptr(), weight32.data_ptr(), _ptr(bias32),
+                                 out.data_ptr(), *sizes, stream)
+
+
+def _gdg_cupy(code, layout, dual, x, weight32, bias32, out, sizes) -> None:
+    import cupy
+    import numpy as np
+
+    fn = _cupy_function(_GDG_KERNEL_NAMES[3 * layout + code])
+    args = (np.uint64(x.data_ptr()), np.uint64(weight32.data_ptr()), np.uint64(_ptr(bias32)),
+            np.uint64(out.data_ptr()), *(np.int64(s) for s in sizes), np.int32(int(dual)))
+    dev = x.device.index
+    with torch.cuda.device(x.device):
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        with cupy.cuda.Device(dev), cupy.cuda.ExternalStream(stream, dev):
+            fn((_gdg_blocks(layout, *sizes),), _GDG_BLOCK, args)
+
+
+_GDG_LAUNCHERS = {"extension": _gdg_extension, "cupy": _gdg_cupy}
+
+
+def gated_dwconv_gelu_fwd(x, weight32, bias32, dual: bool, out) -> None:
+    """out = gate(depthwise 3x3 conv of x), fp32 math; launched on torch's current stream.
+
+    y = F.conv2d(x, weight, bias, padding=1, groups=2h), y1, y2 = y.chunk(2, dim=1);
+    out = gelu(y1) * y2, or gelu(y2) * y1 + gelu(y1) * y2 when ``dual`` (exact erf GELU).
+    x (B, 2h, H, W): CUDA float32/float16/bfloat16, contiguous NCHW or channels-last;
+    out (B, h, H, W): x's dtype, device and layout. weight32: contiguous float32 with
+    2h*9 elements ((2h, 1, 3, 3)); bias32: contiguous float32 (2h,) or None.
+    Raises ValueError on bad arguments; never synchronizes (CUDA-graph capturable
+    after a warm-up call).
+    """
+    code, layout, sizes = _gdg_check(x, weight32, bias32, dual, out)
+    if out.numel() == 0:
+        return
+    name = _active_route()
+    _GDG_LAUNCHERS[name](code, layout, dual, x, weight32, bias32, out, sizes)

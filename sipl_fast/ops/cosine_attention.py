@@ -31,7 +31,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._backend import Backend, choose
+from . import _triton
+from ._backend import KERNEL_DTYPES, Backend, choose, cuda_problem, needs_grad
 
 try:
     import triton
@@ -39,7 +40,6 @@ try:
 except ImportError:  # Triton ships with Linux torch wheels only
     triton = None
 
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EPS = 1e-12  # F.normalize's default
 MAX_D = 512
 
@@ -66,30 +66,6 @@ _BWD_CONFIGS = {
     (True, False): [(32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
     (True, True): [(16, 16, 4, 1)],
 }
-_fitting: dict = {}  # (kernel, key) -> index of the first config that fits this GPU
-
-
-def _launch_fitting(kernel, key, configs, grid, *args, **constants) -> None:
-    """Launch ``kernel`` with the first of ``configs`` (triton.Config) that fits the device.
-
-    Shared-memory needs differ across Triton versions and GPUs: a config that does not
-    fit raises OutOfResources when loaded, before anything runs, so the next is tried.
-    The choice is remembered, so later calls (and CUDA-graph capture) launch directly.
-    """
-    start = _fitting.get((kernel, key), 0)
-    for i in range(start, len(configs)):
-        cfg = configs[i]
-        try:
-            kernel[grid(cfg.kwargs)](*args, **constants, **cfg.kwargs, num_warps=cfg.num_warps,
-                                     num_stages=cfg.num_stages)
-        except triton.runtime.errors.OutOfResources:
-            if i == len(configs) - 1:
-                raise
-            continue
-        _fitting[(kernel, key)] = i
-        return
-
-
 def _fwd_configs_for(d: int, dtype: torch.dtype):
     return _FWD_CONFIGS[dtype == torch.float32, d > 128]
 
@@ -438,20 +414,12 @@ _P_RANGE = {torch.float32: 120.0, torch.bfloat16: 120.0, torch.float16: 28.0}
 _P_TOP = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 15.0}
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: small, so CPU tests exercise the split path too
-    from . import _cuda
-
-    return _cuda._sm_count(device)
-
-
 _SPLIT_ALIGN = 128  # keys per split: a multiple of every BLOCK_N
 
 
 def _splits(programs: int, nk: int, device: torch.device) -> int:
     """Key splits so that the grid covers about two waves, each split >= 2 x 128 keys."""
-    want = math.ceil(2 * _sm_count(device) / programs)
+    want = math.ceil(2 * _triton.sm_count(device) / programs)
     return max(1, min(want, nk // (2 * _SPLIT_ALIGN)))
 
 
@@ -462,10 +430,6 @@ def _inv_norms(x: torch.Tensor) -> torch.Tensor:
         grid = (triton.cdiv(n, 64), b * h)
         _inv_norm_kernel[grid](x, r, n, d, h, *x.stride(), EPS, BLOCK_N=64, BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
     return r
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: bool = False):
@@ -496,11 +460,11 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
         po = pl = pm = lse  # unused
     args = (q, k, v, t32, rk, out, lse, po, pl, pm, nq, nk, d, h, per_split, *q.stride(), *k.stride(), *v.stride())
     constants = dict(P_RANGE=-1.0 if online_only else _P_RANGE[q.dtype], P_TOP=_P_TOP[q.dtype],
-                     PRECISION=_precision(q.dtype), SPLIT=splits > 1, DA=da, DB=db)
+                     PRECISION=_triton.precision(q.dtype), SPLIT=splits > 1, DA=da, DB=db)
     if q.is_cuda and os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "1") != "0":
         _fwd_kernel_tuned[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits)](*args, **constants)
     else:
-        _launch_fitting(_fwd_kernel, (d, q.dtype, splits > 1, online_only), configs,
+        _triton.launch_fitting(_fwd_kernel, (d, q.dtype, splits > 1, online_only), configs,
                         lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args, **constants)
     if splits > 1:
         block_d = min(128, max(16, triton.next_power_of_2(d)))
@@ -525,11 +489,11 @@ def _triton_backward(q, k, v, t32, out, lse, dout):
         rq, rk = _inv_norms(q), _inv_norms(k)
         args = (q, k, v, t32, rq, rk, dout, lse, delta)
         sizes = (nq, nk, d, h, *q.stride(), *k.stride(), *v.stride())
-        constants = dict(PRECISION=_precision(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)))
+        constants = dict(PRECISION=_triton.precision(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)))
         key = (d, q.dtype)
-        _launch_fitting(_bwd_dkdv_kernel, key, configs, lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * h),
+        _triton.launch_fitting(_bwd_dkdv_kernel, key, configs, lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * h),
                         *args, dk, dv, *sizes, **constants)
-        _launch_fitting(_bwd_dq_kernel, key, configs, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h),
+        _triton.launch_fitting(_bwd_dq_kernel, key, configs, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h),
                         *args, dq, dt, dt.shape[1], *sizes, **constants)
     else:
         dk.zero_()
@@ -603,32 +567,15 @@ def _kernel_why_not(q, k, v) -> Optional[str]:
     return None
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def _triton_why_not(q, k, v, temperature) -> Optional[str]:
-    if triton is None:
-        return "Triton is not installed"
-    if not q.is_cuda:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return "input is not on a CUDA device (CPU tensors need TRITON_INTERPRET=1)"
-        if q.dtype == torch.bfloat16:
-            return "Triton's CPU interpreter computes bf16 dot products wrongly; use float32 or float16 on the CPU"
-    return _kernel_why_not(q, k, v)
+    return _triton.problem(q, dots=True) or _kernel_why_not(q, k, v)
 
 
 def _cuda_why_not(q, k, v, temperature) -> Optional[str]:
-    if not q.is_cuda:
-        return "input is not on a CUDA device"
-    reason = _kernel_why_not(q, k, v)
-    if reason is None and _needs_grad(q, k, v, temperature):
+    reason = cuda_problem(q) or _kernel_why_not(q, k, v)
+    if reason is None and needs_grad(q, k, v, temperature):
         reason = "the CUDA kernel is forward-only and this call needs gradients (use 'triton' or 'torch')"
-    if reason is not None:
-        return reason
-    from . import _cuda
-
-    return _cuda.problem()
+    return reason
 
 
 def _run_triton(q, k, v, temperature):

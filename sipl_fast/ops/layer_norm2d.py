@@ -12,27 +12,25 @@ Backends:
   one, JIT-compiled by CuPy. Registered as the custom op
   ``torch.ops.sipl_fast.layer_norm2d_cuda`` so it works under ``torch.compile``
   and CUDA-graph capture.
-- ``"triton"``: the Triton kernel below (forward only; same dtypes), the custom
-  op ``torch.ops.sipl_fast.layer_norm2d_triton``. With ``TRITON_INTERPRET=1`` it
+- ``"triton"``: the Triton kernel below (forward only; same dtypes; NCHW and
+  channels-last inputs, the output in the input's layout), the custom op
+  ``torch.ops.sipl_fast.layer_norm2d_triton``. With ``TRITON_INTERPRET=1`` it
   also runs on CPU tensors, when asked for explicitly (tests).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
-from ._backend import Backend, choose
+from . import _layout, _triton
+from ._backend import Backend, choose, cuda_problem, forward_only_problem
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # Triton ships with Linux torch wheels only
     triton = None
-
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def layer_norm2d_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """Reference: the published formula, op by op, in the input's dtype."""
@@ -62,37 +60,37 @@ def _(x, weight, bias, eps=1e-5):
 if triton is not None:
 
     @triton.jit
-    def _channel_tile(base, c0, pixels, in_image, C, HW, BLOCK_C: tl.constexpr):
+    def _channel_tile(base, c0, pixels, in_image, C, sc, sp, BLOCK_C: tl.constexpr):
         """Offsets and mask of the [BLOCK_C, BLOCK_P] tile of channels c0.. at ``pixels`` (int64 offsets)."""
         channels = c0 + tl.arange(0, BLOCK_C)
         mask = (channels[:, None] < C) & in_image[None, :]
-        return base + channels.to(tl.int64)[:, None] * HW + pixels[None, :], mask, channels
+        return base + channels.to(tl.int64)[:, None] * sc + pixels.to(tl.int64)[None, :] * sp, mask, channels
 
     @triton.jit
-    def _layer_norm2d_fwd_kernel(X, W, B, Y, C, HW, eps, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _layer_norm2d_fwd_kernel(X, W, B, Y, C, HW, sb, sc, sp, eps, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """One program normalises BLOCK_P neighbouring pixels of one image.
 
-        x is contiguous NCHW, so a [BLOCK_C, BLOCK_P] tile (channels x pixels)
-        loads coalesced along the pixels. Three sweeps over the channels, in
-        fp32: the mean, the biased variance of the deviations (two-pass, no
-        E[x^2] - E[x]^2 cancellation), then normalise, scale, shift and store.
+        A [BLOCK_C, BLOCK_P] tile (channels x pixels) loads coalesced along the pixels in
+        NCHW (sp = 1) and along the channels in NHWC (sc = 1). Three sweeps over the
+        channels, in fp32: the mean, the biased variance of the deviations (two-pass, no
+        E[x^2] - E[x]^2 cancellation), then normalise, scale, shift and store; y has x's strides.
         """
         pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         in_image = pixels < HW
-        base = tl.program_id(1).to(tl.int64) * C * HW
+        base = tl.program_id(1).to(tl.int64) * sb
         total = tl.zeros([BLOCK_P], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, HW, BLOCK_C)
+            offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, sc, sp, BLOCK_C)
             total += tl.sum(tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32), axis=0)
         mean = total / C
         total = tl.zeros([BLOCK_P], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
-            offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, HW, BLOCK_C)
+            offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, sc, sp, BLOCK_C)
             d = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32) - mean[None, :], 0.0)
             total += tl.sum(d * d, axis=0)
         rstd = 1.0 / tl.sqrt(total / C + eps)
         for c0 in range(0, C, BLOCK_C):
-            offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, HW, BLOCK_C)
+            offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, sc, sp, BLOCK_C)
             x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
             w = tl.load(W + channels, mask=channels < C, other=0.0)
             b = tl.load(B + channels, mask=channels < C, other=0.0)
@@ -102,47 +100,31 @@ if triton is not None:
 
 @torch.library.custom_op("sipl_fast::layer_norm2d_triton", mutates_args=())
 def layer_norm2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Triton forward; x (B, C, H, W) is made contiguous NCHW, weight/bias go to fp32."""
-    x = x.contiguous()
+    """Triton forward; x (B, C, H, W) NCHW or channels-last (else copied to NCHW), y in x's
+    layout; weight/bias go to fp32."""
+    x = _layout.dense(x)
     y = torch.empty_like(x)
     n, c, h, w = x.shape
-    block_p = 128
+    sb, sc, sp = _layout.strides(x)
+    # NCHW: 16 channels x 128 pixels, coalesced along pixels; NHWC: 64 channels x 32 pixels
+    block_c, block_p = (16, 128) if sp == 1 else (64, 32)
     grid = (triton.cdiv(h * w, block_p), n)
-    _layer_norm2d_fwd_kernel[grid](x, weight.float().contiguous(), bias.float().contiguous(), y, c, h * w, float(eps),
-                                   BLOCK_C=16, BLOCK_P=block_p)
+    _layer_norm2d_fwd_kernel[grid](x, weight.float().contiguous(), bias.float().contiguous(), y, c, h * w,
+                                   sb, sc, sp, float(eps), BLOCK_C=block_c, BLOCK_P=block_p)
     return y
 
 
 @layer_norm2d_triton.register_fake
 def _(x, weight, bias, eps=1e-5):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _forward_only_why_not(name: str, x, weight, bias) -> Optional[str]:
-    if x.dtype not in KERNEL_DTYPES:
-        return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        return f"the {name} kernel is forward-only and this call needs gradients"
-    return None
+    return torch.empty_like(_layout.dense(x))
 
 
 def _triton_why_not(x, weight, bias, eps) -> Optional[str]:
-    if triton is None:
-        return "Triton is not installed"
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return "input is not on a CUDA device (CPU tensors need TRITON_INTERPRET=1)"
-    return _forward_only_why_not("Triton", x, weight, bias)
+    return _triton.problem(x) or forward_only_problem("Triton", x, weight, bias)
 
 
 def _cuda_why_not(x, weight, bias, eps) -> Optional[str]:
-    if not x.is_cuda:
-        return "input is not on a CUDA device"
-    reason = _forward_only_why_not("CUDA", x, weight, bias)
-    if reason is not None:
-        return reason
-    from . import _cuda
-
-    return _cuda.problem()
+    return forward_only_problem("CUDA", x, weight, bias) or cuda_problem(x)
 
 
 BACKENDS = {

@@ -1,0 +1,339 @@
+// gated_dwconv_gelu.cu - depthwise 3x3 conv + GELU gate of the GDFN, fused, forward.
+//
+// Semantics (fp32 math for every storage dtype f32/f16/bf16):
+//   y = F.conv2d(x, weight, bias, padding=1, groups=2h)    x: (B, 2h, H, W)
+//   y1 = y[:, :h], y2 = y[:, h:]                           weight: (2h, 1, 3, 3)
+//   gdfn (dual == 0): out = gelu(y1) * y2                  bias: (2h,) or none
+//   dual (dual != 0): out = gelu(y2) * y1 + gelu(y1) * y2  out: (B, h, H, W)
+// with the exact erf GELU 0.5 v (1 + erf(v / sqrt(2))). The conv is a
+// cross-correlation with zero padding:
+//   y[b,k,i,j] = bias[k] + sum_{dy,dx in 0..2} weight[k*9 + dy*3 + dx] * x[b,k,i+dy-1,j+dx-1]
+// (x outside the image = 0). The 2h-channel y never reaches global memory:
+// each output needs only the 3x3 neighbourhoods of input channels c and c+h,
+// so one kernel reads x and writes out. weight is passed as fp32 (2h*9,
+// contiguous), bias as fp32 (2h,) or a null pointer.
+//
+// Every entry is launched with blockDim = (32, 8) (256 threads; required by
+// the thread mapping below) and a 1-D grid of any size >= 1: a block loops
+// over work items w = blockIdx.x, blockIdx.x + gridDim.x, ... < total, so
+// there is no gridDim.y/z limit on B*h and the launcher may cap the grid. All
+// global offsets are 64-bit; H and W must be < 2^31 (the launchers check).
+//
+// NCHW layout (x, out contiguous), *_nchw_*: a work item is one output tile
+// of TW x TH = 32 x 16 pixels of one output plane (b, c):
+//   total = B*h * ceil(H/16)*ceil(W/32), w = (b*h + c) * tiles + tile,
+//   tile = tile_row * ceil(W/32) + tile_col (consecutive blocks walk one plane).
+//   1. The (TH+2) x (TW+2) = 18 x 34 halo of input channel c and of channel
+//      c+h is loaded into shared memory as fp32 (zeros outside the image).
+//      Thread t of the block loads the flattened halo elements t, t+256, ...;
+//      a warp's 32 consecutive elements lie on one or two halo rows, so loads
+//      are contiguous runs along W (coalesced).
+//   2. Thread (tx, ty) computes the 2 vertically adjacent outputs at column
+//      tx, rows 2*ty and 2*ty+1 of the tile, from a 4 x 3 register window per
+//      channel (smem reads along a warp are 32 consecutive floats: no bank
+//      conflicts). A warp stores 32 consecutive pixels of one row (coalesced).
+//   Partial tiles (odd sizes, W < 32, H = W = 1) just skip the stores outside
+//   the image; the halo loads of them are zero-filled.
+//
+// Channels-last layout (NHWC memory: element (b,k,y,x) at ((b*H+y)*W+x)*C + k,
+// C = 2h for x and h for out), *_nhwc_*: a work item is an 8 x 8 pixel tile x
+// a chunk of 32 output channels:
+//   total = B * ceil(H/8)*ceil(W/8) * ceil(h/32),
+//   w = (b * tiles + tile) * chunks + chunk (the chunks of one pixel tile are
+//   adjacent blocks: they share cache lines of x).
+//   threadIdx.x = channel lane (channel c = 32*chunk + tx), threadIdx.y = pixel
+//   row. 1. The 10 x 10 pixel halo of channels c and c+h is loaded into shared
+//   memory s[2][100][32] (fp32, 25.6 KB): warp ty loads halo pixels ty, ty+8,
+//   ...; each load is 32 consecutive channels of one pixel (coalesced; 128 B
+//   for fp32, 64 B for 16-bit types). 2. Thread (tx, ty) computes output row
+//   ty of the tile, 8 pixels left to right with a sliding 3 x 3 register
+//   window per channel (3 new smem reads per channel per pixel; a warp reads
+//   32 consecutive floats: conflict-free), and a warp stores 32 consecutive
+//   channels of one pixel (coalesced). Lanes with c >= h (h not a multiple of
+//   32) load nothing and store nothing but still take part in __syncthreads.
+//   Channels are one per thread and accessed as scalars: h is often odd
+//   (e.g. 127), so wider vector accesses of x and out would not be aligned.
+//   The 9 taps of a lane's channels are read straight from global memory
+//   (36-byte stride across lanes; 2h*9 floats in total, L1/L2 resident).
+//
+// Accumulation order per output: bias first, then fmaf over dy (rows) then dx
+// (columns) - a different order from cuDNN's, so results match F.conv2d to
+// fp32 rounding, not bit for bit.
+//
+// NVRTC-compatible (CuPy route): includes only common.cuh, no host headers.
+#include "common.cuh"
+
+namespace sipl {
+namespace gdg {
+
+// Geometry, mirrored by csrc/sipl_fast_ext.cpp (kGdg*) and
+// sipl_fast/ops/_cuda.py (_GDG_*); tests/test_cuda_build.py checks they agree.
+constexpr int kThreadsX = 32;  // blockDim.x
+constexpr int kThreadsY = 8;   // blockDim.y
+constexpr int kNchwTileW = 32;  // NCHW: output pixels per tile along W (= kThreadsX)
+constexpr int kNchwTileH = 16;  // NCHW: output rows per tile (kThreadsY * kNchwRows)
+constexpr int kNhwcTileW = 8;   // NHWC: output pixels per tile along W
+constexpr int kNhwcTileH = 8;   // NHWC: output rows per tile (= kThreadsY)
+constexpr int kNhwcChunk = 32;  // NHWC: output channels per tile (= kThreadsX)
+
+constexpr int kNchwRows = kNchwTileH / kThreadsY;  // output rows per thread (2)
+constexpr int kNchwHaloW = kNchwTileW + 2;         // 34
+constexpr int kNchwHaloH = kNchwTileH + 2;         // 18
+constexpr int kNhwcHaloW = kNhwcTileW + 2;         // 10
+constexpr int kNhwcHaloH = kNhwcTileH + 2;         // 10
+constexpr int kNhwcHaloPix = kNhwcHaloW * kNhwcHaloH;  // 100
+constexpr int kThreads = kThreadsX * kThreadsY;
+
+static_assert(kNchwTileW == kThreadsX, "NCHW: one output column per lane");
+static_assert(kNchwTileH % kThreadsY == 0, "NCHW: whole rows per thread");
+static_assert(kNhwcTileH == kThreadsY, "NHWC: one output row per warp");
+static_assert(kNhwcChunk == kThreadsX, "NHWC: one channel per lane");
+static_assert(kThreads == 256, "the entries below declare __launch_bounds__(256, 4)");
+
+__device__ __forceinline__ float gelu_erf(float v) {
+  return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+}
+
+__device__ __forceinline__ float gate(float y1, float y2, int dual) {
+  const float g = gelu_erf(y1) * y2;
+  return dual ? gelu_erf(y2) * y1 + g : g;
+}
+
+// bias + sum_{dy,dx} w[dy*3+dx] * a[dy][dx]
+__device__ __forceinline__ float conv3x3(const float (&w)[9], float bias, float a00, float a01,
+                                         float a02, float a10, float a11, float a12, float a20,
+                                         float a21, float a22) {
+  float acc = bias;
+  acc = fmaf(w[0], a00, acc);
+  acc = fmaf(w[1], a01, acc);
+  acc = fmaf(w[2], a02, acc);
+  acc = fmaf(w[3], a10, acc);
+  acc = fmaf(w[4], a11, acc);
+  acc = fmaf(w[5], a12, acc);
+  acc = fmaf(w[6], a20, acc);
+  acc = fmaf(w[7], a21, acc);
+  acc = fmaf(w[8], a22, acc);
+  return acc;
+}
+
+// Loads the 9 taps of channel k (plain loads: weight is tiny and stays in L1).
+__device__ __forceinline__ void load_taps(const float* __restrict__ weight, i64 k, float (&w)[9]) {
+  const float* p = weight + k * 9;
+#pragma unroll
+  for (int t = 0; t < 9; ++t) w[t] = p[t];
+}
+
+// ---------------------------------------------------------------- NCHW
+template <typename S>
+__device__ __forceinline__ void fwd_nchw(const typename S::T* __restrict__ x,
+                                         const float* __restrict__ weight,
+                                         const float* __restrict__ bias,
+                                         typename S::T* __restrict__ out, i64 B, i64 h, i64 H,
+                                         i64 W, int dual) {
+  __shared__ float s[2][kNchwHaloH][kNchwHaloW];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int tid = ty * kThreadsX + tx;
+  const i64 tiles_x = (W + kNchwTileW - 1) / kNchwTileW;
+  const i64 tiles = tiles_x * ((H + kNchwTileH - 1) / kNchwTileH);
+  const i64 total = B * h * tiles;
+  const i64 hw = H * W;
+
+  for (i64 work = blockIdx.x; work < total; work += gridDim.x) {
+    const i64 plane = work / tiles;  // b*h + c
+    const i64 tile = work - plane * tiles;
+    const i64 b = plane / h;
+    const i64 c = plane - b * h;
+    const i64 tile_row = tile / tiles_x;
+    const i64 y0 = tile_row * kNchwTileH;                  // first output row of the tile
+    const i64 x0 = (tile - tile_row * tiles_x) * kNchwTileW;  // first output column
+    const typename S::T* x1 = x + (b * 2 * h + c) * hw;    // input channel c of image b
+    const typename S::T* x2 = x1 + h * hw;                 // input channel c + h
+
+    // 1. halo (rows y0-1 .. y0+TH, columns x0-1 .. x0+TW) -> shared memory.
+    constexpr int kHalo = kNchwHaloH * kNchwHaloW;
+#pragma unroll
+    for (int i0 = 0; i0 < kHalo; i0 += kThreads) {
+      const int i = i0 + tid;
+      if (i < kHalo) {
+        const int r = i / kNchwHaloW;
+        const int col = i - r * kNchwHaloW;
+        const i64 gy = y0 - 1 + r;
+        const i64 gx = x0 - 1 + col;
+        float v1 = 0.0f, v2 = 0.0f;
+        if (gy >= 0 && gy < H && gx >= 0 && gx < W) {
+          const i64 o = gy * W + gx;
+          v1 = S::load(x1[o]);
+          v2 = S::load(x2[o]);
+        }
+        s[0][r][col] = v1;
+        s[1][r][col] = v2;
+      }
+    }
+    float w1[9], w2[9];
+    load_taps(weight, c, w1);
+    load_taps(weight, c + h, w2);
+    const float b1 = bias ? bias[c] : 0.0f;
+    const float b2 = bias ? bias[c + h] : 0.0f;
+    __syncthreads();
+
+    // 2. rows r0 .. r0+kNchwRows-1 of the tile at column tx; halo rows r0 .. r0+kNchwRows+1.
+    const int r0 = ty * kNchwRows;
+    float a1[kNchwRows + 2][3], a2[kNchwRows + 2][3];
+#pragma unroll
+    for (int r = 0; r < kNchwRows + 2; ++r) {
+#pragma unroll
+      for (int d = 0; d < 3; ++d) {
+        a1[r][d] = s[0][r0 + r][tx + d];
+        a2[r][d] = s[1][r0 + r][tx + d];
+      }
+    }
+    const i64 ox = x0 + tx;
+    typename S::T* op = out + plane * hw;  // output plane (b, c)
+#pragma unroll
+    for (int r = 0; r < kNchwRows; ++r) {
+      const i64 oy = y0 + r0 + r;
+      if (oy < H && ox < W) {
+        const float y1 = conv3x3(w1, b1, a1[r][0], a1[r][1], a1[r][2], a1[r + 1][0], a1[r + 1][1],
+                                 a1[r + 1][2], a1[r + 2][0], a1[r + 2][1], a1[r + 2][2]);
+        const float y2 = conv3x3(w2, b2, a2[r][0], a2[r][1], a2[r][2], a2[r + 1][0], a2[r + 1][1],
+                                 a2[r + 1][2], a2[r + 2][0], a2[r + 2][1], a2[r + 2][2]);
+        op[oy * W + ox] = S::store(gate(y1, y2, dual));
+      }
+    }
+    __syncthreads();  // the next work item overwrites s
+  }
+}
+
+// ---------------------------------------------------------------- NHWC
+template <typename S>
+__device__ __forceinline__ void fwd_nhwc(const typename S::T* __restrict__ x,
+                                         const float* __restrict__ weight,
+                                         const float* __restrict__ bias,
+                                         typename S::T* __restrict__ out, i64 B, i64 h, i64 H,
+                                         i64 W, int dual) {
+  __shared__ float s[2][kNhwcHaloPix][kNhwcChunk];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const i64 c2 = 2 * h;  // channels of x
+  const i64 chunks = (h + kNhwcChunk - 1) / kNhwcChunk;
+  const i64 tiles_x = (W + kNhwcTileW - 1) / kNhwcTileW;
+  const i64 tiles = tiles_x * ((H + kNhwcTileH - 1) / kNhwcTileH);
+  const i64 total = B * tiles * chunks;
+
+  for (i64 work = blockIdx.x; work < total; work += gridDim.x) {
+    const i64 rest = work / chunks;
+    const i64 chunk = work - rest * chunks;
+    const i64 b = rest / tiles;
+    const i64 tile = rest - b * tiles;
+    const i64 tile_row = tile / tiles_x;
+    const i64 y0 = tile_row * kNhwcTileH;
+    const i64 x0 = (tile - tile_row * tiles_x) * kNhwcTileW;
+    const i64 c = chunk * kNhwcChunk + tx;  // this lane's output channel
+    const bool cvalid = c < h;
+
+    // 1. halo pixels (rows y0-1 .. y0+TH, columns x0-1 .. x0+TW), channels c and c+h.
+#pragma unroll
+    for (int p0 = 0; p0 < kNhwcHaloPix; p0 += kThreadsY) {
+      const int p = p0 + ty;
+      if (p < kNhwcHaloPix) {
+        const int r = p / kNhwcHaloW;
+        const int col = p - r * kNhwcHaloW;
+        const i64 gy = y0 - 1 + r;
+        const i64 gx = x0 - 1 + col;
+        float v1 = 0.0f, v2 = 0.0f;
+        if (cvalid && gy >= 0 && gy < H && gx >= 0 && gx < W) {
+          const i64 o = ((b * H + gy) * W + gx) * c2 + c;
+          v1 = S::load(x[o]);
+          v2 = S::load(x[o + h]);
+        }
+        s[0][p][tx] = v1;
+        s[1][p][tx] = v2;
+      }
+    }
+    float w1[9], w2[9];
+    float b1 = 0.0f, b2 = 0.0f;
+    if (cvalid) {
+      load_taps(weight, c, w1);
+      load_taps(weight, c + h, w2);
+      if (bias) {
+        b1 = bias[c];
+        b2 = bias[c + h];
+      }
+    } else {
+#pragma unroll
+      for (int t = 0; t < 9; ++t) w1[t] = w2[t] = 0.0f;
+    }
+    __syncthreads();
+
+    // 2. output row ty of the tile, pixels 0..TW-1, sliding 3x3 window over halo
+    //    rows ty..ty+2; window column k holds halo column j+k.
+    const i64 oy = y0 + ty;
+    const float* s1 = &s[0][ty * kNhwcHaloW][tx];  // halo (row ty, col 0) of channel c
+    const float* s2 = &s[1][ty * kNhwcHaloW][tx];  // ... of channel c+h
+    constexpr int RS = kNhwcHaloW * kNhwcChunk;    // halo row stride in s (floats)
+    constexpr int CS = kNhwcChunk;                 // halo column stride in s
+    float a1[3][3], a2[3][3];
+#pragma unroll
+    for (int dy = 0; dy < 3; ++dy) {
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        a1[dy][k] = s1[dy * RS + k * CS];
+        a2[dy][k] = s2[dy * RS + k * CS];
+      }
+    }
+    const bool row_ok = cvalid && oy < H;
+    const i64 obase = ((b * H + oy) * W + x0) * h + c;  // out: pixel (oy, x0), channel c
+#pragma unroll
+    for (int j = 0; j < kNhwcTileW; ++j) {
+#pragma unroll
+      for (int dy = 0; dy < 3; ++dy) {
+        a1[dy][2] = s1[dy * RS + (j + 2) * CS];
+        a2[dy][2] = s2[dy * RS + (j + 2) * CS];
+      }
+      if (row_ok && x0 + j < W) {
+        const float y1 = conv3x3(w1, b1, a1[0][0], a1[0][1], a1[0][2], a1[1][0], a1[1][1],
+                                 a1[1][2], a1[2][0], a1[2][1], a1[2][2]);
+        const float y2 = conv3x3(w2, b2, a2[0][0], a2[0][1], a2[0][2], a2[1][0], a2[1][1],
+                                 a2[1][2], a2[2][0], a2[2][1], a2[2][2]);
+        out[obase + (i64)j * h] = S::store(gate(y1, y2, dual));
+      }
+#pragma unroll
+      for (int dy = 0; dy < 3; ++dy) {
+        a1[dy][0] = a1[dy][1];
+        a1[dy][1] = a1[dy][2];
+        a2[dy][0] = a2[dy][1];
+        a2[dy][1] = a2[dy][2];
+      }
+    }
+    __syncthreads();  // the next work item overwrites s
+  }
+}
+
+}  // namespace gdg
+}  // namespace sipl
+
+// __launch_bounds__(256, 4): at most 64 registers, so 4 blocks (1024 threads)
+// fit per SM; ptxas reports no spills for sm_80 / sm_90a.
+//
+// Unmangled entry points (looked up by name from CuPy, by host-stub address
+// from csrc/sipl_fast_ext.cpp), one per layout x storage dtype; f16/bf16 as
+// raw 16-bit storage. Parameters: x, weight (fp32, 2h*9), bias (fp32, 2h, or
+// null), out, B, h (output channels; x has 2h), H, W, dual (0: gdfn, else dual).
+// Launch with blockDim (32, 8) and any 1-D grid.
+#define SIPL_GDG_ENTRY(LAYOUT, SUFFIX, TRAITS, T)                                           \
+  extern "C" __global__ void __launch_bounds__(256, 4)                                      \
+      gated_dwconv_gelu_##LAYOUT##_##SUFFIX(const T* __restrict__ x,                        \
+                                            const float* __restrict__ weight,               \
+                                            const float* __restrict__ bias,                 \
+                                            T* __restrict__ out, i64 B, i64 h, i64 H, i64 W, \
+                                            int dual) {                                     \
+    sipl::gdg::fwd_##LAYOUT<sipl::TRAITS>(x, weight, bias, out, B, h, H, W, dual);          \
+  }
+
+SIPL_GDG_ENTRY(nchw, f32, F32, float)
+SIPL_GDG_ENTRY(nchw, f16, F16, u16)
+SIPL_GDG_ENTRY(nchw, bf16, BF16, u16)
+SIPL_GDG_ENTRY(nhwc, f32, F32, float)
+SIPL_GDG_ENTRY(nhwc, f16, F16, u16)
+SIPL_GDG_ENTRY(nhwc, bf16, BF16, u16)
+
+#undef SIPL_GDG_ENTRY

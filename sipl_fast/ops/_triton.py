@@ -1,0 +1,72 @@
+"""What every Triton backend in ``sipl_fast.ops`` checks before it runs a call.
+
+Triton runs CUDA tensors on a GPU and, with ``TRITON_INTERPRET=1``, CPU tensors in its
+interpreter (tests). The interpreter computes ``tl.dot`` on bf16 operands wrongly, so ops
+whose kernels multiply matrices refuse bf16 there.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+try:
+    import triton
+except ImportError:  # Triton ships with Linux torch wheels only
+    triton = None
+
+
+def problem(x: torch.Tensor, dots: bool = False) -> Optional[str]:
+    """None when Triton can run a kernel on ``x``'s device and dtype, else why not.
+
+    ``dots``: the kernel uses ``tl.dot`` (refused for bf16 in the interpreter).
+    """
+    if triton is None:
+        return "Triton is not installed"
+    if not x.is_cuda:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return "input is not on a CUDA device (CPU tensors need TRITON_INTERPRET=1)"
+        if dots and x.dtype == torch.bfloat16:
+            return "Triton's CPU interpreter computes bf16 dot products wrongly; use float32 or float16 on the CPU"
+    return None
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; 4 in the interpreter, so CPU tests exercise
+    the split paths that small grids take on a GPU."""
+    if device.type != "cuda":
+        return 4
+    from . import _cuda
+
+    return _cuda._sm_count(device)
+
+
+def precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision: exact fp32 products for fp32 inputs (no TF32)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+_fitting: dict = {}  # (kernel, key) -> index of the first config that fits this GPU
+
+
+def launch_fitting(kernel, key, configs, grid, *args, **constants) -> None:
+    """Launch ``kernel`` with the first of ``configs`` (triton.Config) that fits the device.
+
+    Shared-memory needs differ across Triton versions and GPUs: a config that does not
+    fit raises OutOfResources when loaded, before anything runs, so the next is tried.
+    The choice is remembered per ``key``, so later calls (and CUDA-graph capture) launch
+    directly. ``grid(meta)`` gives the grid for a config's meta-parameters.
+    """
+    start = _fitting.get((kernel, key), 0)
+    for i in range(start, len(configs)):
+        cfg = configs[i]
+        try:
+            kernel[grid(cfg.kwargs)](*args, **constants, **cfg.kwargs, num_warps=cfg.num_warps,
+                                     num_stages=cfg.num_stages)
+        except triton.runtime.errors.OutOfResources:
+            if i == len(configs) - 1:
+                raise
+            continue
+        _fitting[(kernel, key)] = i
+        return

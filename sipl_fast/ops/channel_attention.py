@@ -1,0 +1,301 @@
+"""Channel attention: MDTA, Restormer's transposed self-attention, fused.
+
+``out = softmax((normalize(q) @ normalize(k)^T) * t_h) @ v`` with q, k, v (B, H, C, N): the
+C channels of a head are the tokens, the N = H*W pixels their features, ``normalize`` the L2
+norm over N with ``F.normalize``'s rule ``x / max(|x|, 1e-12)``. The attention map is only
+C x C (C = 40..176), but every step of the eager expression streams C x N tensors through
+memory: two normalised copies, then the map, then the product.
+
+Backends (first the reference):
+
+- ``"torch"``: the published expression op by op (``cosine_attention_torch``, whose tokens
+  are here the channels), any float dtype, differentiable.
+- ``"triton"``: the three kernels below, forward only; fp32, fp16, bf16 with fp32
+  accumulation; q, k, v with any strides. q and k are read once, v once, out written once.
+  With ``TRITON_INTERPRET=1`` it also runs CPU tensors when asked for explicitly (tests),
+  except bf16, whose dots the interpreter gets wrong.
+
+``proj_weight``/``proj_bias`` fold the 1x1 convolution that follows MDTA (``project_out``)
+into the product: ``W_o @ blockdiag_h(A_h) @ v`` is one (C_out x H*C) matrix per image
+applied to v, so the (B, H*C, N) attention output never reaches memory.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _triton
+from ._backend import Backend, choose, forward_only_problem
+from .cosine_attention import EPS, cosine_attention_torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships with Linux torch wheels only
+    triton = None
+
+
+def channel_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                            proj_weight: Optional[torch.Tensor] = None,
+                            proj_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference: the published expression in the inputs' dtype, then ``project_out`` if given."""
+    out = cosine_attention_torch(q, k, v, temperature)
+    if proj_weight is None:
+        return out
+    b, h, c, n = out.shape
+    return F.conv1d(out.reshape(b, h * c, n), proj_weight.reshape(-1, h * c, 1), proj_bias)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+if triton is not None:
+
+    @triton.jit
+    def _gram_kernel(Q, K, G, SQ, SK, C, N, per_split, H, sqb, sqh, sqc, sqn, skb, skh, skc, skn,
+                     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """Partial Gram matrix and squared norms over one slice of N.
+
+        Program (i * tiles + j, s, b * H + h) reads q rows i*BLOCK_C.. and k rows j*BLOCK_C..
+        over pixels [s * per_split, (s + 1) * per_split) in [BLOCK_C, BLOCK_N] tiles and
+        accumulates ``q k^T`` (fp32, on tensor cores) together with ``sum q^2`` and ``sum k^2``
+        of the same tiles: normalize(q) normalize(k)^T = (q k^T) / (|q| |k|^T), so q and k are
+        read once and never normalised in memory. Each slice s writes its own partials
+        (G[bh, s], SQ[bh, s], SK[bh, s]); a fixed-order sum over s follows, so the result
+        is deterministic.
+        """
+        tiles = tl.cdiv(C, BLOCK_C)
+        ti = tl.program_id(0) // tiles
+        tj = tl.program_id(0) % tiles
+        s = tl.program_id(1)
+        bh = tl.program_id(2)
+        b = bh // H
+        h = bh % H
+        ri = ti * BLOCK_C + tl.arange(0, BLOCK_C)
+        rj = tj * BLOCK_C + tl.arange(0, BLOCK_C)
+        q_rows = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + ri.to(tl.int64)[:, None] * sqc
+        k_rows = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + rj.to(tl.int64)[:, None] * skc
+        acc = tl.zeros([BLOCK_C, BLOCK_C], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_C], dtype=tl.float32)
+        sk = tl.zeros([BLOCK_C], dtype=tl.float32)
+        lo = s * per_split
+        hi = tl.minimum(lo + per_split, N)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            in_slice = cols < hi
+            qt = tl.load(q_rows + cols[None, :] * sqn, mask=(ri < C)[:, None] & in_slice[None, :], other=0.0)
+            kt = tl.load(k_rows + cols[None, :] * skn, mask=(rj < C)[:, None] & in_slice[None, :], other=0.0)
+            acc = tl.dot(qt, tl.trans(kt), acc, input_precision=PRECISION)
+            qf = qt.to(tl.float32)
+            kf = kt.to(tl.float32)
+            sq += tl.sum(qf * qf, axis=1)
+            sk += tl.sum(kf * kf, axis=1)
+        part = bh.to(tl.int64) * tl.num_programs(1) + s
+        tl.store(G + part * C * C + ri[:, None] * C + rj[None, :], acc, mask=(ri < C)[:, None] & (rj < C)[None, :])
+        if tj == 0:
+            tl.store(SQ + part * C + ri, sq, mask=ri < C)
+        if ti == 0:
+            tl.store(SK + part * C + rj, sk, mask=rj < C)
+
+    @triton.jit
+    def _softmax_kernel(G, SQ, SK, T, A, C, S, H, eps, BLOCK_R: tl.constexpr, BLOCK_CC: tl.constexpr):
+        """Rows r.. of the attention map of head (b, h): ``A = softmax(t_h * G / (|q| |k|^T))``.
+
+        Sums the S partials of the Gram matrix and the norms in a fixed order, divides by the
+        norms (each clamped at eps, as F.normalize does), scales by the temperature and takes
+        the softmax over the C columns; A is fp32 (B*H, C, C).
+        """
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_CC)
+        bh = tl.program_id(1)
+        mask = (rows < C)[:, None] & (cols < C)[None, :]
+        g = tl.zeros([BLOCK_R, BLOCK_CC], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+        sk = tl.zeros([BLOCK_CC], dtype=tl.float32)
+        for s in range(S):
+            part = bh.to(tl.int64) * S + s
+            g += tl.load(G + part * C * C + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
+            sq += tl.load(SQ + part * C + rows, mask=rows < C, other=0.0)
+            sk += tl.load(SK + part * C + cols, mask=cols < C, other=0.0)
+        nq = tl.maximum(tl.sqrt(sq), eps)
+        nk = tl.maximum(tl.sqrt(sk), eps)
+        t = tl.load(T + bh % H)
+        # padded columns drop out of the softmax; padded rows stay finite (g = 0) and are not stored
+        logits = tl.where((cols < C)[None, :], g / nq[:, None] / nk[None, :] * t, float("-inf"))
+        e = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        p = e / tl.sum(e, axis=1)[:, None]
+        tl.store(A + bh.to(tl.int64) * C * C + rows[:, None] * C + cols[None, :], p, mask=mask)
+
+    @triton.jit
+    def _apply_kernel(M, V, BIAS, O, R, K, N, HG, svb, svh, svk, svn, sob, soh, sor, son,
+                      HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """``O[g, r, n] = sum_k M[g, r, k] V[g, k, n] (+ bias[r])`` for g = (b, h) of HG heads.
+
+        M is fp32 (B*HG, R, K): the attention maps (R = K = C), or the folded ``W_o
+        blockdiag(A)`` (HG = 1, R = C_out, K = H*C). Program (n block, r block, g) streams v
+        once through [BLOCK_K, BLOCK_N] tiles; M is rounded to v's dtype before the product,
+        as the eager expression rounds the map, and accumulated in fp32.
+        """
+        cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        g = tl.program_id(2)
+        b = g // HG
+        h = g % HG
+        v_head = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        m_rows = M + g.to(tl.int64) * R * K + rows[:, None] * K
+        acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            m = tl.load(m_rows + ks[None, :], mask=(rows < R)[:, None] & (ks < K)[None, :], other=0.0)
+            vt = tl.load(v_head + ks.to(tl.int64)[:, None] * svk + cols[None, :] * svn,
+                         mask=(ks < K)[:, None] & (cols < N)[None, :], other=0.0)
+            acc = tl.dot(m.to(vt.dtype), vt, acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rows, mask=rows < R, other=0.0)[:, None]
+        out = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows.to(tl.int64)[:, None] * sor + cols[None, :] * son
+        tl.store(out, acc.to(O.dtype.element_ty), mask=(rows < R)[:, None] & (cols < N)[None, :])
+
+
+_GRAM_BLOCK_N = 64  # slices of N are multiples of this (and so of every BLOCK_N below)
+_MIN_SLICE = 2048  # pixels per slice of the Gram pass: bounds the partials at C*C*N/2048 floats
+
+
+def _configs(*shapes):
+    """triton.Config list, first choice first: later ones need less shared memory."""
+    return [triton.Config(dict(zip(("BLOCK_N", "BLOCK_K"), sizes)), num_warps=w, num_stages=s)
+            for *sizes, w, s in shapes]
+
+
+# (BLOCK_N, [BLOCK_K,] warps, stages)
+_GRAM_CONFIGS = _configs((64, 8, 3), (64, 8, 2), (32, 8, 1), (16, 4, 1)) if triton else []
+_APPLY_CONFIGS = {wide: _configs((64 if wide else 128, 32, 8, 3), (64 if wide else 128, 32, 8, 2), (32, 16, 8, 1))
+                  for wide in (False, True)} if triton else {}
+
+
+def _block(n: int, cap: int) -> int:
+    """Power-of-two tile >= 16 (tl.dot's minimum) covering n, at most cap."""
+    return min(cap, max(16, triton.next_power_of_2(n)))
+
+
+def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor) -> torch.Tensor:
+    """A (B*H, C, C) fp32: the softmax of the scaled cosine similarities of q's and k's rows."""
+    b, h, c, n = q.shape
+    block_c = _block(c, 128)
+    tiles = triton.cdiv(c, block_c)
+    # Slices of N: enough programs for about one wave, each slice >= _MIN_SLICE pixels.
+    slices = max(1, min(triton.cdiv(_triton.sm_count(q.device), tiles * tiles * b * h), n // _MIN_SLICE))
+    per_split = triton.cdiv(triton.cdiv(n, slices), _GRAM_BLOCK_N) * _GRAM_BLOCK_N
+    slices = max(1, triton.cdiv(n, per_split))
+    f32 = dict(device=q.device, dtype=torch.float32)
+    g = torch.empty((b * h, slices, c, c), **f32)
+    sq = torch.empty((b * h, slices, c), **f32)
+    sk = torch.empty_like(sq)
+    _triton.launch_fitting(_gram_kernel, (block_c, q.dtype), _GRAM_CONFIGS, lambda meta: (tiles * tiles, slices, b * h),
+                           q, k, g, sq, sk, c, n, per_split, h, *q.stride(), *k.stride(), BLOCK_C=block_c,
+                           PRECISION=_triton.precision(q.dtype))
+    a = torch.empty((b * h, c, c), **f32)
+    block_cc = max(16, triton.next_power_of_2(c))
+    block_r = max(1, min(16, 4096 // block_cc))
+    _softmax_kernel[(triton.cdiv(c, block_r), b * h)](g, sq, sk, t32, a, c, slices, h, EPS,
+                                                      BLOCK_R=block_r, BLOCK_CC=block_cc)
+    return a
+
+
+def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """out (B, HG, R, N) = m (B*HG, R, K) @ v (B, HG, K, N) (+ bias (R,)); any strides of v, out."""
+    b, hg, r, n = out.shape
+    kk = v.shape[2]
+    block_r = _block(r, 256)
+    _triton.launch_fitting(_apply_kernel, (block_r, v.dtype, bias is not None), _APPLY_CONFIGS[block_r > 128],
+                           lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r), b * hg),
+                           m, v, bias if bias is not None else m, out, r, kk, n, hg, *v.stride(), *out.stride(),
+                           HAS_BIAS=bias is not None, BLOCK_R=block_r, PRECISION=_triton.precision(v.dtype))
+
+
+def _output_shape(q: torch.Tensor, proj_weight: Optional[torch.Tensor]):
+    b, h, c, n = q.shape
+    return (b, h, c, n) if proj_weight is None else (b, proj_weight.shape[0], n)
+
+
+@torch.library.custom_op("sipl_fast::channel_attention_triton", mutates_args=())
+def channel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                             proj_weight: Optional[torch.Tensor] = None,
+                             proj_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton forward: (B, H, C, N), or (B, C_out, N) with ``project_out`` folded in; contiguous."""
+    b, h, c, n = q.shape
+    out = torch.empty(_output_shape(q, proj_weight), device=q.device, dtype=v.dtype)
+    if out.numel() == 0:
+        return out
+    a = _attention_maps(q, k, temperature.float().reshape(-1).contiguous())
+    if proj_weight is None:
+        _apply(a, v, None, out)
+        return out
+    # W_o (C_out, H, C) times blockdiag(A_h): M[b, o, (h, j)] = sum_i W_o[o, h, i] A[b, h, i, j]
+    w = proj_weight.float().reshape(-1, h, c)
+    m = torch.einsum("ohi,bhij->bohj", w, a.view(b, h, c, c)).reshape(b, -1, h * c).contiguous()
+    bias = None if proj_bias is None else proj_bias.float().contiguous()
+    _apply(m, v.reshape(b, 1, h * c, n), bias, out.view(b, 1, -1, n))
+    return out
+
+
+@channel_attention_triton.register_fake
+def _(q, k, v, temperature, proj_weight=None, proj_bias=None):
+    return q.new_empty(_output_shape(q, proj_weight), dtype=v.dtype)
+
+
+# ----------------------------------------------------------------------------- backend choice
+def _triton_why_not(q, k, v, temperature, proj_weight=None, proj_bias=None) -> Optional[str]:
+    return _triton.problem(q, dots=True) or forward_only_problem("Triton", q, k, v, temperature, proj_weight, proj_bias)
+
+
+BACKENDS = {
+    "torch": Backend("torch", channel_attention_torch, lambda *a, **kw: None),
+    "triton": Backend("triton", channel_attention_triton, _triton_why_not, automatic=lambda q, *a, **kw: q.is_cuda),
+}
+PREFERENCE = ("triton", "torch")  # not yet ranked by measurement on a GPU
+
+
+def _check(q, k, v, temperature, proj_weight, proj_bias) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"channel_attention: expected {name} as a floating-point (B, H, C, N) tensor, "
+                             f"got {getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"channel_attention: expected q, k, v of one shape (B, H, C, N), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"channel_attention: expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    b, h, c, n = q.shape
+    if not isinstance(temperature, torch.Tensor) or temperature.shape not in ((h,), (h, 1, 1)):
+        raise ValueError(f"channel_attention: expected temperature of shape ({h},) or ({h}, 1, 1), "
+                         f"got {tuple(getattr(temperature, 'shape', ()))}")
+    extra = [("temperature", temperature)]
+    if proj_weight is not None:
+        if proj_weight.dim() not in (2, 4) or proj_weight.shape[1] != h * c or proj_weight.shape[2:] not in ((), (1, 1)):
+            raise ValueError(f"channel_attention: expected proj_weight of shape (C_out, {h * c}) or "
+                             f"(C_out, {h * c}, 1, 1), got {tuple(proj_weight.shape)}")
+        if proj_bias is not None and proj_bias.shape != proj_weight.shape[:1]:
+            raise ValueError(f"channel_attention: expected proj_bias of shape ({proj_weight.shape[0]},), "
+                             f"got {tuple(proj_bias.shape)}")
+        extra += [("proj_weight", proj_weight), ("proj_bias", proj_bias)]
+    elif proj_bias is not None:
+        raise ValueError("channel_attention: proj_bias needs proj_weight")
+    for name, x in [("k", k), ("v", v)] + extra:
+        if x is not None and x.device != q.device:
+            raise ValueError(f"channel_attention: {name} is on {x.device}, q on {q.device}")
+
+
+def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                      proj_weight: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
+                      backend: Optional[str] = None) -> torch.Tensor:
+    """``softmax((normalize(q) @ normalize(k)^T) * t_h) @ v`` over the channels of each head.
+
+    q, k, v (B, H, C, N), temperature (H,) or (H, 1, 1); returns (B, H, C, N). With
+    ``proj_weight`` (C_out, H*C) or (C_out, H*C, 1, 1) and optional ``proj_bias`` (C_out,),
+    returns ``project_out`` of the heads merged: (B, C_out, N).
+    ``backend``: None/"auto" (triton where it can run, else torch), "torch" or "triton".
+    """
+    _check(q, k, v, temperature, proj_weight, proj_bias)
+    return choose("channel_attention", BACKENDS, PREFERENCE, backend, q, k, v, temperature, proj_weight,
+                  proj_bias).fn(q, k, v, temperature, proj_weight, proj_bias)

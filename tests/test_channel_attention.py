@@ -1,0 +1,171 @@
+"""sipl_fast.ops.channel_attention (MDTA): the reference against an independent float64 formula,
+the Triton kernels (in the interpreter on a CPU) against it, the folded ``project_out``, backend
+choice, errors, torch.compile and CUDA-graph capture (on a GPU).
+
+Tolerances: fp32 within 1e-5 of float64 (or 2x the naive fp32 error where temperatures make
+that larger); fp16/bf16 within 2x the error of the naive computation in that dtype (both
+against float64 on the same inputs).
+"""
+import importlib
+
+import pytest
+import torch
+
+from sipl_fast.ops import BackendError, channel_attention
+from sipl_fast.ops._backend import choose
+
+module = importlib.import_module("sipl_fast.ops.channel_attention")  # the package attribute is the function
+reference = module.channel_attention_torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytest.importorskip("triton")
+# bf16 dots are wrong in Triton's interpreter: bf16 runs on a GPU only.
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]
+
+
+def inputs(b, h, c, n, temperatures, seed=0):
+    """float64 q, k, v (B, H, C, N) with varied row norms, and a (H, 1, 1) temperature."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, c, n, generator=g, dtype=torch.float64) * (0.5 + torch.rand(b, h, c, 1, generator=g))
+               for _ in range(3))
+    return q, k, v, torch.tensor(temperatures, dtype=torch.float64).view(h, 1, 1)
+
+
+def independent(q, k, v, t):
+    """Explicit norms, einsum and exp / sum in float64."""
+    qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    kn = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    logits = torch.einsum("bhin,bhjn->bhij", qn, kn) * t.reshape(1, -1, 1, 1)
+    w = (logits - logits.amax(-1, keepdim=True)).exp()
+    return torch.einsum("bhij,bhjn->bhin", w / w.sum(-1, keepdim=True), v)
+
+
+def to(dtype, *xs):
+    return [None if x is None else x.to(DEVICE, dtype) for x in xs]
+
+
+def max_err(x, ref):
+    return (x.double().cpu() - ref.double().cpu()).abs().max().item()
+
+
+def tolerance(dtype, args, ref):
+    """fp32: 1e-5 or 2x the naive fp32 error; fp16/bf16: 2x the naive error in that dtype."""
+    naive = max_err(reference(*to(dtype, *args)), ref)
+    return max(1e-5, 2 * naive) if dtype == torch.float32 else 2 * naive
+
+
+# ------------------------------------------------------------------ reference
+def test_reference_matches_an_independent_formula():
+    q, k, v, t = inputs(2, 3, 7, 29, [0.3, 4.0, -2.0])
+    q[1, 2, 3] = 0  # a zero row normalises to zero (clamped norm)
+    torch.testing.assert_close(channel_attention(q, k, v, t, backend="torch"), independent(q, k, v, t), rtol=0, atol=1e-12)
+    w, bias = torch.randn(5, 21, 1, 1, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    folded = torch.einsum("oc,bcn->bon", w.view(5, 21), independent(q, k, v, t).reshape(2, 21, 29)) + bias.view(5, 1)
+    torch.testing.assert_close(channel_attention(q, k, v, t, w, bias, backend="torch"), folded, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------ Triton kernels
+CASES = [  # (B, H, C, N, temperatures): the model's head widths, odd N, a split Gram pass
+    (2, 2, 40, 37 * 53, [0.1, 5.0]),
+    (1, 1, 176, 37 * 53, [1.0]),
+    (2, 3, 24, 4099, [50.0, 1.0, -3.0]),  # N > 2 x 2048: the Gram pass splits N
+    (1, 2, 8, 5, [2.0, 0.5]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])))
+def test_triton_matches_the_reference(case, dtype):
+    *shape, temps = case
+    q, k, v, t = inputs(*shape, temps)
+    ref = independent(q, k, v, t)
+    out = channel_attention(*to(dtype, q, k, v), t.float().to(DEVICE), backend="triton")
+    assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+    assert max_err(out, ref) <= tolerance(dtype, (q, k, v, t), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_triton_folds_project_out(dtype, bias):
+    q, k, v, t = inputs(2, 2, 40, 97, [0.7, 3.0])
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 80, 1, 1, generator=g, dtype=torch.float64) / 9
+    b = torch.randn(48, generator=g, dtype=torch.float64) if bias else None
+    ref = reference(q, k, v, t, w, b)
+    out = channel_attention(*to(dtype, q, k, v), t.float().to(DEVICE), *to(dtype, w, b), backend="triton")
+    assert out.shape == (2, 48, 97) and out.dtype == dtype
+    assert max_err(out, ref) <= tolerance(dtype, (q, k, v, t, w, b), ref)
+
+
+def test_triton_reads_strided_views_and_zero_rows():
+    """The model's q, k, v are channel chunks of one qkv tensor: no copies needed."""
+    qkv = torch.randn(2, 3 * 2 * 24, 7, 11, dtype=torch.float64)
+    qkv[0, 5] = 0  # a zero row of q
+    q, k, v = (x.reshape(2, 2, 24, 77) for x in qkv.chunk(3, dim=1))
+    t = torch.tensor([1.5, 0.2], dtype=torch.float64)
+    out = channel_attention(*to(torch.float32, q, k, v, t), backend="triton")
+    assert max_err(out, independent(q, k, v, t)) <= 1e-5
+    empty = channel_attention(*to(torch.float32, q[..., :0], k[..., :0], v[..., :0], t), backend="triton")
+    assert empty.shape == (2, 2, 24, 0)
+
+
+# ------------------------------------------------------------------ choice and errors
+def test_auto_uses_torch_on_cpu_and_triton_refuses_gradients_and_interpreter_bf16():
+    q, k, v, t = to(torch.float32, *inputs(1, 1, 16, 20, [1.0]))
+    if DEVICE == "cpu":
+        assert choose("channel_attention", module.BACKENDS, module.PREFERENCE, None, q, k, v, t, None, None).name == "torch"
+        with pytest.raises(BackendError, match="bf16"):
+            channel_attention(*(x.bfloat16() for x in (q, k, v)), t, backend="triton")
+    with pytest.raises(BackendError, match="forward-only"):
+        channel_attention(q.requires_grad_(), k, v, t, backend="triton")
+    out = channel_attention(q, k, v, t)  # gradients: the automatic choice takes the reference
+    out.sum().backward()
+    assert q.grad is not None
+
+
+@pytest.mark.parametrize("args, match", [
+    (((1, 1, 4, 9), (1, 1, 4, 8), (1, 1, 4, 9), (1,)), "one shape"),
+    (((1, 2, 4, 9), (1, 2, 4, 9), (1, 2, 4, 9), (3,)), "temperature"),
+    (((4, 9), (4, 9), (4, 9), (1,)), r"\(B, H, C, N\)"),
+])
+def test_bad_shapes_raise_value_error(args, match):
+    tensors = [torch.randn(s) for s in args]
+    with pytest.raises(ValueError, match=match):
+        channel_attention(*tensors)
+
+
+def test_bad_projection_raises_value_error():
+    q, k, v, t = to(torch.float32, *inputs(1, 2, 4, 9, [1.0, 1.0]))
+    with pytest.raises(ValueError, match="proj_weight"):
+        channel_attention(q, k, v, t, torch.randn(3, 7))
+    with pytest.raises(ValueError, match="proj_bias"):
+        channel_attention(q, k, v, t, torch.randn(3, 8), torch.randn(4))
+    with pytest.raises(ValueError, match="needs proj_weight"):
+        channel_attention(q, k, v, t, None, torch.randn(4))
+
+
+def test_opcheck_and_compile_without_graph_breaks():
+    q, k, v, t = to(torch.float32, *inputs(2, 2, 16, 37, [1.5, 4.0]))
+    w = torch.randn(8, 32, device=DEVICE)
+    torch.library.opcheck(module.channel_attention_triton, (q, k, v, t, None, None))
+    torch.library.opcheck(module.channel_attention_triton, (q, k, v, t, w, torch.randn(8, device=DEVICE)))
+    fn = torch.compile(lambda *a: channel_attention(*a, backend="triton"), fullgraph=True,
+                       backend="inductor" if DEVICE == "cuda" else "aot_eager")
+    assert max_err(fn(q, k, v, t, w), reference(q, k, v, t, w)) <= 1e-5
+
+
+# ------------------------------------------------------------------ GPU: compile and graphs
+@needs_cuda
+def test_triton_under_compile_and_graph_capture():
+    q, k, v, t = to(torch.bfloat16, *inputs(2, 2, 48, 4096, [1.0, 2.0]))
+    t = t.float()
+    eager = channel_attention(q, k, v, t, backend="triton")
+    compiled = torch.compile(lambda *a: torch.ops.sipl_fast.channel_attention_triton(*a), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, t, None, None), eager, rtol=0, atol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = channel_attention(q, k, v, t, backend="triton")
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.testing.assert_close(captured, channel_attention(q, k, v, t, backend="triton"), rtol=0, atol=0)
