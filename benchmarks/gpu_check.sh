@@ -34,7 +34,7 @@ stage() { echo "=== $1 ($(date -u +%H:%M:%S), ${SECONDS}s in)" | tee -a "$LOG"; 
 
 stage "tests: ${TESTS[*]}"
 # Tests compile many small kernel variants: skip the Triton autotuner there (first config).
-SIPL_FAST_TRITON_AUTOTUNE=0 timeout "${TEST_SECONDS:-170}" python -m pytest -q -p no:cacheprovider -rs \
+SIPL_FAST_TRITON_AUTOTUNE=0 timeout "${TEST_SECONDS:-240}" python -m pytest -q -p no:cacheprovider -rs \
   "${TESTS[@]}" >>"$LOG" 2>&1
 echo "tests exit code $?" | tee -a "$LOG"
 
