@@ -118,7 +118,7 @@ def op_variants(op: str, reference: Callable, args: tuple, wanted, device: torch
     for name, info in ops.available_backends().items():
         if name != "torch" and info["available"]:
             table[f"{name}-bf16"] = (torch.bfloat16, lambda b=name: fn(*low, backend=b))
-    return {name: table[name] for name in table if name in wanted or (wanted == "all")}
+    return {name: table[name] for name in table if wanted == "all" or name in wanted}
 
 
 def copy_bandwidth(device: torch.device) -> float:

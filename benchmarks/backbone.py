@@ -69,7 +69,7 @@ def block_cases(device: torch.device, wanted, shapes):
                  "compile-bf16": (torch.bfloat16, _in_scope(lambda: compiled(xb), "torch"))}
         for name, backend in FAST_BLOCKS.items():
             needs = {backend} if isinstance(backend, str) else set(backend.values())
-            if (needs - {"auto"}) <= available and (device.type == "cuda" or backend == "auto"):
+            if needs - {"auto"} <= available:
                 table[name] = (torch.bfloat16, _in_scope(lambda b=backend: fast(xb), backend))
         variants = {n: table[n] for n in table if wanted == "all" or n in wanted}
         yield Case("transformer_block", f"1x{dim}x{side}x{side} h{heads}", 0, count, variants)

@@ -102,7 +102,7 @@ def restore_pixels(model, pixels: np.ndarray, iterations: Sequence[int], args, l
     tiles = [args.tile] if args.tile else [0, *(t for t in OOM_TILES if t < max(pixels.shape[:2]))]
     for i, tile in enumerate(tiles):
         try:
-            with precision_context("fp32" if fast is not None else args.precision, device):
+            with contextlib.nullcontext() if fast is not None else precision_context(args.precision, device):
                 y = tiled(run, x, tile, min(args.tile_overlap, tile // 2)) if tile else run(x)
             return [from_model(part, pixels.shape[2]) for part in y.chunk(len(iterations), dim=1)]
         except torch.cuda.OutOfMemoryError:

@@ -34,6 +34,16 @@ def randomise(model: SIPL, seed: int = 0) -> SIPL:
     return model
 
 
+def cosine_attention_f64(q, k, v, t):
+    """softmax(t cos(q_i, k_j)) v over the last two axes in float64, with explicit norms, einsum
+    and exp / sum: the independent formula both attention ops are tested against."""
+    qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    kn = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    logits = torch.einsum("bhid,bhjd->bhij", qn, kn) * t.reshape(1, -1, 1, 1)
+    w = (logits - logits.amax(-1, keepdim=True)).exp()
+    return torch.einsum("bhij,bhjd->bhid", w / w.sum(-1, keepdim=True), v)
+
+
 def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> SIPL:
     torch.manual_seed(seed)
     return randomise(SIPL(SIPLConfig(**{**TINY, **overrides})), seed).to(dtype).eval()

@@ -14,6 +14,8 @@ import torch
 from sipl_fast.ops import BackendError, channel_attention
 from sipl_fast.ops._backend import choose
 
+from conftest import cosine_attention_f64 as independent  # channels are the tokens, pixels the features
+
 module = importlib.import_module("sipl_fast.ops.channel_attention")  # the package attribute is the function
 reference = module.channel_attention_torch
 
@@ -30,15 +32,6 @@ def inputs(b, h, c, n, temperatures, seed=0):
     q, k, v = (torch.randn(b, h, c, n, generator=g, dtype=torch.float64) * (0.5 + torch.rand(b, h, c, 1, generator=g))
                for _ in range(3))
     return q, k, v, torch.tensor(temperatures, dtype=torch.float64).view(h, 1, 1)
-
-
-def independent(q, k, v, t):
-    """Explicit norms, einsum and exp / sum in float64."""
-    qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    kn = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    logits = torch.einsum("bhin,bhjn->bhij", qn, kn) * t.reshape(1, -1, 1, 1)
-    w = (logits - logits.amax(-1, keepdim=True)).exp()
-    return torch.einsum("bhij,bhjn->bhin", w / w.sum(-1, keepdim=True), v)
 
 
 def to(dtype, *xs):

@@ -16,6 +16,8 @@ from sipl_fast import ops
 from sipl_fast.ops import BackendError, cosine_attention
 from sipl_fast.ops import cosine_attention_torch
 
+from conftest import cosine_attention_f64 as independent
+
 module = importlib.import_module("sipl_fast.ops.cosine_attention")  # the package attribute is the function
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,15 +37,6 @@ def inputs(b, h, nq, nk, d, temperatures, seed=0, scale=1.0):
     v = torch.randn(b, h, nk, d, generator=g, dtype=torch.float64) * scale
     t = torch.tensor(temperatures, dtype=torch.float64).view(h, 1, 1)
     return q, k, v, t
-
-
-def independent(q, k, v, t):
-    """softmax over explicit exp(t cos) / sum, in float64 with einsum."""
-    qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    kn = k / k.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    logits = torch.einsum("bhid,bhjd->bhij", qn, kn) * t.reshape(1, -1, 1, 1)
-    w = (logits - logits.amax(-1, keepdim=True)).exp()
-    return torch.einsum("bhij,bhjd->bhid", w / w.sum(-1, keepdim=True), v)
 
 
 def to(dtype, *xs):
