@@ -9,8 +9,10 @@ One run, the same model and inputs, variants:
 
 Per cell: median ms of the whole loop (``--iterations``, default 2), effective TFLOP/s (the
 published model costs 7.18 TFLOP per 2-iteration loop at 512x512, scaled with pixels, batch and
-iterations; the published loop's count, so FastSIPL's saved encoder passes count as speed), peak memory above the model and input, and the one-time seconds of the first
-call (compilation, autotuning, graph capture). JSON, markdown and a plot of latency and memory
+iterations; the published loop's count, so FastSIPL's saved encoder passes count as speed),
+peak memory above the model and input, and the one-time seconds of the first call
+(compilation, autotuning, measuring the backends, graph capture); also which backend
+FastSIPL's measurement chose for each op. JSON, markdown and a plot of latency and memory
 against pixels under ``benchmarks/results/fast_sipl*``.
 Usage: ``python benchmarks/fast_sipl.py [--sizes 256,512,1024,2048,3840x2160] [--variants ...]``.
 """
@@ -23,7 +25,7 @@ from typing import Callable, List, Tuple
 import torch
 
 from _common import environment, report, time_ms
-from sipl_fast import SIPL, SIPLConfig, FastSIPL, restore
+from sipl_fast import SIPL, SIPLConfig, FastSIPL, ops, restore
 
 VARIANTS = ("eager-fp32", "eager-bf16", "compile-bf16", "fast-fp32", "fast-bf16", "fast-bf16-eager")
 GPU_SIZES = "256,256b4,512,1024,2048,3840x2160"
@@ -119,7 +121,8 @@ def main(argv=None) -> None:
                + [f"{n} TFLOP/s" for n in names] + [f"{n} peak MiB" for n in names] + [f"{n} first call s" for n in names])
     env = environment(device)
     env.update({"model": "tiny (quick)" if quick else "published configuration, random weights",
-                "iterations": str(args.iterations), "speedup": f"{names[0]} ms / variant ms"})
+                "iterations": str(args.iterations), "speedup": f"{names[0]} ms / variant ms",
+                "FastSIPL's measured backends (op: backend: call signatures)": str(ops.measured_choices())})
 
     def plot(plt):
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -134,7 +137,8 @@ def main(argv=None) -> None:
             ax.set_yscale("log")
             ax.set_xlabel("pixels (batch x H x W)")
             ax.set_ylabel(label)
-            ax.legend(fontsize=8)
+            if ax.lines:  # no memory curve without a GPU
+                ax.legend(fontsize=8)
         ax1.set_title(f"SIPL loop, {args.iterations} iterations, {env['device']}")
         return fig
 

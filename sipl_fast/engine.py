@@ -14,10 +14,18 @@ returns. Every change is an exact rewrite of the published computation:
 - **dictionary keys/values once**: in the dictionary-only pass, Proxy Fusion attends to the
   learned dictionaries, so the key/value side of ``cross_p1..3`` (LayerNorm, 1x1 and depthwise
   convolutions of the dictionary) depends on the weights alone: computed at construction;
+- **local stages by rows**: the 1x1 and depthwise 3x3 convolutions, norms and gates around each
+  attention (MDTA's q, k, v; the GDFN with its residual; the cross blocks' q and k, v) run in
+  bands of rows with one row of halo (``BAND_BYTES`` of intermediates per band), so their wide
+  intermediates never exist for the whole image: at 2048x2048 the bf16 loop's peak is about a
+  fifth of the published fp32 loop's (``benchmarks/fast_sipl_memory.py``);
 - **reduced precision**: ``dtype=torch.bfloat16`` (or float16) runs the loop under autocast,
-  PyTorch's mixed precision (matrix products in the dtype with fp32 accumulation, norms and
-  the residual stream in fp32); ``torch.float32`` keeps everything in fp32;
-- **the fastest kernels** of ``sipl_fast.ops`` (``backend="auto"``), or one named backend;
+  PyTorch's mixed precision (convolutions and matrix products in the dtype with fp32
+  accumulation; the fused kernels accumulate in fp32 too); ``torch.float32`` keeps
+  everything in fp32;
+- **the fastest kernels** of ``sipl_fast.ops`` (``backend="auto"``): on a GPU the first run of
+  a shape times every backend of each op call and keeps the fastest (``ops.measured_choices()``
+  reports the choices); or one named backend;
 - **CUDA graphs**: on a GPU the whole loop for one (input shape, dtype, iterations) is captured
   once, after two warm-up runs that settle autotuning and lazy compilation, and replayed; a
   small LRU cache keeps ``max_graphs`` of them. A capture that fails falls back to eager
@@ -37,11 +45,12 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from . import ops
 from .checkpoint import load_model
 from .loops import _check_images, _check_iterations, pad_to_multiple
-from .model import SIPL, Attention, CrossBlock, LayerNorm, TransformerBlock
+from .model import SIPL, CrossBlock, LayerNorm, TransformerBlock
 from .tiling import tiled
 
 __all__ = ["FastSIPL"]
@@ -50,15 +59,71 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
-class _EngineAttention(Attention):
-    """MDTA with ``project_out`` folded into the attention product (``ops.channel_attention``'s
+#: The most bytes one band's intermediates may take in the banded stages below.
+BAND_BYTES = 512 * 2**20
+
+
+def _by_rows(fn, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``fn(x)`` (+ ``residual``) for an ``fn`` whose output row r reads input rows r-1..r+1 only
+    (1x1 and depthwise 3x3 convolutions, per-pixel norms and gates): computed in bands of rows,
+    each with one row of halo on either side, so that fn's wide intermediates (the GDFN's
+    2*hidden channels, MDTA's q, k, v before their depthwise convolution) exist one band at a
+    time. Images whose intermediates fit ``BAND_BYTES`` run whole."""
+    b, c, h, w = x.shape
+    rows = max(1, BAND_BYTES // max(1, 8 * c * b * w * x.element_size()))  # GDFN: 5.3 c, then 2.7 c wide
+    if rows >= h:
+        y = fn(x)
+        return y if residual is None else residual + y
+    out = None
+    for r0 in range(0, h, rows):
+        r1 = min(r0 + rows, h)
+        lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
+        y = fn(x[:, :, lo:hi])[:, :, r0 - lo:r1 - lo]
+        if residual is not None:
+            y = residual[:, :, r0:r1] + y
+        if out is None:
+            out = y.new_empty((b, y.shape[1], h, w))
+        out[:, :, r0:r1] = y
+    return out
+
+
+class _EngineTransformerBlock(TransformerBlock):
+    """``x + MDTA(LN1(x))`` then ``+ GDFN(LN2(.))``, the local stages by rows (``_by_rows``), and
+    MDTA's ``project_out`` folded into the attention product (``ops.channel_attention``'s
     ``proj_weight``): the merged heads never reach memory."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = self.attn
         b, _, h, w = x.shape
-        q, k, v = (t.reshape(b, self.num_heads, -1, h * w) for t in self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1))
-        out = ops.channel_attention(q, k, v, self.temperature, self.project_out.weight, self.project_out.bias)
-        return out.view(b, -1, h, w)
+        qkv = _by_rows(lambda t: attn.qkv_dwconv(attn.qkv(self.norm1(t))), x)
+        q, k, v = (t.reshape(b, attn.num_heads, -1, h * w) for t in qkv.chunk(3, dim=1))
+        x = x + ops.channel_attention(q, k, v, attn.temperature, attn.project_out.weight,
+                                      attn.project_out.bias).view(b, -1, h, w)
+        del qkv, q, k, v  # free before the FFN
+        return _by_rows(lambda t: self.ffn(self.norm2(t)), x, residual=x)
+
+
+class _EngineCrossBlock(CrossBlock):
+    """The cross block with its local stages by rows (``_by_rows``)."""
+
+    def keys_values(self, x_kv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        attn = self.attn
+        k, v = _by_rows(lambda t: attn.kv_dwconv(attn.kv(self.norm12(t))), x_kv).chunk(2, dim=1)
+        return tuple(rearrange(t, "b (head c) h w -> b head (h w) c", head=attn.num_heads) for t in (k, v))
+
+    def forward(self, x_q: torch.Tensor, x_kv: Optional[torch.Tensor] = None,
+                kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        attn = self.attn
+        h, w = x_q.shape[-2:]
+        a = self.norm11(x_q)
+        q = rearrange(_by_rows(lambda t: attn.q_dwconv(attn.q(t)), a), "b (head c) h w -> b head (h w) c",
+                      head=attn.num_heads)
+        k, v = self.keys_values(x_kv) if kv is None else kv
+        out = rearrange(ops.cosine_attention(q, k, v, attn.temperature), "b head (h w) c -> b (head c) h w",
+                        head=attn.num_heads, h=h, w=w)
+        y = a + attn.project_out(out)
+        del q, k, v, a, out  # free before the FFN
+        return _by_rows(lambda t: self.ffn(self.norm2(t)), y, residual=y)
 
 
 def _fold_norm_affine(norm: LayerNorm, conv: nn.Conv2d) -> None:
@@ -93,8 +158,9 @@ class FastSIPL:
     """The fast inference engine for a ``SIPL`` (or plain PromptIR) model.
 
     ``model`` is copied, not changed. ``dtype``: torch.bfloat16 (default), torch.float16 or
-    torch.float32; ``backend``: "auto" or one of "torch", "triton", "cuda" for every op;
-    or ``{op: backend}`` for some ops (see ``sipl_fast.ops.OPS``; the others choose automatically);
+    torch.float32; ``backend``: "auto" (on a GPU, measured per op call and shape at the first
+    run) or one of "torch", "triton", "cuda" for every op; or ``{op: backend}`` for some ops
+    (see ``sipl_fast.ops.OPS``; the others choose automatically);
     ``cuda_graphs``: capture and replay on a GPU; ``max_graphs``: graphs kept (least recently
     used dropped); ``tile``/``tile_overlap``: tiled restoration in pixels (None: whole image).
     """
@@ -122,6 +188,12 @@ class FastSIPL:
         param = next(model.parameters())
         self.device = param.device
         self.dtype, self.backend, self.tile, self.tile_overlap = dtype, backend, tile, tile_overlap
+        # "auto" measures on a GPU: each op call's fastest backend, at the first run of a shape
+        measure = ops.FASTEST if self.device.type == "cuda" else "auto"
+        if isinstance(backend, dict):
+            self._scope = {op: measure if backend.get(op, "auto") == "auto" else backend[op] for op in ops.OPS}
+        else:
+            self._scope = measure if backend == "auto" else backend
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.max_graphs = max_graphs
         self.model = net = copy.deepcopy(model).eval().requires_grad_(False)
@@ -136,8 +208,10 @@ class FastSIPL:
                     _fold_norm_affine(module.norm12, module.attn.kv)  # norm11's output is also the residual
                 if isinstance(module, (TransformerBlock, CrossBlock)):
                     _fold_norm_affine(module.norm2, module.ffn.project_in)
-                if type(module) is Attention:
-                    module.__class__ = _EngineAttention
+                if type(module) is TransformerBlock:
+                    module.__class__ = _EngineTransformerBlock
+                if type(module) is CrossBlock:
+                    module.__class__ = _EngineCrossBlock
         net.dictionary_kv = {}
         if net.config.proxy_fusion:
             with self._context():
@@ -160,7 +234,7 @@ class FastSIPL:
         weight-cast cache stays off: a CUDA graph must not keep casts made outside it."""
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
                                   cache_enabled=False)
-        with torch.no_grad(), ops.backend_scope(self.backend), autocast:
+        with torch.no_grad(), ops.backend_scope(self._scope), autocast:
             yield
 
     def _loop(self, img: torch.Tensor, iterations: int) -> torch.Tensor:

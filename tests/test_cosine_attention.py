@@ -116,14 +116,32 @@ def test_non_contiguous_inputs(backend):
     assert max_err(out, cosine_attention_torch(q, k, v, t)) <= 1e-5
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_output_keeps_the_model_layout(splits):
+    """q viewed from NCHW: the Triton output has q's strides, so its rearrange back to NCHW is a view."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 2 * 24, 5, 7, generator=g, dtype=torch.float64)
+    kv = torch.randn(2, 2 * 2 * 24, 20, 17, generator=g, dtype=torch.float64)
+    q = x.view(2, 2, 24, 35).transpose(-1, -2)
+    k, v = (y.reshape(2, 2, 24, 340).transpose(-1, -2) for y in kv.chunk(2, dim=1))
+    t = torch.tensor([3.0, -1.5], dtype=torch.float64)
+    qf, kf, vf, tf = to(torch.float32, q, k, v, t)
+    out, _ = module._triton_forward(qf, kf, vf, tf, splits)
+    assert out.stride() == qf.stride()
+    assert max_err(out, cosine_attention_torch(q, k, v, t)) <= 1e-5
+    torch.library.opcheck(module.cosine_attention_triton, (qf, kf, vf, tf))
+
+
 def test_extreme_temperature_does_not_underflow():
     """Logits of -2|t| below the shift: the online softmax takes over, no 0/0."""
     q, k, v, t = inputs(1, 2, 9, 70, 16, [200.0, -200.0])
     k[..., 1:, :] = -q[..., :1, :].expand(-1, -1, 69, -1)  # query 0 is anti-parallel to all but one key
+    ref = cosine_attention_torch(q, k, v, t)
     for dtype in (torch.float32, torch.float16):
         out = cosine_attention(*to(dtype, q, k, v, t), backend="triton")
         assert torch.isfinite(out).all()
-        assert max_err(out, cosine_attention_torch(q, k, v, t)) <= (1e-5 if dtype == torch.float32 else 1e-2)
+        naive = cosine_attention_torch(*to(dtype, q, k, v, t))
+        assert max_err(out, ref) <= (1e-5 if dtype == torch.float32 else 2 * max_err(naive, ref))
 
 
 # ------------------------------------------------------------------ backward (Triton)

@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_model
 from sipl_fast import FastSIPL, ops, restore, save_model
+from sipl_fast.model import CrossBlock, TransformerBlock
 from sipl_fast.tiling import tiled
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -94,9 +95,17 @@ def test_backend_is_applied_to_every_op(model, monkeypatch):
     assert set(calls) == set(ops.OPS) - {"layer_norm2d"}  # the others choose automatically: the reference here
 
 
+@pytest.mark.parametrize("band_bytes", [1, 20000])  # one row per band; a few rows
+def test_local_stages_by_rows_equal_the_whole_image(model, monkeypatch, band_bytes):
+    """Bands of rows with one row of halo give the whole image's result (batch 2, odd size)."""
+    monkeypatch.setattr(importlib.import_module("sipl_fast.engine"), "BAND_BYTES", band_bytes)
+    x = images(2, 21, 19, seed=4)
+    assert err(FastSIPL(model, dtype=torch.float32)(x, 2), restore(model, x, 2)) <= 1e-4
+
+
 def test_layer_norm_affine_is_folded_into_the_next_convolution(model):
     fast = FastSIPL(model, dtype=torch.float32)
-    blocks = [m for m in fast.model.modules() if type(m).__name__ in ("TransformerBlock", "CrossBlock")]
+    blocks = [m for m in fast.model.modules() if isinstance(m, (TransformerBlock, CrossBlock))]
     assert blocks and all(torch.all(b.norm2.body.weight == 1) and torch.all(b.norm2.body.bias == 0) for b in blocks)
     assert all(b.ffn.project_in.bias is not None for b in blocks)
     assert not torch.all(model.refinement[0].norm2.body.weight == 1)  # the user's model keeps its own
@@ -158,6 +167,7 @@ def test_bf16_engine_on_the_gpu():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager = restore(model, x, 2)
     assert err(FastSIPL(model)(x, 2), ref) <= 2 * err(eager, ref)
+    assert "cosine_attention" in ops.measured_choices()  # "auto" timed its backends at the first run
 
 
 @needs_cuda

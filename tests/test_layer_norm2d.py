@@ -60,8 +60,8 @@ def test_explicit_cuda_on_cpu_tensors_is_a_clear_error():
 
 def test_unknown_backend_and_environment_choice(monkeypatch):
     x, w, b = inputs((1, 4, 2, 2))
-    with pytest.raises(BackendError, match="unknown backend 'fastest'"):
-        layer_norm2d(x, w, b, backend="fastest")
+    with pytest.raises(BackendError, match="unknown backend 'quickest'"):
+        layer_norm2d(x, w, b, backend="quickest")
     monkeypatch.setenv("SIPL_FAST_BACKEND_LAYER_NORM2D", "cuda")
     with pytest.raises(BackendError, match="not on a CUDA device"):
         layer_norm2d(x, w, b)

@@ -1,8 +1,10 @@
 """SIPL's hot ops, each with a pure-PyTorch reference backend and faster ones.
 
-Choose a backend per call (``backend="torch" | "cuda" | "triton" | None``) or by the
-environment (``SIPL_FAST_BACKEND_<OP>`` or ``SIPL_FAST_BACKEND``); ``None``
-picks the fastest backend that can run the call and falls back to ``"torch"``.
+Choose a backend per call (``backend="torch" | "cuda" | "triton" | None | "fastest"``) or by
+the environment (``SIPL_FAST_BACKEND_<OP>`` or ``SIPL_FAST_BACKEND``); ``None``
+picks the first backend that can run the call, in an order set from benchmarks, and
+falls back to ``"torch"``; ``"fastest"`` times the candidates on each new call signature
+and keeps the fastest (``measured_choices()`` says what it chose).
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Dict
 
 import torch
 
-from ._backend import BackendError, backend_scope
+from ._backend import FASTEST, BackendError, backend_scope, measured_choices
 from .channel_attention import channel_attention
 from .cosine_attention import cosine_attention, cosine_attention_torch
 from .gated_dwconv_gelu import gated_dwconv_gelu
@@ -20,8 +22,8 @@ from .layer_norm2d import layer_norm2d
 #: Every op, by the name its backend variables and ``backend_scope`` mappings use.
 OPS = ("channel_attention", "cosine_attention", "gated_dwconv_gelu", "layer_norm2d")
 
-__all__ = ["OPS", "BackendError", "available_backends", "backend_scope", "channel_attention", "cosine_attention",
-           "cosine_attention_torch", "gated_dwconv_gelu", "layer_norm2d"]
+__all__ = ["FASTEST", "OPS", "BackendError", "available_backends", "backend_scope", "channel_attention",
+           "cosine_attention", "cosine_attention_torch", "gated_dwconv_gelu", "layer_norm2d", "measured_choices"]
 
 
 def _triton_status() -> dict:

@@ -10,18 +10,29 @@ Each op lists its backends in order of preference, the pure-PyTorch reference
   :class:`BackendError` saying why.
 - otherwise (``None`` or ``"auto"``) the first backend that can run the call is
   used, falling back quietly to ``"torch"``.
+- ``"fastest"`` (the same places) measures: the first call of each signature (op,
+  shapes, strides, dtypes, the other arguments) times every backend that the
+  automatic choice could take, and later calls of that signature use the fastest.
+  Measuring syncs the device, so it never happens during CUDA-graph capture (a
+  signature not measured before takes the automatic choice there). FastSIPL
+  chooses this way during its warm-up.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
+import time
 from typing import Callable, Dict, Mapping, Optional, Union
 
 import torch
 
-__all__ = ["KERNEL_DTYPES", "BackendError", "Backend", "backend_scope", "choose", "cuda_problem", "forward_only_problem",
-           "needs_grad"]
+__all__ = ["FASTEST", "KERNEL_DTYPES", "BackendError", "Backend", "backend_scope", "choose", "cuda_problem",
+           "forward_only_problem", "measured_choices", "needs_grad"]
+
+#: The backend name that measures (see the module docstring).
+FASTEST = "fastest"
 
 
 class BackendError(ValueError):
@@ -96,17 +107,77 @@ def cuda_problem(x: torch.Tensor) -> Optional[str]:
     return _cuda.problem()
 
 
+_measured: Dict[tuple, str] = {}  # signature -> the fastest backend's name
+_REPEATS = 3
+
+
+def _signature(op: str, args, kwargs) -> tuple:
+    """What a measurement holds for: tensors by shape, strides, dtype, device and grad needs."""
+    def one(x):
+        if isinstance(x, torch.Tensor):
+            return ("tensor", tuple(x.shape), x.stride(), x.dtype, str(x.device), x.requires_grad)
+        return ("value", x)
+
+    return (op, torch.is_grad_enabled(), tuple(one(a) for a in args), tuple((k, one(v)) for k, v in sorted(kwargs.items())))
+
+
+def _seconds(fn: Callable, args, kwargs) -> float:
+    """Time of one call of ``fn`` (after one untimed call that compiles and autotunes), over a
+    few calls; infinite if the device runs out of memory."""
+    device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+    try:
+        fn(*args, **kwargs)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(_REPEATS):
+                fn(*args, **kwargs)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / _REPEATS
+        begin = time.perf_counter()
+        for _ in range(_REPEATS):
+            fn(*args, **kwargs)
+        return (time.perf_counter() - begin) / _REPEATS
+    except torch.cuda.OutOfMemoryError:
+        return math.inf
+
+
+def _fastest(op: str, candidates, args, kwargs) -> Backend:
+    key = _signature(op, args, kwargs)
+    name = _measured.get(key)
+    if name is None:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return candidates[0]
+        times = {c.name: _seconds(c.fn, args, kwargs) for c in candidates}
+        name = _measured[key] = min(times, key=times.get)
+    return next(c for c in candidates if c.name == name)
+
+
+def measured_choices() -> Dict[str, Dict[str, int]]:
+    """What ``"fastest"`` has chosen so far: ``{op: {backend: number of signatures}}``."""
+    counts: Dict[str, Dict[str, int]] = {}
+    for key, name in _measured.items():
+        per_op = counts.setdefault(key[0], {})
+        per_op[name] = per_op.get(name, 0) + 1
+    return counts
+
+
 def choose(op: str, backends: Dict[str, Backend], preference, backend: Optional[str], *args, **kwargs) -> Backend:
     """Pick the backend for one call of ``op`` (see the module docstring)."""
     name = requested(op, backend)
-    if name is not None:
+    if name is not None and name != FASTEST:
         if name not in backends:
-            raise BackendError(f"{op}: unknown backend {name!r}; expected one of {sorted(backends)} or 'auto'")
+            raise BackendError(f"{op}: unknown backend {name!r}; expected one of {sorted(backends)}, 'auto' "
+                               f"or {FASTEST!r}")
         reason = backends[name].why_not(*args, **kwargs)
         if reason is not None:
             raise BackendError(f"{op}: backend {name!r} cannot run this call: {reason}")
         return backends[name]
-    for candidate in preference:
-        if backends[candidate].automatic(*args, **kwargs) and backends[candidate].why_not(*args, **kwargs) is None:
-            return backends[candidate]
-    return backends["torch"]
+    candidates = [backends[c] for c in preference
+                  if backends[c].automatic(*args, **kwargs) and backends[c].why_not(*args, **kwargs) is None]
+    if not candidates:
+        return backends["torch"]
+    if name is None or len(candidates) == 1:
+        return candidates[0]
+    return _fastest(op, candidates, args, kwargs)

@@ -46,13 +46,15 @@ MAX_D = 512
 # Forward tiles by head dim: the fp32 accumulator is BLOCK_M x D registers, so large D takes
 # fewer rows; fp32 operands take twice the shared memory. On a GPU the autotuner picks among
 # these (per D and dtype, at the first call; SIPL_FAST_TRITON_AUTOTUNE=0 skips it and takes
-# the first, as the interpreter does).
+# the first, as the interpreter does). Compiled for sm_90a, BLOCK_M = 128 with 4 warps spills
+# hundreds of bytes of registers per thread: those tiles take 8 warps.
 def _configs(block_m, *shapes):
     return [triton.Config(dict(BLOCK_M=block_m, BLOCK_N=bn), num_warps=w, num_stages=s) for bn, w, s in shapes]
 
 
 _FWD_CONFIGS = {
-    (False, False): _configs(128, (64, 8, 3), (64, 4, 3), (128, 8, 3), (64, 8, 4), (32, 4, 4)),  # 16-bit, D <= 128
+    (False, False): _configs(128, (64, 8, 3), (128, 8, 3), (128, 8, 2), (64, 8, 4), (32, 8, 3))
+    + _configs(64, (64, 4, 3)),  # 16-bit, D <= 128
     (False, True): _configs(64, (32, 8, 2), (32, 4, 2), (64, 8, 2), (16, 4, 3), (32, 8, 1), (16, 4, 1))
     + _configs(32, (32, 4, 1), (16, 4, 1)),  # 16-bit, D > 128
     (True, False): _configs(64, (32, 4, 2), (32, 8, 2), (64, 8, 1)) + _configs(32, (32, 4, 1)),  # fp32, D <= 128
@@ -71,7 +73,7 @@ def _fwd_configs_for(d: int, dtype: torch.dtype):
 
 
 def _prune_fwd_configs(configs, nargs, **kwargs):
-    return _fwd_configs_for(nargs["D"], nargs["Q"].dtype)
+    return _fwd_configs_for(kwargs["D"], nargs["Q"].dtype)
 
 
 def cosine_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -102,9 +104,13 @@ if triton is not None:
         return x, mask
 
     @triton.jit
-    def _inv_norm_kernel(X, R, N, D, H, sxb, sxh, sxn, sxd, eps,
+    def _inv_norm_kernel(X, OUT, T, N, D, H, sxb, sxh, sxn, sxd, eps, SCALED: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """R[bh, n] = 1 / max(|X[b, h, n, :]|, eps) for a block of BLOCK_N rows, fp32."""
+        """OUT[bh, n] = r = 1 / max(|X[b, h, n, :]|, eps) in fp32 for a block of BLOCK_N rows.
+
+        SCALED: OUT[bh, n, :] = X[b, h, n, :] * r * t_h log2(e) instead, in X's dtype,
+        contiguous (the forward's keys: normalised, in the kernel's exp2 units).
+        """
         bh = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         base = X + (bh // H).to(tl.int64) * sxb + (bh % H).to(tl.int64) * sxh + rows.to(tl.int64)[:, None] * sxn
@@ -114,61 +120,97 @@ if triton is not None:
             x = tl.load(base + cols[None, :] * sxd, mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)
             x = x.to(tl.float32)
             total += tl.sum(x * x, axis=1)
-        tl.store(R + bh.to(tl.int64) * N + rows, 1.0 / tl.maximum(tl.sqrt(total), eps), mask=rows < N)
+        r = 1.0 / tl.maximum(tl.sqrt(total), eps)
+        if SCALED:
+            r = r * tl.load(T + bh % H).to(tl.float32) * 1.4426950408889634
+            out = OUT + (bh.to(tl.int64) * N + rows.to(tl.int64))[:, None] * D
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                mask = (rows[:, None] < N) & (cols[None, :] < D)
+                x = tl.load(base + cols[None, :] * sxd, mask=mask, other=0.0)
+                tl.store(out + cols[None, :], (x.to(tl.float32) * r[:, None]).to(OUT.dtype.element_ty), mask=mask)
+        else:
+            tl.store(OUT + bh.to(tl.int64) * N + rows, r, mask=rows < N)
 
     @triton.jit
-    def _attend(q_a, q_b, Kb, Vb, RKb, lo, hi, t2, m0, D, skn, skd, svn, svd, FIXED: tl.constexpr,
-                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                DA: tl.constexpr, DB: tl.constexpr):
+    def _attend_block(q_a, q_b, KNb, Vb, cols, hi, acc_a, acc_b, l_i, m_i, svn, svd,
+                      FIXED: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                      D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+        """One key block of ``_fwd_kernel``: keys ``cols`` (masked against ``hi`` if MASKED)."""
+        da = tl.arange(0, DA)
+        db = DA + tl.arange(0, DB if DB > 0 else 16)
+        kn_ptrs = KNb + cols.to(tl.int64)[:, None] * D
+        v_ptrs = Vb + cols.to(tl.int64)[:, None] * svn
+        if MASKED or DA > D:
+            kn_a = tl.load(kn_ptrs + da[None, :], mask=(cols < hi)[:, None] & (da < D)[None, :], other=0.0)
+        else:
+            kn_a = tl.load(kn_ptrs + da[None, :])
+        s = tl.dot(q_a, tl.trans(kn_a), input_precision=PRECISION)
+        if DB > 0:
+            if MASKED:
+                kn_b = tl.load(kn_ptrs + db[None, :], mask=(cols < hi)[:, None], other=0.0)
+            else:
+                kn_b = tl.load(kn_ptrs + db[None, :])
+            s = tl.dot(q_b, tl.trans(kn_b), s, input_precision=PRECISION)
+        if MASKED:
+            s += tl.where(cols < hi, 0.0, float("-inf"))[None, :]
+        if FIXED:
+            p = tl.math.exp2(s - m_i[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha
+            acc_a = acc_a * alpha[:, None]
+            if DB > 0:
+                acc_b = acc_b * alpha[:, None]
+            m_i = m_new
+        p = p.to(Vb.dtype.element_ty)
+        l_i += tl.sum(p.to(tl.float32), axis=1)  # the rounded weights: they sum to exactly 1
+        if MASKED or DA > D:
+            v_a = tl.load(v_ptrs + da[None, :] * svd, mask=(cols < hi)[:, None] & (da < D)[None, :], other=0.0)
+        else:
+            v_a = tl.load(v_ptrs + da[None, :] * svd)
+        acc_a = tl.dot(p, v_a, acc_a, input_precision=PRECISION)
+        if DB > 0:
+            if MASKED:
+                v_b = tl.load(v_ptrs + db[None, :] * svd, mask=(cols < hi)[:, None], other=0.0)
+            else:
+                v_b = tl.load(v_ptrs + db[None, :] * svd)
+            acc_b = tl.dot(p, v_b, acc_b, input_precision=PRECISION)
+        return acc_a, acc_b, l_i, m_i
+
+    @triton.jit
+    def _attend(q_a, q_b, KNb, Vb, lo, hi, m0, svn, svd, FIXED: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
+                DB: tl.constexpr):
         """The key loop of ``_fwd_kernel`` over keys lo..hi: (acc_a, acc_b, l, m), p = exp2(s - m).
 
+        Whole blocks run without masks; a last partial block, if any, with them.
         FIXED: m = m0 throughout (the bounded-logit shift); else the online
         softmax's running max, starting at m0 = -inf.
         """
-        da = tl.arange(0, DA)
-        db = DA + tl.arange(0, DB if DB > 0 else 16)
         acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + m0
-        for start in range(lo, hi, BLOCK_N):
-            col_ok = (start - lo + tl.arange(0, BLOCK_N)) < hi - lo
-            kt_a = tl.load(Kb + da[:, None] * skd, mask=col_ok[None, :] & (da[:, None] < D), other=0.0)
-            s = tl.dot(q_a, kt_a, input_precision=PRECISION)
-            if DB > 0:
-                kt_b = tl.load(Kb + db[:, None] * skd, mask=col_ok[None, :] & (db[:, None] < D), other=0.0)
-                s = tl.dot(q_b, kt_b, s, input_precision=PRECISION)
-            rk = tl.load(RKb, mask=col_ok, other=0.0)
-            s = s * (rk * t2)[None, :] + tl.where(col_ok, 0.0, float("-inf"))[None, :]
-            if FIXED:
-                p = tl.math.exp2(s - m_i[:, None])
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(s - m_new[:, None])
-                l_i = l_i * alpha
-                acc_a = acc_a * alpha[:, None]
-                if DB > 0:
-                    acc_b = acc_b * alpha[:, None]
-                m_i = m_new
-            p = p.to(Vb.dtype.element_ty)
-            l_i += tl.sum(p.to(tl.float32), axis=1)  # the rounded weights: they sum to exactly 1
-            v_a = tl.load(Vb + da[None, :] * svd, mask=col_ok[:, None] & (da[None, :] < D), other=0.0)
-            acc_a = tl.dot(p, v_a, acc_a, input_precision=PRECISION)
-            if DB > 0:
-                v_b = tl.load(Vb + db[None, :] * svd, mask=col_ok[:, None] & (db[None, :] < D), other=0.0)
-                acc_b = tl.dot(p, v_b, acc_b, input_precision=PRECISION)
-            Kb += BLOCK_N * skn
-            Vb += BLOCK_N * svn
-            RKb += BLOCK_N
+        whole = lo + (hi - lo) // BLOCK_N * BLOCK_N
+        for start in range(lo, whole, BLOCK_N):
+            acc_a, acc_b, l_i, m_i = _attend_block(q_a, q_b, KNb, Vb, start + tl.arange(0, BLOCK_N), hi,
+                                                   acc_a, acc_b, l_i, m_i, svn, svd, FIXED, False, PRECISION,
+                                                   D, DA, DB)
+        if whole < hi:
+            acc_a, acc_b, l_i, m_i = _attend_block(q_a, q_b, KNb, Vb, whole + tl.arange(0, BLOCK_N), hi,
+                                                   acc_a, acc_b, l_i, m_i, svn, svd, FIXED, True, PRECISION,
+                                                   D, DA, DB)
         return acc_a, acc_b, l_i, m_i
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, T, RK, O, LSE, PO, PL, PM,
-                    Nq, Nk, D, H, keys_per_split,
-                    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    def _fwd_kernel(Q, KN, V, T, O, LSE, PO, PL, PM,
+                    Nq, Nk, H, keys_per_split,
+                    sqb, sqh, sqn, sqd, svb, svh, svn, svd, sob, soh, son, sod,
                     P_RANGE: tl.constexpr, P_TOP: tl.constexpr, PRECISION: tl.constexpr,
-                    SPLIT: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                    SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: BLOCK_M queries of one (b, h) against one split of the keys.
 
@@ -176,9 +218,10 @@ if triton is not None:
         384 = 256 + 128), so no tensor-core work is wasted on padding; other D
         pad DA with masked columns and have DB = 0.
 
-        Per key block: s = (q @ k^T) * (rk_j * t * log2 e) -- q is normalised
-        by its inverse norm on load, k by the precomputed ``RK`` -- then
-        p = exp2(s - m), rounded to v's dtype, and acc += p @ v, l += rowsum(p). The logits are cosines
+        The keys come normalised and scaled by t log2(e) (``KN``, contiguous, from
+        ``_inv_norm_kernel``) and q is normalised on load, so a key block's logits
+        in exp2 units are one product s = q @ kn^T. Then p = exp2(s - m), rounded
+        to v's dtype, and acc += p @ v, l += rowsum(p). The logits are cosines
         times t, so they lie in [-|t|, |t|] and the shift m = |t| log2 e - P_TOP
         is fixed: no running max and no rescaling of acc. That is exact unless
         exp2(-2 |t| log2 e) would leave the normal range of the dtype p is cast
@@ -188,7 +231,8 @@ if triton is not None:
 
         With SPLIT, programs along axis 2 take consecutive key ranges and write
         un-normalised (acc, l, m) in fp32 to PO/PL/PM for ``_combine_kernel``;
-        otherwise they write O = acc / l and the log2-sum-exp LSE = m + log2 l.
+        otherwise they write O = acc / l (at O's strides) and the log2-sum-exp
+        LSE = m + log2 l.
         """
         pid_m = tl.program_id(0)
         split = tl.program_id(2)
@@ -202,7 +246,7 @@ if triton is not None:
         sumsq = tl.sum(q_a.to(tl.float32) * q_a.to(tl.float32), axis=1)
         if DB > 0:
             db = DA + tl.arange(0, DB)
-            q_b = tl.load(Qb + db[None, :] * sqd, mask=row_ok[:, None] & (db[None, :] < D), other=0.0)
+            q_b = tl.load(Qb + db[None, :] * sqd, mask=row_ok[:, None], other=0.0)
             sumsq += tl.sum(q_b.to(tl.float32) * q_b.to(tl.float32), axis=1)
         rq = 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12)
         q_a = (q_a.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
@@ -213,16 +257,14 @@ if triton is not None:
 
         lo = split * keys_per_split
         hi = tl.minimum(lo + keys_per_split, Nk)
-        cols = lo + tl.arange(0, BLOCK_N)
-        Kb = K + b * skb + h.to(tl.int64) * skh + cols.to(tl.int64)[None, :] * skn
-        Vb = V + b * svb + h.to(tl.int64) * svh + cols.to(tl.int64)[:, None] * svn
-        RKb = RK + bh.to(tl.int64) * Nk + cols
+        KNb = KN + bh.to(tl.int64) * Nk * D
+        Vb = V + b * svb + h.to(tl.int64) * svh
         if 2.0 * tl.abs(t2) <= P_RANGE:
-            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, Kb, Vb, RKb, lo, hi, t2, tl.abs(t2) - P_TOP, D,
-                                             skn, skd, svn, svd, True, PRECISION, BLOCK_M, BLOCK_N, DA, DB)
+            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, lo, hi, tl.abs(t2) - P_TOP, svn, svd,
+                                             True, PRECISION, BLOCK_M, BLOCK_N, D, DA, DB)
         else:
-            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, Kb, Vb, RKb, lo, hi, t2, float("-inf"), D,
-                                             skn, skd, svn, svd, False, PRECISION, BLOCK_M, BLOCK_N, DA, DB)
+            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, lo, hi, float("-inf"), svn, svd,
+                                             False, PRECISION, BLOCK_M, BLOCK_N, D, DA, DB)
 
         row_offsets = bh.to(tl.int64) * Nq + rows
         l_i = tl.where(row_ok, l_i, 1.0)  # rows past Nq: keep their unstored math finite
@@ -233,16 +275,16 @@ if triton is not None:
             POb = PO + stat[:, None] * D
             tl.store(POb + da[None, :], acc_a, mask=row_ok[:, None] & (da[None, :] < D))
             if DB > 0:
-                tl.store(POb + db[None, :], acc_b, mask=row_ok[:, None] & (db[None, :] < D))
+                tl.store(POb + db[None, :], acc_b, mask=row_ok[:, None])
         else:
             tl.store(LSE + row_offsets, m_i + tl.math.log2(l_i), mask=row_ok)
-            Ob = O + row_offsets[:, None] * D
+            Ob = O + b * sob + h.to(tl.int64) * soh + rows.to(tl.int64)[:, None] * son
             inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)
-            tl.store(Ob + da[None, :], (acc_a * inv_l[:, None]).to(O.dtype.element_ty),
+            tl.store(Ob + da[None, :] * sod, (acc_a * inv_l[:, None]).to(O.dtype.element_ty),
                      mask=row_ok[:, None] & (da[None, :] < D))
             if DB > 0:
-                tl.store(Ob + db[None, :], (acc_b * inv_l[:, None]).to(O.dtype.element_ty),
-                         mask=row_ok[:, None] & (db[None, :] < D))
+                tl.store(Ob + db[None, :] * sod, (acc_b * inv_l[:, None]).to(O.dtype.element_ty),
+                         mask=row_ok[:, None])
 
     _fwd_kernel_tuned = triton.autotune(
         configs=[c for group in _FWD_CONFIGS.values() for c in group], key=["D"],
@@ -250,12 +292,14 @@ if triton is not None:
     )(_fwd_kernel)
 
     @triton.jit
-    def _combine_kernel(PO, PL, PM, O, LSE, Nq, D, BH, SPLITS, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _combine_kernel(PO, PL, PM, O, LSE, Nq, D, H, SPLITS, sob, soh, son, sod,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         """Merge the key splits of ``_fwd_kernel``: O = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
 
         Splits are read in order, so the result does not depend on scheduling.
         """
         bh = tl.program_id(1)
+        BH = tl.num_programs(1)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         row_offsets = bh.to(tl.int64) * Nq + rows
@@ -269,6 +313,7 @@ if triton is not None:
                 tl.load(PM + stat, mask=row_ok, other=0.0) - m)
         l_sum = tl.where(row_ok, l_sum, 1.0)
         tl.store(LSE + row_offsets, m + tl.math.log2(l_sum), mask=row_ok)
+        Ob = O + (bh // H).to(tl.int64) * sob + (bh % H).to(tl.int64) * soh + rows.to(tl.int64)[:, None] * son
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             mask = row_ok[:, None] & (cols[None, :] < D)
@@ -277,8 +322,7 @@ if triton is not None:
                 stat = s * BH * Nq + row_offsets
                 w = tl.math.exp2(tl.load(PM + stat, mask=row_ok, other=0.0) - m)
                 acc += tl.load(PO + stat[:, None] * D + cols[None, :], mask=mask, other=0.0) * w[:, None]
-            tl.store(O + row_offsets[:, None] * D + cols[None, :], (acc / l_sum[:, None]).to(O.dtype.element_ty),
-                     mask=mask)
+            tl.store(Ob + cols[None, :] * sod, (acc / l_sum[:, None]).to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _unnormalize_grad(x, dxn, r):
@@ -423,24 +467,36 @@ def _splits(programs: int, nk: int, device: torch.device) -> int:
     return max(1, min(want, nk // (2 * _SPLIT_ALIGN)))
 
 
-def _inv_norms(x: torch.Tensor) -> torch.Tensor:
+def _inv_norms(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, H, N) fp32 inverse row norms of x; with ``scale`` (H,) fp32, instead the rows
+    normalised and scaled by scale_h log2(e), (B, H, N, D) contiguous in x's dtype."""
     b, h, n, d = x.shape
-    r = torch.empty((b, h, n), device=x.device, dtype=torch.float32)
-    if r.numel():
-        grid = (triton.cdiv(n, 64), b * h)
-        _inv_norm_kernel[grid](x, r, n, d, h, *x.stride(), EPS, BLOCK_N=64, BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
-    return r
+    scaled = scale is not None
+    out = torch.empty((b, h, n, d) if scaled else (b, h, n), device=x.device,
+                      dtype=x.dtype if scaled else torch.float32)
+    if out.numel():
+        _inv_norm_kernel[(triton.cdiv(n, 64), b * h)](x, out, scale if scaled else out, n, d, h, *x.stride(), EPS,
+                                                      SCALED=scaled, BLOCK_N=64,
+                                                      BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
+    return out
+
+
+def _like(q: torch.Tensor) -> torch.Tensor:
+    """The output for q: q's layout where that is dense (the model's NCHW views, so the
+    rearrange back to NCHW is free), else contiguous."""
+    return torch.empty_like(q)
 
 
 def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: bool = False):
-    """(out, lse): out (B, H, Nq, D) contiguous in q's dtype, lse (B, H, Nq) fp32 log2-sum-exp.
+    """(out, lse): out (B, H, Nq, D) in q's dtype and layout (``_like``), lse (B, H, Nq) fp32
+    log2-sum-exp.
 
     ``splits`` forces the number of key splits; ``online_only`` disables the fixed-shift
     softmax (both for tests and benchmarks).
     """
     b, h, nq, d = q.shape
     nk = k.shape[2]
-    out = torch.empty((b, h, nq, d), device=q.device, dtype=q.dtype)
+    out = _like(q)
     lse = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
@@ -451,16 +507,16 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
         splits = _splits(triton.cdiv(nq, block_m) * b * h, nk, q.device)
     per_split = triton.cdiv(triton.cdiv(nk, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
     splits = triton.cdiv(nk, per_split)
-    rk = _inv_norms(k)
+    kn = _inv_norms(k, t32)
     if splits > 1:
         po = torch.empty((splits, b * h, nq, d), device=q.device, dtype=torch.float32)
         pl = torch.empty((splits, b * h, nq), device=q.device, dtype=torch.float32)
         pm = torch.empty_like(pl)
     else:
         po = pl = pm = lse  # unused
-    args = (q, k, v, t32, rk, out, lse, po, pl, pm, nq, nk, d, h, per_split, *q.stride(), *k.stride(), *v.stride())
+    args = (q, kn, v, t32, out, lse, po, pl, pm, nq, nk, h, per_split, *q.stride(), *v.stride(), *out.stride())
     constants = dict(P_RANGE=-1.0 if online_only else _P_RANGE[q.dtype], P_TOP=_P_TOP[q.dtype],
-                     PRECISION=_triton.precision(q.dtype), SPLIT=splits > 1, DA=da, DB=db)
+                     PRECISION=_triton.precision(q.dtype), SPLIT=splits > 1, D=d, DA=da, DB=db)
     if q.is_cuda and os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "1") != "0":
         _fwd_kernel_tuned[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits)](*args, **constants)
     else:
@@ -468,7 +524,7 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
                         lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args, **constants)
     if splits > 1:
         block_d = min(128, max(16, triton.next_power_of_2(d)))
-        _combine_kernel[(triton.cdiv(nq, 32), b * h)](po, pl, pm, out, lse, nq, d, b * h, splits,
+        _combine_kernel[(triton.cdiv(nq, 32), b * h)](po, pl, pm, out, lse, nq, d, h, splits, *out.stride(),
                                                       BLOCK_M=32, BLOCK_D=block_d)
     return out, lse
 
@@ -505,14 +561,14 @@ def _triton_backward(q, k, v, t32, out, lse, dout):
 @torch.library.custom_op("sipl_fast::cosine_attention_triton", mutates_args=())
 def cosine_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             temperature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: (out (B, H, Nq, D) contiguous, lse (B, H, Nq) fp32); temperature (H,)."""
+    """Triton forward: (out (B, H, Nq, D) in q's layout, lse (B, H, Nq) fp32); temperature (H,)."""
     return _triton_forward(q, k, v, temperature.float().contiguous())
 
 
 @cosine_attention_triton.register_fake
 def _(q, k, v, temperature):
     b, h, nq, d = q.shape
-    return q.new_empty((b, h, nq, d)), q.new_empty((b, h, nq), dtype=torch.float32)
+    return _like(q), q.new_empty((b, h, nq), dtype=torch.float32)
 
 
 @torch.library.custom_op("sipl_fast::cosine_attention_triton_bwd", mutates_args=())

@@ -1,0 +1,79 @@
+"""The measured backend choice ("fastest"), shared by every op: it times the backends that the
+automatic choice could take, once per call signature, keeps the fastest, never measures during
+CUDA-graph capture and never picks a backend that ran out of memory."""
+import time
+
+import pytest
+import torch
+
+from sipl_fast import ops
+from sipl_fast.ops import _backend
+from sipl_fast.ops._backend import Backend, BackendError, choose
+
+
+@pytest.fixture(autouse=True)
+def fresh_measurements(monkeypatch):
+    monkeypatch.setattr(_backend, "_measured", {})
+
+
+def fake_backends(seconds, calls):
+    """Backends that sleep for their time; "refuses" can never run, "manual" is never automatic."""
+    def make(name):
+        def fn(x):
+            calls.append(name)
+            if seconds[name] == "oom":
+                raise torch.cuda.OutOfMemoryError("fake")
+            time.sleep(seconds[name])
+            return x
+        return Backend(name, fn, lambda x: "never" if name == "refuses" else None,
+                       automatic=lambda x: name != "manual")
+    return {name: make(name) for name in seconds}
+
+
+def test_fastest_measures_once_per_signature_and_keeps_the_winner():
+    calls = []
+    backends = fake_backends({"cuda": 0.02, "triton": 0.0, "torch": 0.01, "refuses": 0.0, "manual": 0.0}, calls)
+    preference = ("refuses", "manual", "cuda", "triton", "torch")
+    x = torch.zeros(3, 5)
+    assert choose("op", backends, preference, None, x).name == "cuda"  # automatic: the first that can run
+    assert choose("op", backends, preference, "fastest", x).name == "triton"
+    assert sorted(set(calls)) == ["cuda", "torch", "triton"]  # the refusing and manual-only ones are not timed
+    calls.clear()
+    assert choose("op", backends, preference, "fastest", x).name == "triton"
+    assert calls == []  # remembered
+    choose("op", backends, preference, "fastest", torch.zeros(3, 6))  # a new shape is measured again
+    choose("op", backends, preference, "fastest", torch.zeros(5, 3).t())  # and a new layout
+    assert ops.measured_choices() == {"op": {"triton": 3}}
+
+
+def test_fastest_never_takes_a_backend_that_ran_out_of_memory():
+    backends = fake_backends({"cuda": "oom", "torch": 0.01}, [])
+    assert choose("op", backends, ("cuda", "torch"), "fastest", torch.zeros(2)).name == "torch"
+
+
+def test_no_measuring_during_graph_capture(monkeypatch):
+    calls = []
+    backends = fake_backends({"cuda": 0.01, "torch": 0.0}, calls)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert choose("op", backends, ("cuda", "torch"), "fastest", torch.zeros(2)).name == "cuda"
+    assert calls == [] and ops.measured_choices() == {}
+
+
+def test_fastest_from_the_environment_and_scopes(monkeypatch):
+    backends = fake_backends({"cuda": 0.01, "torch": 0.0}, [])
+    monkeypatch.setenv("SIPL_FAST_BACKEND", "fastest")
+    assert choose("op", backends, ("cuda", "torch"), None, torch.zeros(2)).name == "torch"
+    monkeypatch.delenv("SIPL_FAST_BACKEND")
+    with ops.backend_scope({"op": "fastest"}):
+        assert choose("op", backends, ("cuda", "torch"), None, torch.zeros(4)).name == "torch"
+    with pytest.raises(BackendError, match="'auto' or 'fastest'"):
+        choose("op", backends, ("cuda", "torch"), "fasttest", torch.zeros(2))
+
+
+def test_a_real_op_with_one_candidate_is_not_measured():
+    x = torch.randn(2, 6, 5, 7)
+    w, b = torch.rand(6), torch.randn(6)
+    out = ops.layer_norm2d(x, w, b, backend="fastest")
+    torch.testing.assert_close(out, ops.layer_norm2d(x, w, b, backend="torch"), rtol=0, atol=0)
+    assert ops.measured_choices() == {}
