@@ -8,13 +8,14 @@ dtype (all against float64 on the same inputs).
 """
 import importlib
 import math
+import warnings
 
 import pytest
 import torch
 
 from sipl_fast import ops
 from sipl_fast.ops import BackendError, cosine_attention
-from sipl_fast.ops import cosine_attention_torch
+from sipl_fast.ops import _triton, cosine_attention_torch
 
 from conftest import cosine_attention_f64 as independent
 
@@ -142,6 +143,45 @@ def test_extreme_temperature_does_not_underflow():
         assert torch.isfinite(out).all()
         naive = cosine_attention_torch(*to(dtype, q, k, v, t))
         assert max_err(out, ref) <= (1e-5 if dtype == torch.float32 else 2 * max_err(naive, ref))
+
+
+def test_compile_configs_warms_each_config_once_and_never_fails_the_call(monkeypatch):
+    """The launcher's part (a GPU test below checks Triton's): every config's options reach
+    warmup once per key; a Triton that cannot warm up gives a warning, not an error."""
+    import triton
+
+    class Kernel:
+        def __init__(self, fails=False):
+            self.calls, self.fails = [], fails
+
+        def warmup(self, *args, grid, **kwargs):
+            if self.fails:
+                raise TypeError("no warmup here")
+            self.calls.append((args, kwargs))
+
+    monkeypatch.setattr(_triton, "_compiled", set())
+    configs = module._fwd_configs_for(96, torch.float16)
+    kernel = Kernel()
+    for _ in range(2):
+        _triton.compile_configs(kernel, ("key",), configs, "a", D=96)
+    assert [kw["num_warps"] for _, kw in kernel.calls] == [c.num_warps for c in configs]
+    assert all(args == ("a",) and kw["D"] == 96 and "BLOCK_M" in kw for args, kw in kernel.calls)
+    with pytest.warns(RuntimeWarning, match="one at a time"):
+        _triton.compile_configs(Kernel(fails=True), ("key",), [triton.Config({})])
+
+
+@needs_cuda
+def test_autotuned_forward_compiles_its_configs_at_once(monkeypatch):
+    """With the autotuner on, the first call compiles every tile config in threads (no warning
+    that this Triton cannot), then tunes; the result is right."""
+    monkeypatch.setenv("SIPL_FAST_TRITON_AUTOTUNE", "1")
+    q, k, v, t = inputs(2, 2, 300, 200, 40, [2.0, 9.0])
+    ref = cosine_attention_torch(q, k, v, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = cosine_attention(*to(torch.bfloat16, q, k, v), t.float().to(DEVICE), backend="triton")
+    assert any(kernel is module._fwd_kernel for kernel, _ in _triton._compiled)
+    assert max_err(out, ref) <= 2 * max_err(cosine_attention_torch(*to(torch.bfloat16, q, k, v, t)), ref)
 
 
 # ------------------------------------------------------------------ backward (Triton)

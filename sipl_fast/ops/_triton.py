@@ -7,6 +7,8 @@ whose kernels multiply matrices refuse bf16 there.
 from __future__ import annotations
 
 import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -70,3 +72,26 @@ def launch_fitting(kernel, key, configs, grid, *args, **constants) -> None:
             continue
         _fitting[(kernel, key)] = i
         return
+
+
+_compiled: set = set()  # (kernel, key) already compiled by compile_configs
+
+
+def compile_configs(kernel, key, configs, *args, **constants) -> None:
+    """Compile ``kernel`` for every one of ``configs`` at once, in threads (Triton's asynchronous
+    compilation), before an autotuner times them: otherwise the first call of a new shape
+    compiles them one after another (seconds each). Once per ``key``; where this Triton cannot
+    compile asynchronously, a warning, and the autotuner compiles as usual."""
+    if (kernel, key) in _compiled:
+        return
+    _compiled.add((kernel, key))
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+
+        with ThreadPoolExecutor(max_workers=min(len(configs), os.cpu_count() or 1)) as pool, \
+                AsyncCompileMode(pool, ignore_errors=True):  # a config that fails is the autotuner's to skip
+            for cfg in configs:
+                kernel.warmup(*args, grid=(1,), **constants, **cfg.all_kwargs())
+    except Exception as e:  # noqa: BLE001 - an optimisation only
+        warnings.warn(f"sipl_fast: Triton configurations compile one at a time here ({type(e).__name__}: {e})",
+                      RuntimeWarning, stacklevel=2)

@@ -45,9 +45,10 @@ MAX_D = 512
 
 # Forward tiles by head dim: the fp32 accumulator is BLOCK_M x D registers, so large D takes
 # fewer rows; fp32 operands take twice the shared memory. On a GPU the autotuner picks among
-# these (per D and dtype, at the first call; SIPL_FAST_TRITON_AUTOTUNE=0 skips it and takes
-# the first, as the interpreter does). Compiled for sm_90a, BLOCK_M = 128 with 4 warps spills
-# hundreds of bytes of registers per thread: those tiles take 8 warps.
+# these (per D and dtype, at the first call, all compiled at once in threads;
+# SIPL_FAST_TRITON_AUTOTUNE=0 skips it and takes the first, as the interpreter does).
+# Compiled for sm_90a, BLOCK_M = 128 with 4 warps spills hundreds of bytes of registers per
+# thread: those tiles take 8 warps.
 def _configs(block_m, *shapes):
     return [triton.Config(dict(BLOCK_M=block_m, BLOCK_N=bn), num_warps=w, num_stages=s) for bn, w, s in shapes]
 
@@ -518,6 +519,7 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
     constants = dict(P_RANGE=-1.0 if online_only else _P_RANGE[q.dtype], P_TOP=_P_TOP[q.dtype],
                      PRECISION=_triton.precision(q.dtype), SPLIT=splits > 1, D=d, DA=da, DB=db)
     if q.is_cuda and os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "1") != "0":
+        _triton.compile_configs(_fwd_kernel, (d, q.dtype, splits > 1, online_only), configs, *args, **constants)
         _fwd_kernel_tuned[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits)](*args, **constants)
     else:
         _triton.launch_fitting(_fwd_kernel, (d, q.dtype, splits > 1, online_only), configs,
