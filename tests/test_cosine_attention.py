@@ -170,20 +170,6 @@ def test_compile_configs_warms_each_config_once_and_never_fails_the_call(monkeyp
         _triton.compile_configs(Kernel(fails=True), ("key",), [triton.Config({})])
 
 
-@needs_cuda
-def test_autotuned_forward_compiles_its_configs_at_once(monkeypatch):
-    """With the autotuner on, the first call compiles every tile config in threads (no warning
-    that this Triton cannot), then tunes; the result is right."""
-    monkeypatch.setenv("SIPL_FAST_TRITON_AUTOTUNE", "1")
-    q, k, v, t = inputs(2, 2, 300, 200, 40, [2.0, 9.0])
-    ref = cosine_attention_torch(q, k, v, t)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        out = cosine_attention(*to(torch.bfloat16, q, k, v), t.float().to(DEVICE), backend="triton")
-    assert any(kernel is module._fwd_kernel for kernel, _ in _triton._compiled)
-    assert max_err(out, ref) <= 2 * max_err(cosine_attention_torch(*to(torch.bfloat16, q, k, v, t)), ref)
-
-
 # ------------------------------------------------------------------ backward (Triton)
 def grads(fn, dtype, q, k, v, t, dout):
     xs = [x.to(DEVICE, dtype).detach().requires_grad_() for x in (q, k, v, t)]
@@ -207,6 +193,24 @@ def test_backward_matches_autograd(dtype, case):
     for name, g, n, r in zip("qkvt", got, naive, ref):
         assert g.shape == r.shape and g.dtype == dtype, name
         assert max_err(g, r) <= factor * max_err(n, r), name
+
+
+@needs_cuda
+def test_autotuned_kernels_compile_their_configs_at_once(monkeypatch):
+    """With the autotuner on, the first forward and backward calls compile every tile config in
+    threads (no warning that this Triton cannot), then tune; the results are right."""
+    monkeypatch.setenv("SIPL_FAST_TRITON_AUTOTUNE", "1")
+    q, k, v, t = inputs(2, 2, 300, 200, 40, [2.0, 9.0])
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = grads(cosine_attention_torch, torch.float64, q, k, v, t, dout)
+    naive = grads(cosine_attention_torch, torch.bfloat16, q, k, v, t, dout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = grads(lambda *a: cosine_attention(*a, backend="triton"), torch.bfloat16, q, k, v, t, dout)
+    compiled = {kernel for kernel, _ in _triton._compiled}
+    assert {module._fwd_kernel, module._bwd_dkdv_kernel, module._bwd_dq_kernel} <= compiled
+    for name, g, n, r in zip("qkvt", got, naive, ref):
+        assert max_err(g, r) <= 2 * max_err(n, r), name
 
 
 # ------------------------------------------------------------------ registration

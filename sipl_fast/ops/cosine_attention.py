@@ -61,20 +61,27 @@ _FWD_CONFIGS = {
     (True, False): _configs(64, (32, 4, 2), (32, 8, 2), (64, 8, 1)) + _configs(32, (32, 4, 1)),  # fp32, D <= 128
     (True, True): _configs(32, (16, 4, 1), (32, 8, 1)) + _configs(16, (16, 4, 1)),  # fp32, D > 128
 } if triton else {}
-# Backward tiles (BLOCK_M, BLOCK_N, warps, stages): four BLOCK x D operands and two fp32
-# accumulators per program, D padded to a power of two.
+# Backward tiles (BLOCK_M, BLOCK_N, warps, stages) of the dk/dv and the dq kernel: four BLOCK x D
+# operands and two fp32 accumulators per program, D padded to a power of two. The first of each
+# list is the default (no autotuning) and, for 16-bit D <= 128, compiles for sm_90a without
+# spilling registers; on a GPU the autotuner picks among them, as for the forward.
 _BWD_CONFIGS = {
-    (False, False): [(64, 64, 8, 2), (32, 64, 4, 1), (32, 32, 4, 1)],
-    (False, True): [(32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
-    (True, False): [(32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],
-    (True, True): [(16, 16, 4, 1)],
+    (False, False): ([(64, 32, 8, 2), (32, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (32, 32, 4, 1)],
+                     [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 1)]),
+    (False, True): ([(32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],) * 2,
+    (True, False): ([(32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],) * 2,
+    (True, True): ([(16, 16, 4, 1)],) * 2,
 }
+
+
+def _bwd_configs_for(d: int, dtype: torch.dtype, which: int):
+    """triton.Config list of the dk/dv (which=0) or dq (which=1) kernel."""
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
+            for bm, bn, w, st in _BWD_CONFIGS[dtype == torch.float32, d > 128][which]]
+
+
 def _fwd_configs_for(d: int, dtype: torch.dtype):
     return _FWD_CONFIGS[dtype == torch.float32, d > 128]
-
-
-def _prune_fwd_configs(configs, nargs, **kwargs):
-    return _fwd_configs_for(kwargs["D"], nargs["Q"].dtype)
 
 
 def cosine_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -287,10 +294,6 @@ if triton is not None:
                 tl.store(Ob + db[None, :] * sod, (acc_b * inv_l[:, None]).to(O.dtype.element_ty),
                          mask=row_ok[:, None])
 
-    _fwd_kernel_tuned = triton.autotune(
-        configs=[c for group in _FWD_CONFIGS.values() for c in group], key=["D"],
-        prune_configs_by={"early_config_prune": _prune_fwd_configs},
-    )(_fwd_kernel)
 
     @triton.jit
     def _combine_kernel(PO, PL, PM, O, LSE, Nq, D, H, SPLITS, sob, soh, son, sod,
@@ -382,19 +385,19 @@ if triton is not None:
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kmask)
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, dt_stride, Nq, Nk, D, H,
+    def _bwd_dq_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, Nq, Nk, D, H,
                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_D: tl.constexpr):
-        """dq and this block's share of dt for BLOCK_M queries of one (b, h), looping over the keys.
+        """dq and the rows' shares of dt for BLOCK_M queries of one (b, h), looping over the keys.
 
         ds = p (dO v^T - delta) is the gradient of the logits t c; dqn = t ds kn
         goes through q's normalisation. dt = sum_ij ds c is a sum over all rows, so
         its per-row error must not be biased: it is formed from row sums of p, p c,
         p dp and p dp c as E[dp c] - E[dp] E[c] under p / sum(p). That takes neither
         delta (from the rounded output) nor the exact scale of p (from the fp32 lse).
-        The dt shares are written per program and summed by the caller
-        (deterministic, no atomics).
+        The dt shares are written per row (DT, (B*H, Nq)) and summed by the caller
+        (deterministic, no atomics, and the same whatever BLOCK_M the autotuner takes).
         """
         bh, b, h, t = _program_head(T, H)
         t2 = t * 1.4426950408889634  # exp2 units
@@ -440,7 +443,22 @@ if triton is not None:
         tl.store(DQ + stats[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
         sum_p = tl.where(row_ok, sum_p, 1.0)
         dt = tl.where(row_ok, (sum_pdpc - sum_pdp * sum_pc / sum_p) / sum_p, 0.0)
-        tl.store(DT + bh.to(tl.int64) * dt_stride + tl.program_id(0), tl.sum(dt, axis=0))
+        tl.store(DT + stats, dt, mask=row_ok)
+
+
+if triton is not None:
+    # Autotuned launches (on a GPU; the configs that apply to the call's D and dtype only)
+    _fwd_kernel_tuned = triton.autotune(
+        configs=[c for group in _FWD_CONFIGS.values() for c in group], key=["D"],
+        prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: _fwd_configs_for(kw["D"], nargs["Q"].dtype)},
+    )(_fwd_kernel)
+    _bwd_dkdv_tuned, _bwd_dq_tuned = (
+        triton.autotune(
+            configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
+                     for lists in _BWD_CONFIGS.values() for bm, bn, w, st in lists[which]], key=["D"],
+            prune_configs_by={"early_config_prune": lambda configs, nargs, which=which, **kw:
+                              _bwd_configs_for(nargs["D"], nargs["Q"].dtype, which)},
+        )(kernel) for which, kernel in ((0, _bwd_dkdv_kernel), (1, _bwd_dq_kernel)))
 
 
 # ----------------------------------------------------------------------------- Triton launchers
@@ -539,24 +557,27 @@ def _triton_backward(q, k, v, t32, out, lse, dout):
     dq = torch.empty((b, h, nq, d), device=q.device, dtype=q.dtype)
     dk = torch.empty((b, h, nk, d), device=q.device, dtype=k.dtype)
     dv = torch.empty((b, h, nk, d), device=q.device, dtype=v.dtype)
-    configs = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
-               for bm, bn, w, st in _BWD_CONFIGS[q.dtype == torch.float32, d > 128]]
-    dt = torch.zeros((b * h, triton.cdiv(max(nq, 1), 16)), device=q.device, dtype=torch.float32)
+    dt = torch.zeros((b * h, nq), device=q.device, dtype=torch.float32)
     if q.numel() and k.numel():
         delta = (dout.float() * out.float()).sum(-1)
         rq, rk = _inv_norms(q), _inv_norms(k)
         args = (q, k, v, t32, rq, rk, dout, lse, delta)
         sizes = (nq, nk, d, h, *q.stride(), *k.stride(), *v.stride())
         constants = dict(PRECISION=_triton.precision(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)))
-        key = (d, q.dtype)
-        _triton.launch_fitting(_bwd_dkdv_kernel, key, configs, lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * h),
-                        *args, dk, dv, *sizes, **constants)
-        _triton.launch_fitting(_bwd_dq_kernel, key, configs, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h),
-                        *args, dq, dt, dt.shape[1], *sizes, **constants)
+        tune = q.is_cuda and os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "1") != "0"
+        for which, kernel, tuned, outputs, grid in (
+                (0, _bwd_dkdv_kernel, _bwd_dkdv_tuned, (dk, dv), lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * h)),
+                (1, _bwd_dq_kernel, _bwd_dq_tuned, (dq, dt), lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h))):
+            configs = _bwd_configs_for(d, q.dtype, which)
+            if tune:
+                _triton.compile_configs(kernel, (d, q.dtype), configs, *args, *outputs, *sizes, **constants)
+                tuned[grid](*args, *outputs, *sizes, **constants)
+            else:
+                _triton.launch_fitting(kernel, (d, q.dtype), configs, grid, *args, *outputs, *sizes, **constants)
     else:
         dk.zero_()
         dv.zero_()
-    return dq, dk, dv, dt.view(b, h, -1).sum((0, 2))
+    return dq, dk, dv, dt.view(b, h, nq).sum((0, 2))
 
 
 # ----------------------------------------------------------------------------- custom ops
