@@ -28,6 +28,8 @@ from typing import Callable, Dict, Mapping, Optional, Union
 
 import torch
 
+from . import _triton
+
 __all__ = ["FASTEST", "KERNEL_DTYPES", "BackendError", "Backend", "backend_scope", "choose", "cuda_problem",
            "forward_only_problem", "measured_choices", "needs_grad"]
 
@@ -89,12 +91,18 @@ def needs_grad(*tensors) -> bool:
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def forward_only_problem(kernel: str, x: torch.Tensor, *tensors) -> Optional[str]:
-    """Why a forward-only kernel cannot take this call (x's dtype, or gradients), else None."""
+def forward_only_problem(kernel: str, x: torch.Tensor, *tensors, dots: bool = False) -> Optional[str]:
+    """Why a forward-only ``kernel`` ("triton" or "cuda") cannot take this call, else None: no
+    way to run it on x's device (``dots``: its Triton kernel multiplies matrices), x's dtype,
+    or gradients."""
+    reason = _triton.problem(x, dots) if kernel == "triton" else cuda_problem(x)
+    if reason is not None:
+        return reason
     if x.dtype not in KERNEL_DTYPES:
         return f"dtype {x.dtype} is not one of float32, float16, bfloat16"
     if needs_grad(x, *tensors):
-        return f"the {kernel} kernel is forward-only and this call needs gradients (use 'torch')"
+        name = {"triton": "Triton", "cuda": "CUDA"}[kernel]
+        return f"the {name} kernel is forward-only and this call needs gradients (use 'torch')"
     return None
 
 

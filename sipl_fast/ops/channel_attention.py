@@ -247,13 +247,11 @@ def _(q, k, v, temperature, proj_weight=None, proj_bias=None):
 
 
 # ----------------------------------------------------------------------------- backend choice
-def _triton_why_not(q, k, v, temperature, proj_weight=None, proj_bias=None) -> Optional[str]:
-    return _triton.problem(q, dots=True) or forward_only_problem("Triton", q, k, v, temperature, proj_weight, proj_bias)
-
-
 BACKENDS = {
     "torch": Backend("torch", channel_attention_torch, lambda *a, **kw: None),
-    "triton": Backend("triton", channel_attention_triton, _triton_why_not, automatic=lambda q, *a, **kw: q.is_cuda),
+    "triton": Backend("triton", channel_attention_triton,
+                      lambda q, *tensors: forward_only_problem("triton", q, *tensors, dots=True),
+                      automatic=lambda q, *a, **kw: q.is_cuda),
 }
 PREFERENCE = ("triton", "torch")  # not yet ranked by measurement on a GPU
 

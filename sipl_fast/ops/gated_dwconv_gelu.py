@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _layout, _triton
-from ._backend import Backend, choose, cuda_problem, forward_only_problem
+from . import _layout
+from ._backend import Backend, choose, forward_only_problem
 
 try:
     import triton
@@ -147,19 +147,12 @@ gated_dwconv_gelu_cuda.register_fake(_fake)
 
 
 # ----------------------------------------------------------------------------- backend choice
-def _triton_why_not(x, weight, mode, bias) -> Optional[str]:
-    return _triton.problem(x) or forward_only_problem("Triton", x, weight, bias)
-
-
-def _cuda_why_not(x, weight, mode, bias) -> Optional[str]:
-    return forward_only_problem("CUDA", x, weight, bias) or cuda_problem(x)
-
-
 BACKENDS = {
     "torch": Backend("torch", gated_dwconv_gelu_torch, lambda *a: None),
     "triton": Backend("triton", lambda x, w, mode, b: gated_dwconv_gelu_triton(x, w, b, mode == "dual"),
-                      _triton_why_not, automatic=lambda x, *a: x.is_cuda),
-    "cuda": Backend("cuda", lambda x, w, mode, b: gated_dwconv_gelu_cuda(x, w, b, mode == "dual"), _cuda_why_not),
+                      lambda x, w, mode, b: forward_only_problem("triton", x, w, b), automatic=lambda x, *a: x.is_cuda),
+    "cuda": Backend("cuda", lambda x, w, mode, b: gated_dwconv_gelu_cuda(x, w, b, mode == "dual"),
+                    lambda x, w, mode, b: forward_only_problem("cuda", x, w, b)),
 }
 # Not yet ranked by measurement on a GPU: Triton (checked in the interpreter) ahead of the
 # CUDA C++ kernel, which has only been compiled so far.

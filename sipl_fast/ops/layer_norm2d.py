@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
-from . import _layout, _triton
-from ._backend import Backend, choose, cuda_problem, forward_only_problem
+from . import _layout
+from ._backend import Backend, choose, forward_only_problem
 
 try:
     import triton
@@ -119,18 +119,11 @@ def _(x, weight, bias, eps=1e-5):
     return torch.empty_like(_layout.dense(x))
 
 
-def _triton_why_not(x, weight, bias, eps) -> Optional[str]:
-    return _triton.problem(x) or forward_only_problem("Triton", x, weight, bias)
-
-
-def _cuda_why_not(x, weight, bias, eps) -> Optional[str]:
-    return forward_only_problem("CUDA", x, weight, bias) or cuda_problem(x)
-
-
 BACKENDS = {
     "torch": Backend("torch", layer_norm2d_torch, lambda *a: None),
-    "cuda": Backend("cuda", layer_norm2d_cuda, _cuda_why_not),
-    "triton": Backend("triton", layer_norm2d_triton, _triton_why_not, automatic=lambda x, *args: x.is_cuda),
+    "cuda": Backend("cuda", layer_norm2d_cuda, lambda x, w, b, eps: forward_only_problem("cuda", x, w, b)),
+    "triton": Backend("triton", layer_norm2d_triton, lambda x, w, b, eps: forward_only_problem("triton", x, w, b),
+                      automatic=lambda x, *args: x.is_cuda),
 }
 PREFERENCE = ("cuda", "triton", "torch")  # not yet ranked by measurement on a GPU
 
