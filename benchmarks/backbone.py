@@ -2,11 +2,12 @@
 
 Sections, each on the shapes SIPL meets at a 512x512 input:
 
-- ``layer_norm2d``, ``channel_attention``, ``gated_dwconv_gelu``: the cases of the one-op
+- ``layer_norm2d``, ``conv1x1``, ``channel_attention``, ``gated_dwconv_gelu``: the cases of the one-op
   scripts of those names (eager fp32 / bf16, ``torch.compile`` bf16, every fast backend);
 - ``transformer_block``: ``x + MDTA(LN(x))``, then ``+ GDFN(LN(x))``, as the reference block
   eager in fp32 and bf16 and ``torch.compile``'d in bf16 (all on the torch backend), and the
-  engine's block (``project_out`` folded into MDTA) with every op on Triton (``triton-bf16``),
+  engine's block (the norms inside the 1x1 convolutions, ``project_out`` and the residual adds
+  folded in) with every op on Triton (``triton-bf16``),
   with the CUDA C++ kernels where they exist (``cuda-bf16``), with the automatic order
   (``auto-bf16``) and with the measured choice per op (``fastest-bf16``, as FastSIPL runs).
 
@@ -23,22 +24,25 @@ import copy
 import torch
 
 import channel_attention
+import conv1x1
 import gated_dwconv_gelu
 import layer_norm2d
 from _common import Case, pick_shapes, report_cases, run_cases, setup
 from sipl_fast import ops
-from sipl_fast.engine import _EngineTransformerBlock
+from sipl_fast.engine import engine_blocks
 from sipl_fast.model import TransformerBlock
 
 # (dim, heads, side) of the TransformerBlocks at a 512x512 input, and blocks per pass:
 # decoder level 1 + refinement, encoder level 1, levels 2 and 3, the latent
 BLOCKS = [((96, 1, 512), 16), ((48, 1, 512), 8), ((96, 2, 256), 24), ((192, 4, 128), 24), ((384, 8, 64), 16)]
 QUICK_BLOCKS = [((16, 2, 24), 1)]
-OP_SCRIPTS = {"layer_norm2d": layer_norm2d, "channel_attention": channel_attention,
+OP_SCRIPTS = {"layer_norm2d": layer_norm2d, "conv1x1": conv1x1, "channel_attention": channel_attention,
               "gated_dwconv_gelu": gated_dwconv_gelu}
 # Backends per op of the fast block variants (ops not named choose automatically)
+# (cuda-bf16: the norms as the CUDA C++ layer_norm2d, conv1x1 unfused around it)
 FAST_BLOCKS = {"triton-bf16": "triton", "cuda-bf16": {"layer_norm2d": "cuda", "gated_dwconv_gelu": "cuda",
-                                                      "channel_attention": "triton"}, "auto-bf16": "auto",
+                                                      "channel_attention": "triton", "conv1x1": "torch"},
+               "auto-bf16": "auto",
                "fastest-bf16": ops.FASTEST}
 
 
@@ -58,8 +62,7 @@ def block_cases(device: torch.device, wanted, shapes):
             for p in block.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         low = copy.deepcopy(block).to(torch.bfloat16)
-        fast = copy.deepcopy(low)
-        fast.__class__ = _EngineTransformerBlock
+        fast = engine_blocks(copy.deepcopy(low))
         x = torch.randn(1, dim, side, side, device=device)
         xb = x.to(torch.bfloat16)
         compiled = torch.compile(low)
@@ -76,7 +79,7 @@ def block_cases(device: torch.device, wanted, shapes):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", default="layer_norm2d,channel_attention,gated_dwconv_gelu,transformer_block")
+    parser.add_argument("--ops", default="layer_norm2d,conv1x1,channel_attention,gated_dwconv_gelu,transformer_block")
     args, device, wanted, which, bandwidth = setup(parser)
     cases = []
     for op in args.ops.split(","):

@@ -1,4 +1,5 @@
-"""Peak memory of the SIPL loop, estimated without a GPU: the reference against FastSIPL.
+"""Peak memory and memory traffic of the SIPL loop, estimated without a GPU: the reference
+against FastSIPL.
 
 The published model runs on a fake CUDA device (PyTorch's FakeTensorMode: shapes, dtypes and
 strides, no data), and every tensor an op creates is counted while it lives (its storage's
@@ -7,6 +8,9 @@ allocator reports as ``max_memory_allocated`` less its rounding and fragmentatio
 library workspaces (checked against a measured peak: 36.9 GiB estimated for the reference in
 fp32 at 2048x2048, 38.6 GiB measured on an H200). The fused kernels count through their fake
 implementations, which allocate what the kernels return; FastSIPL runs on the Triton backend.
+"GB moved" adds up, over every op that is not a view, the bytes of its tensor arguments and
+results: what the loop reads and writes at least if each op streams its operands once (most of
+the loop is memory-bound, so this over the device's bandwidth is a floor for its time).
 
 Variants: ``eager-fp32``/``eager-bf16`` (``sipl_fast.restore`` on the torch backend: the
 published computation) and ``fast-fp32``/``fast-bf16`` (FastSIPL). Usage:
@@ -34,13 +38,18 @@ from sipl_fast import SIPL, SIPLConfig, FastSIPL, ops, restore
 VARIANTS = ("eager-fp32", "eager-bf16", "fast-fp32", "fast-bf16")
 
 
+_NO_TRAFFIC = {"empty", "empty_like", "new_empty", "empty_strided"}  # allocate only
+
+
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of every storage an op creates, until the storage is freed; ``peak`` is
-    the largest total, ``at_peak`` the largest tensors alive then (bytes, shape, dtype, op)."""
+    the largest total, ``at_peak`` the largest tensors alive then (bytes, shape, dtype, op);
+    ``moved`` the bytes each op that is not a view reads and writes (its tensor arguments and
+    results), summed."""
 
     def __init__(self):
         super().__init__()
-        self.live, self.now, self.peak, self.at_peak = {}, 0, 0, []
+        self.live, self.now, self.peak, self.at_peak, self.moved = {}, 0, 0, [], 0
 
     def _count(self, tensor: torch.Tensor, op: str) -> None:
         storage = tensor.untyped_storage()
@@ -59,9 +68,12 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._count(t, str(func))
+        results = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        for t in results:
+            self._count(t, str(func))
+        if not func.is_view and func.namespace != "prim" and func.overloadpacket.__name__ not in _NO_TRAFFIC:
+            operands = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+            self.moved += sum(t.numel() * t.element_size() for t in operands + results)
         return out
 
 
@@ -119,13 +131,15 @@ def main(argv=None) -> None:
         for name in names:
             tracker = estimate(name, size, args.iterations, config)
             row[f"{name} GiB"] = tracker.peak / 2**30
-            print(f"[{row['size']}] {name}: {tracker.peak / 2**30:.2f} GiB; largest then: "
+            row[f"{name} GB moved"] = tracker.moved / 1e9
+            print(f"[{row['size']}] {name}: {tracker.peak / 2**30:.2f} GiB, {tracker.moved / 1e9:.1f} GB moved; largest then: "
                   + ", ".join(f"{n / 2**30:.2f} GiB {list(s)} {str(d)[6:]} ({op})" for n, s, d, op in tracker.at_peak[:3]),
                   flush=True)
         for name in names[1:]:
             row[f"{name} / {names[0]}"] = row[f"{name} GiB"] / row[f"{names[0]} GiB"]
         rows.append(row)
-    columns = ["size"] + [f"{n} GiB" for n in names] + [f"{n} / {names[0]}" for n in names[1:]]
+    columns = (["size"] + [f"{n} GiB" for n in names] + [f"{n} / {names[0]}" for n in names[1:]]
+               + [f"{n} GB moved" for n in names])
     env = environment(torch.device("cpu"))
     env.update({"device": "none (FakeTensorMode, a fake CUDA device)",
                 "model": "tiny (quick)" if args.quick else "published configuration",

@@ -6,11 +6,14 @@ returns. Every change is an exact rewrite of the published computation:
 - **the encoder once per iteration**: the published loop runs ``net(img)`` and then
   ``net(img, privileged=F)``, two encoder passes over the same image; here one encoder pass
   feeds both decoders (the 2-iteration loop at 512x512 drops from 7.18 to 6.37 TFLOP);
-- **LayerNorm affine folded**: where a LayerNorm feeds only a 1x1 convolution (``qkv`` and
-  ``project_in`` of every block, the cross blocks' ``kv``), its per-channel scale and shift
-  move into that convolution's weight and bias, once;
+- **LayerNorms inside the 1x1 convolutions**: where a LayerNorm feeds only a 1x1 convolution
+  (``qkv`` and ``project_in`` of every block, the cross blocks' ``kv``), its per-channel scale
+  and shift move into that convolution's weight and bias, once, and the normalisation runs
+  inside the convolution (``ops.conv1x1``): the normalised copy never reaches memory;
 - **MDTA's output projection folded**: ``project_out`` (a 1x1 convolution) times the
   block-diagonal attention maps is one matrix per image, applied to v in one product;
+- **residual adds inside the products before them**: MDTA's (in that product), the GDFN's
+  and the cross attention's (in ``project_out``, ``ops.conv1x1``);
 - **dictionary keys/values once**: in the dictionary-only pass, Proxy Fusion attends to the
   learned dictionaries, so the key/value side of ``cross_p1..3`` (LayerNorm, 1x1 and depthwise
   convolutions of the dictionary) depends on the weights alone: computed at construction;
@@ -50,7 +53,7 @@ from einops import rearrange
 from . import ops
 from .checkpoint import load_model
 from .loops import _check_images, _check_iterations, pad_to_multiple
-from .model import SIPL, CrossBlock, LayerNorm, TransformerBlock
+from .model import SIPL, CrossBlock, FeedForward, LayerNorm, TransformerBlock
 from .tiling import tiled
 
 __all__ = ["FastSIPL"]
@@ -63,52 +66,71 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 BAND_BYTES = 512 * 2**20
 
 
-def _by_rows(fn, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``fn(x)`` (+ ``residual``) for an ``fn`` whose output row r reads input rows r-1..r+1 only
-    (1x1 and depthwise 3x3 convolutions, per-pixel norms and gates): computed in bands of rows,
-    each with one row of halo on either side, so that fn's wide intermediates (the GDFN's
-    2*hidden channels, MDTA's q, k, v before their depthwise convolution) exist one band at a
-    time. Images whose intermediates fit ``BAND_BYTES`` run whole."""
+def _by_rows(fn, x: torch.Tensor, tail=None) -> torch.Tensor:
+    """``tail(fn(x), rows)`` for an ``fn`` whose output row r reads input rows r-1..r+1 only
+    (1x1 and depthwise 3x3 convolutions, per-pixel norms and gates) and a per-pixel ``tail``
+    (given the slice of rows its input covers, to read other full-size tensors there): computed
+    in bands of rows, each with one row of halo on either side for fn, so that fn's wide
+    intermediates (the GDFN's 2*hidden channels, MDTA's q, k, v before their depthwise
+    convolution) exist one band at a time. Images whose intermediates fit ``BAND_BYTES`` run whole."""
     b, c, h, w = x.shape
     rows = max(1, BAND_BYTES // max(1, 8 * c * b * w * x.element_size()))  # GDFN: 5.3 c, then 2.7 c wide
     if rows >= h:
         y = fn(x)
-        return y if residual is None else residual + y
+        return y if tail is None else tail(y, slice(None))
     out = None
     for r0 in range(0, h, rows):
         r1 = min(r0 + rows, h)
         lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
         y = fn(x[:, :, lo:hi])[:, :, r0 - lo:r1 - lo]
-        if residual is not None:
-            y = residual[:, :, r0:r1] + y
+        if tail is not None:
+            y = tail(y, slice(r0, r1))
         if out is None:
             out = y.new_empty((b, y.shape[1], h, w))
         out[:, :, r0:r1] = y
     return out
 
 
+def _normed_conv(norm: LayerNorm, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(norm(x))`` for a 1x1 ``conv`` into which ``norm``'s affine was folded
+    (``_fold_norm_affine``): one pass over x (``ops.conv1x1``)."""
+    return ops.conv1x1(x, conv.weight, conv.bias, normalize=True, eps=norm.body.eps)
+
+
+def _feed_forward(norm: LayerNorm, ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
+    """``x + ffn(norm(x))`` by rows: the norm inside ``project_in``, the residual add inside
+    ``project_out`` (``ops.conv1x1``)."""
+    gate = "dual" if ffn.dual_gate else "gdfn"
+    return _by_rows(lambda t: ops.gated_dwconv_gelu(_normed_conv(norm, ffn.project_in, t), ffn.dwconv.weight, gate,
+                                                    ffn.dwconv.bias), x,
+                    tail=lambda g, rows: ops.conv1x1(g, ffn.project_out.weight, ffn.project_out.bias,
+                                                     residual=x[:, :, rows]))
+
+
 class _EngineTransformerBlock(TransformerBlock):
-    """``x + MDTA(LN1(x))`` then ``+ GDFN(LN2(.))``, the local stages by rows (``_by_rows``), and
-    MDTA's ``project_out`` folded into the attention product (``ops.channel_attention``'s
-    ``proj_weight``): the merged heads never reach memory."""
+    """``x + MDTA(LN1(x))`` then ``+ GDFN(LN2(.))``, the local stages by rows (``_by_rows``), each
+    LayerNorm inside the 1x1 convolution after it, MDTA's ``project_out`` and the residual add
+    inside the attention product (``ops.channel_attention``'s ``proj_weight``, ``residual``):
+    neither the normalised x nor the merged heads reach memory."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn
         b, _, h, w = x.shape
-        qkv = _by_rows(lambda t: attn.qkv_dwconv(attn.qkv(self.norm1(t))), x)
+        qkv = _by_rows(lambda t: attn.qkv_dwconv(_normed_conv(self.norm1, attn.qkv, t)), x)
         q, k, v = (t.reshape(b, attn.num_heads, -1, h * w) for t in qkv.chunk(3, dim=1))
-        x = x + ops.channel_attention(q, k, v, attn.temperature, attn.project_out.weight,
-                                      attn.project_out.bias).view(b, -1, h, w)
+        x = ops.channel_attention(q, k, v, attn.temperature, attn.project_out.weight, attn.project_out.bias,
+                                  residual=x.reshape(b, -1, h * w)).view(b, -1, h, w)
         del qkv, q, k, v  # free before the FFN
-        return _by_rows(lambda t: self.ffn(self.norm2(t)), x, residual=x)
+        return _feed_forward(self.norm2, self.ffn, x)
 
 
 class _EngineCrossBlock(CrossBlock):
-    """The cross block with its local stages by rows (``_by_rows``)."""
+    """The cross block with its local stages by rows (``_by_rows``), LN12 and LN2 inside the 1x1
+    convolutions after them, and the residual adds inside the output projections."""
 
     def keys_values(self, x_kv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         attn = self.attn
-        k, v = _by_rows(lambda t: attn.kv_dwconv(attn.kv(self.norm12(t))), x_kv).chunk(2, dim=1)
+        k, v = _by_rows(lambda t: attn.kv_dwconv(_normed_conv(self.norm12, attn.kv, t)), x_kv).chunk(2, dim=1)
         return tuple(rearrange(t, "b (head c) h w -> b head (h w) c", head=attn.num_heads) for t in (k, v))
 
     def forward(self, x_q: torch.Tensor, x_kv: Optional[torch.Tensor] = None,
@@ -121,9 +143,9 @@ class _EngineCrossBlock(CrossBlock):
         k, v = self.keys_values(x_kv) if kv is None else kv
         out = rearrange(ops.cosine_attention(q, k, v, attn.temperature), "b head (h w) c -> b (head c) h w",
                         head=attn.num_heads, h=h, w=w)
-        y = a + attn.project_out(out)
+        y = ops.conv1x1(out, attn.project_out.weight, attn.project_out.bias, residual=a)
         del q, k, v, a, out  # free before the FFN
-        return _by_rows(lambda t: self.ffn(self.norm2(t)), y, residual=y)
+        return _feed_forward(self.norm2, self.ffn, y)
 
 
 def _fold_norm_affine(norm: LayerNorm, conv: nn.Conv2d) -> None:
@@ -139,6 +161,24 @@ def _fold_norm_affine(norm: LayerNorm, conv: nn.Conv2d) -> None:
     conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
     norm.body.weight.fill_(1.0)
     norm.body.bias.zero_()
+
+
+@torch.no_grad()
+def engine_blocks(net: nn.Module) -> nn.Module:
+    """Turn ``net``'s TransformerBlocks and CrossBlocks (in place) into the engine's: LayerNorm
+    affines folded into the 1x1 convolutions after them, and the forward passes above."""
+    for module in net.modules():
+        if isinstance(module, TransformerBlock):
+            _fold_norm_affine(module.norm1, module.attn.qkv)
+        if isinstance(module, CrossBlock):
+            _fold_norm_affine(module.norm12, module.attn.kv)  # norm11's output is also the residual
+        if isinstance(module, (TransformerBlock, CrossBlock)):
+            _fold_norm_affine(module.norm2, module.ffn.project_in)
+        if type(module) is TransformerBlock:
+            module.__class__ = _EngineTransformerBlock
+        if type(module) is CrossBlock:
+            module.__class__ = _EngineCrossBlock
+    return net
 
 
 class _EngineSIPL(SIPL):
@@ -200,18 +240,7 @@ class FastSIPL:
         if param.dtype != torch.float32:  # weights in fp32; autocast provides the reduced precision
             net.float()
         net.__class__ = _EngineSIPL
-        with torch.no_grad():
-            for module in net.modules():
-                if isinstance(module, TransformerBlock):
-                    _fold_norm_affine(module.norm1, module.attn.qkv)
-                if isinstance(module, CrossBlock):
-                    _fold_norm_affine(module.norm12, module.attn.kv)  # norm11's output is also the residual
-                if isinstance(module, (TransformerBlock, CrossBlock)):
-                    _fold_norm_affine(module.norm2, module.ffn.project_in)
-                if type(module) is TransformerBlock:
-                    module.__class__ = _EngineTransformerBlock
-                if type(module) is CrossBlock:
-                    module.__class__ = _EngineCrossBlock
+        engine_blocks(net)
         net.dictionary_kv = {}
         if net.config.proxy_fusion:
             with self._context():

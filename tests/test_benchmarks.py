@@ -93,7 +93,7 @@ def test_fast_sipl_smoke(tmp_path):
     assert all(isinstance(r["fast-fp32 ms"], float) and r["fast-fp32 speedup"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("script", ["layer_norm2d", "channel_attention", "gated_dwconv_gelu"])
+@pytest.mark.parametrize("script", ["layer_norm2d", "conv1x1", "channel_attention", "gated_dwconv_gelu"])
 def test_op_scripts_quick_cpu(script, tmp_path):
     """Each one-op script: the quick shapes, eager fp32 and bf16, GB/s against the copy bandwidth."""
     proc = run_bench(f"{script}.py", "--variants", "eager-fp32,eager-bf16", results=tmp_path)
@@ -109,8 +109,8 @@ def test_backbone_quick_cpu(tmp_path):
     proc = run_bench("backbone.py", "--variants", "eager-fp32,auto-bf16", results=tmp_path)
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((tmp_path / "backbone_cpu_quick.json").read_text())["rows"]
-    assert [r["op"] for r in rows] == ["layer_norm2d"] * 2 + ["channel_attention"] * 2 + ["gated_dwconv_gelu"] * 2 + [
-        "transformer_block"]
+    assert [r["op"] for r in rows] == ["layer_norm2d"] * 2 + ["conv1x1"] * 2 + ["channel_attention"] * 2 + [
+        "gated_dwconv_gelu"] * 2 + ["transformer_block"]
     block = rows[-1]
     assert block["eager-fp32 ms"] > 0 and block["auto-bf16 ms"] > 0 and "auto-bf16 vs eager-bf16" not in block
     assert (tmp_path / "backbone_cpu_quick.md").read_text().count("transformer_block") == 1

@@ -91,6 +91,24 @@ def test_triton_folds_project_out(dtype, bias):
     assert max_err(out, ref) <= tolerance(dtype, (q, k, v, t, w, b), ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("project", [False, True])
+def test_triton_adds_the_residual(dtype, project):
+    """The block's skip connection in the same pass: ``residual + attention`` (projected or not)."""
+    q, k, v, t = inputs(2, 2, 40, 97, [0.7, 3.0])
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 80, 1, 1, generator=g, dtype=torch.float64) / 9 if project else None
+    res = torch.randn((2, 48, 97) if project else (2, 2, 40, 97), generator=g, dtype=torch.float64) * 3
+    ref = reference(q, k, v, t, w, None, res)
+    out = channel_attention(*to(dtype, q, k, v), t.float().to(DEVICE), *to(dtype, w), None, *to(dtype, res),
+                            backend="triton")
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert max_err(out, ref) <= tolerance(dtype, (q, k, v, t, w, None, res), ref)
+    promoted = channel_attention(*to(torch.float16, q, k, v), t.float().to(DEVICE), *to(torch.float16, w), None,
+                                 *to(torch.float32, res), backend="triton")
+    assert promoted.dtype == torch.float32  # as residual + attention promotes
+
+
 def test_triton_reads_strided_views_and_zero_rows():
     """The model's q, k, v are channel chunks of one qkv tensor: no copies needed."""
     qkv = torch.randn(2, 3 * 2 * 24, 7, 11, dtype=torch.float64)
@@ -136,6 +154,8 @@ def test_bad_projection_raises_value_error():
         channel_attention(q, k, v, t, torch.randn(3, 8), torch.randn(4))
     with pytest.raises(ValueError, match="needs proj_weight"):
         channel_attention(q, k, v, t, None, torch.randn(4))
+    with pytest.raises(ValueError, match=r"residual of the output's shape \(1, 3, 9\)"):
+        channel_attention(q, k, v, t, torch.randn(3, 8), None, torch.randn(1, 2, 4, 9))
 
 
 def test_opcheck_and_compile_without_graph_breaks():

@@ -100,13 +100,19 @@ def test_kernel_matches_the_reference(case, mode, dtype, backend):
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 20, 9, 11), (3, 5, 1, 1), (1, 33, 6, 1)])
-def test_kernel_keeps_channels_last(shape, dtype, backend):
+def test_kernel_keeps_channels_last_and_reads_bands(shape, dtype, backend):
     x, w, bias = rounded(dtype, *inputs(*shape, bias=True))
     ref = independent(x, w, "dual", bias)
     xc = x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
     out = gated_dwconv_gelu(xc, *to(dtype, w), "dual", *to(dtype, bias), backend=backend)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert max_err(out, ref) <= tolerance(dtype, x, w, "dual", bias, ref)
+    for xs in (x.to(DEVICE, dtype), xc):  # a band of rows of either layout (FastSIPL's bands), read in place
+        band = xs[:, :, shape[2] // 3:]
+        out = gated_dwconv_gelu(band, *to(dtype, w), "dual", *to(dtype, bias), backend=backend)
+        ref = independent(band.double().cpu(), w, "dual", bias)
+        assert out.is_contiguous(memory_format=torch.channels_last if xs is xc else torch.contiguous_format)
+        assert max_err(out, ref) <= tolerance(dtype, band.double().cpu(), w, "dual", bias, ref)
     strided = x.transpose(2, 3)  # neither layout: copied to NCHW
     out = gated_dwconv_gelu(*to(dtype, strided, w), "gdfn", backend=backend)
     assert max_err(out, independent(strided, w, "gdfn")) <= tolerance(dtype, strided, w, "gdfn", None,

@@ -112,11 +112,16 @@ def test_triton_kernel_matches_the_reference(shape, dtype):
 
 @needs_triton
 @pytest.mark.parametrize("shape", [(2, 40, 9, 7), (3, 96, 5, 13), (2, 176, 1, 3)])
-def test_triton_keeps_channels_last_and_refuses_gradients(shape):
+def test_triton_keeps_channels_last_reads_bands_and_refuses_gradients(shape):
     x, w, b = inputs(shape, torch.float32, TRITON_DEVICE)
     y = layer_norm2d(x.to(memory_format=torch.channels_last), w, b, backend="triton")
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert (y.double() - independent(x, w, b)).abs().max().item() <= 1e-5
+    for xs in (x, x.to(memory_format=torch.channels_last)):  # a band of rows (FastSIPL's bands), read in place
+        band = xs[:, :, shape[2] // 3:]
+        y = layer_norm2d(band, w, b, backend="triton")
+        assert y.is_contiguous(memory_format=torch.channels_last if xs is not x else torch.contiguous_format)
+        assert (y.double() - independent(band, w, b)).abs().max().item() <= 1e-5
     strided = layer_norm2d(x.transpose(2, 3), w, b, backend="triton")  # neither layout: copied to NCHW
     assert strided.is_contiguous() and (strided.double() - independent(x.transpose(2, 3), w, b)).abs().max() <= 1e-5
     with pytest.raises(BackendError, match="forward-only"):

@@ -15,15 +15,16 @@ import torch
 
 from ._backend import FASTEST, BackendError, backend_scope, measured_choices
 from .channel_attention import channel_attention
+from .conv1x1 import conv1x1
 from .cosine_attention import cosine_attention, cosine_attention_torch
 from .gated_dwconv_gelu import gated_dwconv_gelu
 from .layer_norm2d import layer_norm2d
 
 #: Every op, by the name its backend variables and ``backend_scope`` mappings use.
-OPS = ("channel_attention", "cosine_attention", "gated_dwconv_gelu", "layer_norm2d")
+OPS = ("channel_attention", "conv1x1", "cosine_attention", "gated_dwconv_gelu", "layer_norm2d")
 
 __all__ = ["FASTEST", "OPS", "BackendError", "available_backends", "backend_scope", "channel_attention",
-           "cosine_attention", "cosine_attention_torch", "gated_dwconv_gelu", "layer_norm2d", "measured_choices"]
+           "conv1x1", "cosine_attention", "cosine_attention_torch", "gated_dwconv_gelu", "layer_norm2d", "measured_choices"]
 
 
 def _triton_status() -> dict:

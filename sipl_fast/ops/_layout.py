@@ -1,12 +1,14 @@
-"""The two memory layouts of (B, C, H, W) image tensors that the kernels read directly.
+"""The memory layouts of (B, C, H, W) image tensors that the kernels read directly.
 
 NCHW (``torch.contiguous_format``) and NHWC (``torch.channels_last``). Element (b, c, y, x)
 sits at ``b * sb + c * sc + (y * W + x) * sp``: NCHW has (sb, sc, sp) = (C*H*W, H*W, 1),
-NHWC has (H*W*C, 1, C). Any other strides are copied to NCHW first.
+NHWC has (H*W*C, 1, C). The CUDA C++ kernels take these two exactly (:func:`dense`); the
+Triton kernels take any (sb, sc, sp) (:func:`pixels`), such as a band of rows of either, which
+FastSIPL passes. Any other strides are copied to NCHW first.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -18,17 +20,33 @@ def dense(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _pixel_stride(x: torch.Tensor):
+    """sp when x's H and W dims flatten into one pixel axis (y * W + x) * sp, else None."""
+    _, _, h, w = x.shape
+    if w == 1:
+        return x.stride(2) if h > 1 else 1
+    return x.stride(3) if h == 1 or x.stride(2) == w * x.stride(3) else None
+
+
+def pixels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its pixels are one strided axis (NCHW, NHWC, a band of rows of
+    either; any batch and channel strides), else an NCHW-contiguous copy."""
+    return x if _pixel_stride(x) is not None else x.contiguous()
+
+
 def strides(x: torch.Tensor) -> Tuple[int, int, int]:
-    """(sb, sc, sp) of a tensor returned by :func:`dense` (canonical: size-1 dims may carry
-    any stride in PyTorch, but the address of every element is the same)."""
-    b, c, h, w = x.shape
-    if x.is_contiguous():
-        return c * h * w, h * w, 1
-    return h * w * c, 1, c
+    """(sb, sc, sp) of a tensor returned by :func:`dense` or :func:`pixels`."""
+    return x.stride(0), x.stride(1), _pixel_stride(x)
 
 
-def empty(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """An uninitialised (B, channels, H, W) tensor in ``x``'s layout (from :func:`dense`) and dtype."""
+def channels_last(x: torch.Tensor) -> bool:
+    """Whether x's channels are its innermost axis (NHWC-like)."""
+    return x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous()
+
+
+def empty(x: torch.Tensor, channels: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An uninitialised dense (B, channels, H, W) tensor in ``x``'s layout (NHWC when x's
+    channels are innermost, else NCHW) and dtype (or ``dtype``)."""
     b, _, h, w = x.shape
-    fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-    return torch.empty((b, channels, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
+    return torch.empty((b, channels, h, w), dtype=dtype or x.dtype, device=x.device, memory_format=fmt)

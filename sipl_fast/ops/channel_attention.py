@@ -38,14 +38,15 @@ except ImportError:  # Triton ships with Linux torch wheels only
 
 
 def channel_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
-                            proj_weight: Optional[torch.Tensor] = None,
-                            proj_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reference: the published expression in the inputs' dtype, then ``project_out`` if given."""
+                            proj_weight: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
+                            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference: the published expression in the inputs' dtype, then ``project_out`` if given,
+    then ``residual +``."""
     out = cosine_attention_torch(q, k, v, temperature)
-    if proj_weight is None:
-        return out
-    b, h, c, n = out.shape
-    return F.conv1d(out.reshape(b, h * c, n), proj_weight.reshape(-1, h * c, 1), proj_bias)
+    if proj_weight is not None:
+        b, h, c, n = out.shape
+        out = F.conv1d(out.reshape(b, h * c, n), proj_weight.reshape(-1, h * c, 1), proj_bias)
+    return out if residual is None else residual + out
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -127,15 +128,17 @@ if triton is not None:
         tl.store(A + bh.to(tl.int64) * C * C + rows[:, None] * C + cols[None, :], p, mask=mask)
 
     @triton.jit
-    def _apply_kernel(M, V, BIAS, O, R, K, N, HG, svb, svh, svk, svn, sob, soh, sor, son,
-                      HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-        """``O[g, r, n] = sum_k M[g, r, k] V[g, k, n] (+ bias[r])`` for g = (b, h) of HG heads.
+    def _apply_kernel(M, V, BIAS, RES, O, R, K, N, HG, svb, svh, svk, svn, srb, srh, srr, srn, sob, soh, sor, son,
+                      HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """``O[g, r, n] = sum_k M[g, r, k] V[g, k, n] (+ bias[r]) (+ RES[g, r, n])`` for g = (b, h)
+        of HG heads.
 
         M is fp32 (B*HG, R, K): the attention maps (R = K = C), or the folded ``W_o
         blockdiag(A)`` (HG = 1, R = C_out, K = H*C). Program (n block, r block, g) streams v
         once through [BLOCK_K, BLOCK_N] tiles; M is rounded to v's dtype before the product,
-        as the eager expression rounds the map, and accumulated in fp32.
+        as the eager expression rounds the map, and accumulated in fp32; bias and residual are
+        added in fp32 before the one store.
         """
         cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -151,10 +154,14 @@ if triton is not None:
             vt = tl.load(v_head + ks.to(tl.int64)[:, None] * svk + cols[None, :] * svn,
                          mask=(ks < K)[:, None] & (cols < N)[None, :], other=0.0)
             acc = tl.dot(m.to(vt.dtype), vt, acc, input_precision=PRECISION)
+        out_mask = (rows < R)[:, None] & (cols < N)[None, :]
         if HAS_BIAS:
             acc += tl.load(BIAS + rows, mask=rows < R, other=0.0)[:, None]
+        if HAS_RESIDUAL:
+            res = RES + b.to(tl.int64) * srb + h.to(tl.int64) * srh + rows.to(tl.int64)[:, None] * srr + cols[None, :] * srn
+            acc += tl.load(res, mask=out_mask, other=0.0).to(tl.float32)
         out = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows.to(tl.int64)[:, None] * sor + cols[None, :] * son
-        tl.store(out, acc.to(O.dtype.element_ty), mask=(rows < R)[:, None] & (cols < N)[None, :])
+        tl.store(out, acc.to(O.dtype.element_ty), mask=out_mask)
 
 
 _GRAM_BLOCK_N = 64  # slices of N are multiples of this (and so of every BLOCK_N below)
@@ -204,15 +211,24 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor) -> torc
     return a
 
 
-def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
-    """out (B, HG, R, N) = m (B*HG, R, K) @ v (B, HG, K, N) (+ bias (R,)); any strides of v, out."""
+def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+           out: torch.Tensor) -> None:
+    """out (B, HG, R, N) = m (B*HG, R, K) @ v (B, HG, K, N) (+ bias (R,)) (+ residual (B, HG, R, N));
+    any strides of v, residual, out."""
     b, hg, r, n = out.shape
     kk = v.shape[2]
     block_r = _block(r, 256)
-    _triton.launch_fitting(_apply_kernel, (block_r, v.dtype, bias is not None), _APPLY_CONFIGS[block_r > 128],
+    res = residual if residual is not None else out
+    _triton.launch_fitting(_apply_kernel, (block_r, v.dtype, bias is not None, residual is not None),
+                           _APPLY_CONFIGS[block_r > 128],
                            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r), b * hg),
-                           m, v, bias if bias is not None else m, out, r, kk, n, hg, *v.stride(), *out.stride(),
-                           HAS_BIAS=bias is not None, BLOCK_R=block_r, PRECISION=_triton.precision(v.dtype))
+                           m, v, bias if bias is not None else m, res, out, r, kk, n, hg, *v.stride(), *res.stride(),
+                           *out.stride(), HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                           BLOCK_R=block_r, PRECISION=_triton.precision(v.dtype))
+
+
+def _out_dtype(v: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
+    return v.dtype if residual is None else torch.promote_types(v.dtype, residual.dtype)
 
 
 def _output_shape(q: torch.Tensor, proj_weight: Optional[torch.Tensor]):
@@ -222,28 +238,28 @@ def _output_shape(q: torch.Tensor, proj_weight: Optional[torch.Tensor]):
 
 @torch.library.custom_op("sipl_fast::channel_attention_triton", mutates_args=())
 def channel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
-                             proj_weight: Optional[torch.Tensor] = None,
-                             proj_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             proj_weight: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
+                             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton forward: (B, H, C, N), or (B, C_out, N) with ``project_out`` folded in; contiguous."""
     b, h, c, n = q.shape
-    out = torch.empty(_output_shape(q, proj_weight), device=q.device, dtype=v.dtype)
+    out = torch.empty(_output_shape(q, proj_weight), device=q.device, dtype=_out_dtype(v, residual))
     if out.numel() == 0:
         return out
     a = _attention_maps(q, k, temperature.float().reshape(-1).contiguous())
     if proj_weight is None:
-        _apply(a, v, None, out)
+        _apply(a, v, None, residual, out)
         return out
     # W_o (C_out, H, C) times blockdiag(A_h): M[b, o, (h, j)] = sum_i W_o[o, h, i] A[b, h, i, j]
     w = proj_weight.float().reshape(-1, h, c)
     m = torch.einsum("ohi,bhij->bohj", w, a.view(b, h, c, c)).reshape(b, -1, h * c).contiguous()
     bias = None if proj_bias is None else proj_bias.float().contiguous()
-    _apply(m, v.reshape(b, 1, h * c, n), bias, out.view(b, 1, -1, n))
+    _apply(m, v.reshape(b, 1, h * c, n), bias, None if residual is None else residual.unsqueeze(1), out.view(b, 1, -1, n))
     return out
 
 
 @channel_attention_triton.register_fake
-def _(q, k, v, temperature, proj_weight=None, proj_bias=None):
-    return q.new_empty(_output_shape(q, proj_weight), dtype=v.dtype)
+def _(q, k, v, temperature, proj_weight=None, proj_bias=None, residual=None):
+    return q.new_empty(_output_shape(q, proj_weight), dtype=_out_dtype(v, residual))
 
 
 # ----------------------------------------------------------------------------- backend choice
@@ -256,7 +272,7 @@ BACKENDS = {
 PREFERENCE = ("triton", "torch")  # not yet ranked by measurement on a GPU
 
 
-def _check(q, k, v, temperature, proj_weight, proj_bias) -> None:
+def _check(q, k, v, temperature, proj_weight, proj_bias, residual) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
             raise ValueError(f"channel_attention: expected {name} as a floating-point (B, H, C, N) tensor, "
@@ -281,6 +297,13 @@ def _check(q, k, v, temperature, proj_weight, proj_bias) -> None:
         extra += [("proj_weight", proj_weight), ("proj_bias", proj_bias)]
     elif proj_bias is not None:
         raise ValueError("channel_attention: proj_bias needs proj_weight")
+    if residual is not None:
+        shape = _output_shape(q, proj_weight)
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != shape or not residual.is_floating_point():
+            raise ValueError(f"channel_attention: expected a floating-point residual of the output's shape {shape}, "
+                             f"got {getattr(residual, 'dtype', type(residual))} of shape "
+                             f"{tuple(getattr(residual, 'shape', ()))}")
+        extra.append(("residual", residual))
     for name, x in [("k", k), ("v", v)] + extra:
         if x is not None and x.device != q.device:
             raise ValueError(f"channel_attention: {name} is on {x.device}, q on {q.device}")
@@ -288,14 +311,16 @@ def _check(q, k, v, temperature, proj_weight, proj_bias) -> None:
 
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
                       proj_weight: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
-                      backend: Optional[str] = None) -> torch.Tensor:
+                      residual: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """``softmax((normalize(q) @ normalize(k)^T) * t_h) @ v`` over the channels of each head.
 
     q, k, v (B, H, C, N), temperature (H,) or (H, 1, 1); returns (B, H, C, N). With
     ``proj_weight`` (C_out, H*C) or (C_out, H*C, 1, 1) and optional ``proj_bias`` (C_out,),
-    returns ``project_out`` of the heads merged: (B, C_out, N).
+    returns ``project_out`` of the heads merged: (B, C_out, N). ``residual`` (the output's
+    shape) is added to the result (the block's skip connection, in the same pass; the result's
+    dtype is then promoted with the residual's, as ``+`` does).
     ``backend``: None/"auto" (triton where it can run, else torch), "torch" or "triton".
     """
-    _check(q, k, v, temperature, proj_weight, proj_bias)
+    _check(q, k, v, temperature, proj_weight, proj_bias, residual)
     return choose("channel_attention", BACKENDS, PREFERENCE, backend, q, k, v, temperature, proj_weight,
-                  proj_bias).fn(q, k, v, temperature, proj_weight, proj_bias)
+                  proj_bias, residual).fn(q, k, v, temperature, proj_weight, proj_bias, residual)

@@ -14,7 +14,8 @@ Backends (first the reference):
 
 - ``"torch"``: ``F.conv2d`` then the gate, op by op, any float dtype, differentiable.
 - ``"triton"``: the kernel below, forward only; fp32, fp16, bf16 with fp32 math; NCHW or
-  channels-last input (other strides are copied to NCHW), the output in the input's layout.
+  channels-last input, or a band of rows of either (other strides are copied to NCHW); the
+  output dense in the input's layout.
   With ``TRITON_INTERPRET=1`` it also runs CPU tensors when asked for explicitly (tests).
 - ``"cuda"``: the CUDA C++ stencil ``kernels/gated_dwconv_gelu.cu`` (shared-memory halos),
   forward only, same dtypes and layouts, through the compiled extension or CuPy.
@@ -107,7 +108,7 @@ def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def gated_dwconv_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                              dual: bool) -> torch.Tensor:
     """Triton forward: (B, h, H, W) in x's layout (NCHW or channels-last)."""
-    x = _layout.dense(x)
+    x = _layout.pixels(x)
     b, c2, hh, ww = x.shape
     h = c2 // 2
     out = _layout.empty(x, h)
@@ -138,12 +139,8 @@ def gated_dwconv_gelu_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     return out
 
 
-def _fake(x, weight, bias, dual):
-    return _layout.empty(_layout.dense(x), x.shape[1] // 2)
-
-
-gated_dwconv_gelu_triton.register_fake(_fake)
-gated_dwconv_gelu_cuda.register_fake(_fake)
+gated_dwconv_gelu_triton.register_fake(lambda x, weight, bias, dual: _layout.empty(_layout.pixels(x), x.shape[1] // 2))
+gated_dwconv_gelu_cuda.register_fake(lambda x, weight, bias, dual: _layout.empty(_layout.dense(x), x.shape[1] // 2))
 
 
 # ----------------------------------------------------------------------------- backend choice

@@ -67,17 +67,19 @@ if triton is not None:
         return base + channels.to(tl.int64)[:, None] * sc + pixels.to(tl.int64)[None, :] * sp, mask, channels
 
     @triton.jit
-    def _layer_norm2d_fwd_kernel(X, W, B, Y, C, HW, sb, sc, sp, eps, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _layer_norm2d_fwd_kernel(X, W, B, Y, C, HW, sb, sc, sp, syb, syc, syp, eps,
+                                 BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """One program normalises BLOCK_P neighbouring pixels of one image.
 
         A [BLOCK_C, BLOCK_P] tile (channels x pixels) loads coalesced along the pixels in
         NCHW (sp = 1) and along the channels in NHWC (sc = 1). Three sweeps over the
         channels, in fp32: the mean, the biased variance of the deviations (two-pass, no
-        E[x^2] - E[x]^2 cancellation), then normalise, scale, shift and store; y has x's strides.
+        E[x^2] - E[x]^2 cancellation), then normalise, scale, shift and store at y's strides.
         """
         pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         in_image = pixels < HW
         base = tl.program_id(1).to(tl.int64) * sb
+        y_base = tl.program_id(1).to(tl.int64) * syb
         total = tl.zeros([BLOCK_P], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, sc, sp, BLOCK_C)
@@ -95,28 +97,29 @@ if triton is not None:
             w = tl.load(W + channels, mask=channels < C, other=0.0)
             b = tl.load(B + channels, mask=channels < C, other=0.0)
             y = (x - mean[None, :]) * rstd[None, :] * w[:, None] + b[:, None]
-            tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
+            y_offsets, _, _ = _channel_tile(y_base, c0, pixels, in_image, C, syc, syp, BLOCK_C)
+            tl.store(Y + y_offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @torch.library.custom_op("sipl_fast::layer_norm2d_triton", mutates_args=())
 def layer_norm2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Triton forward; x (B, C, H, W) NCHW or channels-last (else copied to NCHW), y in x's
-    layout; weight/bias go to fp32."""
-    x = _layout.dense(x)
-    y = torch.empty_like(x)
+    """Triton forward; x (B, C, H, W) NCHW or channels-last, or a band of rows of either (else
+    copied to NCHW), y dense in x's layout; weight/bias go to fp32."""
+    x = _layout.pixels(x)
+    y = _layout.empty(x, x.shape[1])
     n, c, h, w = x.shape
     sb, sc, sp = _layout.strides(x)
     # NCHW: 16 channels x 128 pixels, coalesced along pixels; NHWC: 64 channels x 32 pixels
     block_c, block_p = (16, 128) if sp == 1 else (64, 32)
     grid = (triton.cdiv(h * w, block_p), n)
     _layer_norm2d_fwd_kernel[grid](x, weight.float().contiguous(), bias.float().contiguous(), y, c, h * w,
-                                   sb, sc, sp, float(eps), BLOCK_C=block_c, BLOCK_P=block_p)
+                                   sb, sc, sp, *_layout.strides(y), float(eps), BLOCK_C=block_c, BLOCK_P=block_p)
     return y
 
 
 @layer_norm2d_triton.register_fake
 def _(x, weight, bias, eps=1e-5):
-    return torch.empty_like(_layout.dense(x))
+    return _layout.empty(_layout.pixels(x), x.shape[1])
 
 
 BACKENDS = {

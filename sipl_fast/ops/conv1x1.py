@@ -1,0 +1,214 @@
+"""1x1 convolution with an optional channel LayerNorm before it and a residual add after it.
+
+``out = residual + W @ LN(x) + bias`` at every pixel: x (B, Cin, H, W), W (Cout, Cin), out
+(B, Cout, H, W) in x's dtype, or the promoted dtype of x's and the residual's, as ``+`` gives; ``LN`` (``normalize=True``) is the per-pixel LayerNorm over the Cin channels
+without affine parameters, ``(x - mean) / sqrt(var + eps)`` (biased variance): a LayerNorm's
+scale and shift fold into W and bias, ``W (s * xhat + t) + c = (W diag(s)) xhat + (W t + c)``.
+
+These are the memory-bound ends of every Restormer block: ``qkv(norm1(x))``,
+``project_in(norm2(x))``, the cross blocks' ``kv(norm12(x))``, and ``x + project_out(g)``. Op by
+op, the norm writes a full copy of x that the convolution reads back, and the residual add
+reads the convolution's output and x and writes their sum; fused, x is read once and the
+output written once.
+
+Backends (first the reference):
+
+- ``"torch"``: ``sipl_fast.ops.layer_norm2d`` (its own backend choice), ``F.conv2d`` and the
+  add, in x's dtype (W and bias cast to it), differentiable.
+- ``"triton"``: the kernel below, forward only; fp32, fp16, bf16 with fp32 accumulation (W
+  rounded to x's dtype, as autocast rounds it; the norm and the residual add in fp32); NCHW
+  or channels-last x, or a band of rows of either (other strides are copied to NCHW); the
+  output dense in x's layout. With
+  ``TRITON_INTERPRET=1`` it also runs CPU tensors when asked for explicitly (tests), except
+  bf16, whose dots the interpreter gets wrong.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _layout, _triton
+from ._backend import Backend, choose, forward_only_problem
+from .layer_norm2d import layer_norm2d
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships with Linux torch wheels only
+    triton = None
+
+
+def conv1x1_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                  residual: Optional[torch.Tensor] = None, normalize: bool = False, eps: float = 1e-5) -> torch.Tensor:
+    """Reference: the norm, the convolution and the add op by op, in x's dtype."""
+    if normalize:
+        c = x.shape[1]
+        x = layer_norm2d(x, x.new_ones(c), x.new_zeros(c), eps)
+    cout = weight.shape[0]
+    y = F.conv2d(x, weight.reshape(cout, -1, 1, 1).to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return y if residual is None else residual + y
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+if triton is not None:
+
+    @triton.jit
+    def _tile(base, rows, cols, s_row, s_col, WIDE: tl.constexpr):
+        """Pointers of the [rows, cols] tile at ``base``: int32 offsets (fewer registers) unless
+        the tensor's offsets within one image may pass 2**31 (``WIDE``)."""
+        if WIDE:
+            return base + rows.to(tl.int64)[:, None] * s_row + cols.to(tl.int64)[None, :] * s_col
+        return base + (rows[:, None] * s_row + cols[None, :] * s_col)
+
+    @triton.jit
+    def _conv1x1_kernel(X, Wt, BIAS, R, O, Cin, Cout, HW, sxb, sxc, sxp, srb, src, srp, sob, soc, sop, eps,
+                        NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                        WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        """Output channels m.. at pixels n.. of image b, for program (m block, n block, b).
+
+        The output-channel blocks of one pixel block are neighbouring programs, so the x tile
+        they all read comes from L2 after the first. With ``NORMALIZE``, two sweeps over the
+        Cin channels of the tile give each pixel's mean, then the biased variance of the
+        deviations (two-pass, in fp32, as ``layer_norm2d`` computes it); the product sweep
+        normalises each [BLOCK_K, BLOCK_N] tile, rounds it to x's dtype (what a separate
+        norm would store) and multiplies it with the [BLOCK_M, BLOCK_K] weight tile on tensor
+        cores, fp32 accumulation. Bias and residual are added in fp32 before the one store.
+        """
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pixels = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        in_image = pixels < HW
+        b = tl.program_id(2).to(tl.int64)
+        x_img = X + b * sxb
+        if NORMALIZE:
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, Cin, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                mask = (ks < Cin)[:, None] & in_image[None, :]
+                total += tl.sum(tl.load(_tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32),
+                                axis=0)
+            mean = total / Cin
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, Cin, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                mask = (ks < Cin)[:, None] & in_image[None, :]
+                xt = tl.load(_tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
+                d = tl.where(mask, xt - mean[None, :], 0.0)
+                total += tl.sum(d * d, axis=0)
+            rstd = 1.0 / tl.sqrt(total / Cin + eps)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, Cin, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = (ks < Cin)[:, None] & in_image[None, :]
+            xt = tl.load(_tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0)
+            if NORMALIZE:
+                xt = tl.where(mask, (xt.to(tl.float32) - mean[None, :]) * rstd[None, :], 0.0).to(X.dtype.element_ty)
+            w = tl.load(Wt + rows[:, None] * Cin + ks[None, :], mask=(rows < Cout)[:, None] & (ks < Cin)[None, :],
+                        other=0.0)
+            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+        out_mask = (rows < Cout)[:, None] & in_image[None, :]
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rows, mask=rows < Cout, other=0.0)[:, None]
+        if HAS_RESIDUAL:
+            acc += tl.load(_tile(R + b * srb, rows, pixels, src, srp, WIDE), mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(_tile(O + b * sob, rows, pixels, soc, sop, WIDE), acc.to(O.dtype.element_ty), mask=out_mask)
+
+
+def _configs(*shapes):
+    """triton.Config list, first choice first: later ones need less shared memory."""
+    return [triton.Config(dict(zip(("BLOCK_N", "BLOCK_K"), sizes)), num_warps=w, num_stages=s)
+            for *sizes, w, s in shapes]
+
+
+# (BLOCK_N, BLOCK_K, warps, stages) per (BLOCK_M, fp32): pixels along the fast axis of NCHW, one
+# accumulator of BLOCK_M x BLOCK_N fp32 values spread over the warps. The kernel is memory-bound:
+# these tiles compile without register spills for sm_90a and leave room for several programs per
+# SM (fp32, whose exact products run without tensor cores, needs smaller ones).
+_CONFIGS = {(64, False): _configs((64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 4, 1)),
+            (128, False): _configs((64, 32, 8, 3), (64, 32, 8, 2), (64, 32, 8, 1)),
+            (64, True): _configs((32, 16, 4, 2), (32, 16, 4, 1)),
+            (128, True): _configs((32, 16, 8, 2), (32, 16, 8, 1))} if triton else {}
+
+
+_INT32_OFFSETS = 2**31  # tensors with this many elements per image or more take int64 offsets
+
+
+def _out_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+@torch.library.custom_op("sipl_fast::conv1x1_triton", mutates_args=())
+def conv1x1_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor], normalize: bool, eps: float) -> torch.Tensor:
+    """Triton forward: (B, Cout, H, W) in x's layout (NCHW or channels-last)."""
+    x = _layout.pixels(x)
+    b, cin, h, w = x.shape
+    cout = weight.shape[0]
+    out = _layout.empty(x, cout, _out_dtype(x, residual))
+    if out.numel() == 0:
+        return out
+    wt = weight.reshape(cout, cin).to(x.dtype).contiguous()
+    b32 = None if bias is None else bias.float().contiguous()
+    r = None if residual is None else _layout.pixels(residual)
+    block_m = 64 if cout <= 64 else 128
+    wide = max(t.shape[1] * h * w for t in (x, out)) >= _INT32_OFFSETS  # within one image (a residual is out's size)
+    _triton.launch_fitting(_conv1x1_kernel, (block_m, x.dtype, wide), _CONFIGS[block_m, x.dtype == torch.float32],
+                           lambda meta: (triton.cdiv(cout, block_m), triton.cdiv(h * w, meta["BLOCK_N"]), b),
+                           x, wt, b32 if b32 is not None else wt, r if r is not None else x, out, cin, cout, h * w,
+                           *_layout.strides(x), *_layout.strides(r if r is not None else x), *_layout.strides(out),
+                           float(eps), NORMALIZE=normalize, HAS_BIAS=b32 is not None, HAS_RESIDUAL=r is not None,
+                           WIDE=wide, BLOCK_M=block_m, PRECISION=_triton.precision(x.dtype))
+    return out
+
+
+@conv1x1_triton.register_fake
+def _(x, weight, bias, residual, normalize, eps):
+    return _layout.empty(_layout.pixels(x), weight.shape[0], _out_dtype(x, residual))
+
+
+# ----------------------------------------------------------------------------- backend choice
+BACKENDS = {
+    "torch": Backend("torch", conv1x1_torch, lambda *a: None),
+    "triton": Backend("triton", conv1x1_triton,
+                      lambda x, w, b, r, n, e: forward_only_problem("triton", x, w, b, r, dots=True),
+                      automatic=lambda x, *a: x.is_cuda),
+}
+PREFERENCE = ("triton", "torch")  # not yet ranked by measurement on a GPU
+
+
+def _check(x, weight, bias, residual) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"conv1x1: expected x as a floating-point (B, Cin, H, W) tensor, got "
+                         f"{getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}")
+    b, cin, h, w = x.shape
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4) or weight.shape[1] != cin \
+            or weight.shape[2:] not in ((), (1, 1)):
+        raise ValueError(f"conv1x1: expected weight of shape (Cout, {cin}) or (Cout, {cin}, 1, 1), "
+                         f"got {tuple(getattr(weight, 'shape', ()))}")
+    cout = weight.shape[0]
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (cout,)):
+        raise ValueError(f"conv1x1: expected bias of shape ({cout},) or None, got {tuple(getattr(bias, 'shape', ()))}")
+    if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != (b, cout, h, w)
+                                 or not residual.is_floating_point()):
+        raise ValueError(f"conv1x1: expected a floating-point residual of shape ({b}, {cout}, {h}, {w}) or None, "
+                         f"got {getattr(residual, 'dtype', type(residual))} of shape "
+                         f"{tuple(getattr(residual, 'shape', ()))}")
+    for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"conv1x1: {name} is on {t.device}, x on {x.device}")
+
+
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+            residual: Optional[torch.Tensor] = None, normalize: bool = False, eps: float = 1e-5,
+            backend: Optional[str] = None) -> torch.Tensor:
+    """``residual + conv1x1(LN(x) if normalize else x, weight, bias)``: x (B, Cin, H, W), weight
+    (Cout, Cin) or (Cout, Cin, 1, 1), bias (Cout,), residual (B, Cout, H, W); returns (B, Cout, H, W)
+    in x's dtype (promoted with the residual's, as ``+`` does). LN: over channels, no affine, ``eps``.
+
+    ``backend``: None/"auto" (triton where it can run, else torch), "torch" or "triton".
+    """
+    _check(x, weight, bias, residual)
+    return choose("conv1x1", BACKENDS, PREFERENCE, backend, x, weight, bias, residual, normalize,
+                  eps).fn(x, weight, bias, residual, normalize, eps)
