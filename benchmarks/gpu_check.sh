@@ -7,7 +7,9 @@
 # tests, benchmark output) and each benchmark's .json/.md/.png. Time limits per stage come from
 # TEST_SECONDS and BENCH_SECONDS, so a slow stage cannot eat the next one's time, and no stage
 # runs past DEADLINE_SECONDS from the start (default 560: one device call may run 600 s);
-# BENCHMARKS lists "script|arguments" entries run in order, the most needed first.
+# BENCHMARKS lists "script|arguments" entries run in order, the most needed first; the scripts in
+# COLD_TRITON_CACHE run with an empty Triton cache, so their first-call times include compiling
+# every kernel, as on a fresh machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu_check}
@@ -17,12 +19,13 @@ export SIPL_FAST_CUDA_ARCH_LIST=${SIPL_FAST_CUDA_ARCH_LIST:-90a} SIPL_FAST_REQUI
 export SIPL_FAST_NVCC_THREADS=${SIPL_FAST_NVCC_THREADS:-8} SIPL_FAST_BENCH_RESULTS="$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts import sipl_fast even where the editable hook does not
 TESTS=("$@")
-# never run on a GPU first: the CUDA gated conv, bf16 dots, the changed attention kernel, graphs
-[ ${#TESTS[@]} -eq 0 ] && TESTS=(tests/test_gated_dwconv_gelu.py tests/test_channel_attention.py
-                                  tests/test_cosine_attention.py tests/test_engine.py tests/test_layer_norm2d.py)
+# never run on a GPU first: conv1x1, the CUDA gated conv, bf16 dots, the changed attention kernels, graphs
+[ ${#TESTS[@]} -eq 0 ] && TESTS=(tests/test_conv1x1.py tests/test_gated_dwconv_gelu.py tests/test_channel_attention.py
+                                  tests/test_engine.py tests/test_cosine_attention.py tests/test_layer_norm2d.py)
 # backbone: first the target shapes with torch.compile, then every shape without it (compiling
 # each shape takes seconds)
 BENCHMARKS=${BENCHMARKS:-"cosine_attention|--variants naive,sdpa,triton,cuda --backward-shapes 0;backbone|--headline;fast_sipl|--sizes 256,512,2048,3840x2160 --variants eager-fp32,eager-bf16,fast-bf16;backbone|--variants eager-bf16,triton-bf16,cuda-bf16,fastest-bf16"}
+COLD_TRITON_CACHE=${COLD_TRITON_CACHE:-fast_sipl}
 DEADLINE=${DEADLINE_SECONDS:-560}
 
 stage() { echo "=== $1 ($(date -u +%H:%M:%S), ${SECONDS}s in)" | tee -a "$LOG"; }
@@ -53,8 +56,10 @@ for entry in "${entries[@]}"; do
   seconds=$(limit "${BENCH_SECONDS:-150}")
   if [ "$seconds" -eq 0 ]; then echo "=== skipped (deadline): $script $args" | tee -a "$LOG"; continue; fi
   stage "benchmark $script $args"
+  cache=${TRITON_CACHE_DIR:-}
+  [[ " $COLD_TRITON_CACHE " == *" $script "* ]] && cache=$(mktemp -d)
   # shellcheck disable=SC2086  # the arguments are meant to split
-  timeout "$seconds" python "benchmarks/$script.py" $args >>"$LOG" 2>&1
+  TRITON_CACHE_DIR=${cache:-$HOME/.triton/cache} timeout "$seconds" python "benchmarks/$script.py" $args >>"$LOG" 2>&1
   echo "benchmark $script exit code $?" | tee -a "$LOG"
 done
 stage "done"

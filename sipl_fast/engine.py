@@ -10,15 +10,16 @@ returns. Every change is an exact rewrite of the published computation:
   (``qkv`` and ``project_in`` of every block, the cross blocks' ``kv``), its per-channel scale
   and shift move into that convolution's weight and bias, once, and the normalisation runs
   inside the convolution (``ops.conv1x1``): the normalised copy never reaches memory;
-- **MDTA's output projection folded**: ``project_out`` (a 1x1 convolution) times the
-  block-diagonal attention maps is one matrix per image, applied to v in one product;
+- **MDTA's convolutions folded**: the depthwise 3x3 convolution of q, k, v is computed inside
+  the attention's reads, and ``project_out`` (a 1x1 convolution) times the block-diagonal
+  attention maps is one matrix per image, applied to v in one product;
 - **residual adds inside the products before them**: MDTA's (in that product), the GDFN's
   and the cross attention's (in ``project_out``, ``ops.conv1x1``);
 - **dictionary keys/values once**: in the dictionary-only pass, Proxy Fusion attends to the
   learned dictionaries, so the key/value side of ``cross_p1..3`` (LayerNorm, 1x1 and depthwise
   convolutions of the dictionary) depends on the weights alone: computed at construction;
 - **local stages by rows**: the 1x1 and depthwise 3x3 convolutions, norms and gates around each
-  attention (MDTA's q, k, v; the GDFN with its residual; the cross blocks' q and k, v) run in
+  attention (the GDFN with its residual; the cross blocks' q and k, v) run in
   bands of rows with one row of halo (``BAND_BYTES`` of intermediates per band), so their wide
   intermediates never exist for the whole image: at 2048x2048 the bf16 loop's peak is about a
   fifth of the published fp32 loop's (``benchmarks/fast_sipl_memory.py``);
@@ -71,7 +72,7 @@ def _by_rows(fn, x: torch.Tensor, tail=None) -> torch.Tensor:
     (1x1 and depthwise 3x3 convolutions, per-pixel norms and gates) and a per-pixel ``tail``
     (given the slice of rows its input covers, to read other full-size tensors there): computed
     in bands of rows, each with one row of halo on either side for fn, so that fn's wide
-    intermediates (the GDFN's 2*hidden channels, MDTA's q, k, v before their depthwise
+    intermediates (the GDFN's 2*hidden channels, the cross blocks' k, v before their depthwise
     convolution) exist one band at a time. Images whose intermediates fit ``BAND_BYTES`` run whole."""
     b, c, h, w = x.shape
     rows = max(1, BAND_BYTES // max(1, 8 * c * b * w * x.element_size()))  # GDFN: 5.3 c, then 2.7 c wide
@@ -108,18 +109,20 @@ def _feed_forward(norm: LayerNorm, ffn: FeedForward, x: torch.Tensor) -> torch.T
 
 
 class _EngineTransformerBlock(TransformerBlock):
-    """``x + MDTA(LN1(x))`` then ``+ GDFN(LN2(.))``, the local stages by rows (``_by_rows``), each
-    LayerNorm inside the 1x1 convolution after it, MDTA's ``project_out`` and the residual add
-    inside the attention product (``ops.channel_attention``'s ``proj_weight``, ``residual``):
-    neither the normalised x nor the merged heads reach memory."""
+    """``x + MDTA(LN1(x))`` then ``+ GDFN(LN2(.))``: each LayerNorm inside the 1x1 convolution
+    after it; MDTA's depthwise convolution, ``project_out`` and residual add inside the attention
+    (``ops.channel_attention``'s ``dw_weight``, ``proj_weight``, ``residual``); the GDFN by rows
+    (``_feed_forward``). Neither the normalised x, the convolved q, k, v nor the merged heads
+    reach memory."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attn
         b, _, h, w = x.shape
-        qkv = _by_rows(lambda t: attn.qkv_dwconv(_normed_conv(self.norm1, attn.qkv, t)), x)
+        qkv = _normed_conv(self.norm1, attn.qkv, x)
         q, k, v = (t.reshape(b, attn.num_heads, -1, h * w) for t in qkv.chunk(3, dim=1))
         x = ops.channel_attention(q, k, v, attn.temperature, attn.project_out.weight, attn.project_out.bias,
-                                  residual=x.reshape(b, -1, h * w)).view(b, -1, h, w)
+                                  residual=x.reshape(b, -1, h * w), dw_weight=attn.qkv_dwconv.weight,
+                                  dw_bias=attn.qkv_dwconv.bias, width=w).view(b, -1, h, w)
         del qkv, q, k, v  # free before the FFN
         return _feed_forward(self.norm2, self.ffn, x)
 

@@ -109,6 +109,59 @@ def test_triton_adds_the_residual(dtype, project):
     assert promoted.dtype == torch.float32  # as residual + attention promotes
 
 
+def dwconv_inputs(b, heads, c, height, width, seed=3):
+    """The unconvolved q, k, v (channel chunks of one qkv image, as MDTA's) and MDTA's depthwise weights."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, 3 * heads * c, height, width, generator=g, dtype=torch.float64)
+    q, k, v = (x.reshape(b, heads, c, height * width) for x in qkv.chunk(3, dim=1))
+    w = torch.randn(3 * heads * c, 1, 3, 3, generator=g, dtype=torch.float64) / 3
+    return q, k, v, w, torch.randn(3 * heads * c, generator=g, dtype=torch.float64)
+
+
+def dwconv_independent(q, k, v, w, bias, width):
+    """Each of q, k, v convolved as an image by 9 shifted, zero-padded copies, in float64."""
+    b, heads, c, n = q.shape
+    out = []
+    for x, wx, bx in zip((q, k, v), w.chunk(3), bias.chunk(3) if bias is not None else (None,) * 3):
+        img = torch.nn.functional.pad(x.reshape(b, heads * c, n // width, width), (1, 1, 1, 1))
+        y = sum(img[:, :, i:i + n // width, j:j + width] * wx[:, 0, i, j].view(1, -1, 1, 1)
+                for i in range(3) for j in range(3))
+        out.append((y if bx is None else y + bx.view(1, -1, 1, 1)).reshape(b, heads, c, n))
+    return out
+
+
+def test_reference_convolves_q_k_v_first():
+    q, k, v, w, bias = dwconv_inputs(2, 2, 5, 4, 7)
+    t = torch.tensor([1.5, -0.4], dtype=torch.float64)
+    ref = independent(*dwconv_independent(q, k, v, w, bias, 7), t)
+    torch.testing.assert_close(channel_attention(q, k, v, t, None, None, None, w, bias, 7, backend="torch"), ref,
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [(2, 2, 40, 7, 9, True, True), (1, 1, 96, 5, 37, True, False),
+                                  (2, 3, 24, 33, 3, False, True), (1, 2, 8, 1, 45, False, False)],
+                         ids=lambda c: "x".join(map(str, c[:5])) + ("p" if c[5] else "") + ("b" if c[6] else ""))
+def test_triton_convolves_q_k_v_on_the_fly(case, dtype):
+    """MDTA from the unconvolved qkv: depthwise conv (image borders, several heads), project_out
+    and residual folded in; against the float64 reference of the same."""
+    b, heads, c, height, width, project, bias = case
+    q, k, v, w, dw_bias = dwconv_inputs(b, heads, c, height, width)
+    dw_bias = dw_bias if bias else None
+    g = torch.Generator().manual_seed(4)
+    t = torch.rand(heads, generator=g, dtype=torch.float64) * 4
+    proj = torch.randn(16, heads * c, generator=g, dtype=torch.float64) / c if project else None
+    res = torch.randn((b, 16, height * width) if project else (b, heads, c, height * width), generator=g,
+                      dtype=torch.float64)
+    args = (q, k, v, t, proj, None, res, w, dw_bias)
+    ref = reference(*args, width)
+    out = channel_attention(*to(dtype, q, k, v), t.float().to(DEVICE), *to(dtype, proj), None, *to(dtype, res),
+                            *to(torch.float32, w, dw_bias), width, backend="triton")
+    assert out.shape == ref.shape and out.dtype == dtype
+    naive = max_err(reference(*to(dtype, *args), width), ref)
+    assert max_err(out, ref) <= (max(1e-5, 2 * naive) if dtype == torch.float32 else 2 * naive)
+
+
 def test_triton_reads_strided_views_and_zero_rows():
     """The model's q, k, v are channel chunks of one qkv tensor: no copies needed."""
     qkv = torch.randn(2, 3 * 2 * 24, 7, 11, dtype=torch.float64)
@@ -156,6 +209,12 @@ def test_bad_projection_raises_value_error():
         channel_attention(q, k, v, t, None, torch.randn(4))
     with pytest.raises(ValueError, match=r"residual of the output's shape \(1, 3, 9\)"):
         channel_attention(q, k, v, t, torch.randn(3, 8), None, torch.randn(1, 2, 4, 9))
+    with pytest.raises(ValueError, match=r"dw_weight of shape \(24, 1, 3, 3\)"):
+        channel_attention(q, k, v, t, dw_weight=torch.randn(8, 1, 3, 3), width=3)
+    with pytest.raises(ValueError, match="a divisor of N = 9"):
+        channel_attention(q, k, v, t, dw_weight=torch.randn(24, 1, 3, 3), width=2)
+    with pytest.raises(ValueError, match="dw_bias needs dw_weight"):
+        channel_attention(q, k, v, t, dw_bias=torch.randn(24))
 
 
 def test_opcheck_and_compile_without_graph_breaks():
@@ -163,6 +222,9 @@ def test_opcheck_and_compile_without_graph_breaks():
     w = torch.randn(8, 32, device=DEVICE)
     torch.library.opcheck(module.channel_attention_triton, (q, k, v, t, None, None))
     torch.library.opcheck(module.channel_attention_triton, (q, k, v, t, w, torch.randn(8, device=DEVICE)))
+    dw = torch.randn(96, 1, 3, 3, device=DEVICE)
+    torch.library.opcheck(module.channel_attention_triton, (q, k, v, t, w, None, torch.randn(2, 8, 37, device=DEVICE),
+                                                            dw, torch.randn(96, device=DEVICE), 37))
     fn = torch.compile(lambda *a: channel_attention(*a, backend="triton"), fullgraph=True,
                        backend="inductor" if DEVICE == "cuda" else "aot_eager")
     assert max_err(fn(q, k, v, t, w), reference(q, k, v, t, w)) <= 1e-5

@@ -17,7 +17,11 @@ Backends (first the reference):
 
 ``proj_weight``/``proj_bias`` fold the 1x1 convolution that follows MDTA (``project_out``)
 into the product: ``W_o @ blockdiag_h(A_h) @ v`` is one (C_out x H*C) matrix per image
-applied to v, so the (B, H*C, N) attention output never reaches memory.
+applied to v, so the (B, H*C, N) attention output never reaches memory. ``dw_weight`` folds
+the depthwise 3x3 convolution that precedes it (``qkv_dwconv``) into the reads: each tile of
+q, k or v is convolved from 9 shifted loads of the unconvolved rows (neighbouring tiles share
+them in cache), so the convolved q, k, v never reach memory either. ``residual`` adds the
+block's skip connection before the one store.
 """
 from __future__ import annotations
 
@@ -39,9 +43,16 @@ except ImportError:  # Triton ships with Linux torch wheels only
 
 def channel_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
                             proj_weight: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
-                            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reference: the published expression in the inputs' dtype, then ``project_out`` if given,
-    then ``residual +``."""
+                            residual: Optional[torch.Tensor] = None, dw_weight: Optional[torch.Tensor] = None,
+                            dw_bias: Optional[torch.Tensor] = None, width: int = 0) -> torch.Tensor:
+    """Reference: ``qkv_dwconv`` if given, the published expression in the inputs' dtype, then
+    ``project_out`` if given, then ``residual +``."""
+    if dw_weight is not None:
+        b, h, c, n = q.shape
+        biases = (None,) * 3 if dw_bias is None else dw_bias.to(q.dtype).chunk(3)
+        q, k, v = (F.conv2d(t.reshape(b, h * c, n // width, width), w.to(t.dtype), bias, padding=1,
+                            groups=h * c).reshape(b, h, c, n)
+                   for t, w, bias in zip((q, k, v), dw_weight.chunk(3), biases))
     out = cosine_attention_torch(q, k, v, temperature)
     if proj_weight is not None:
         b, h, c, n = out.shape
@@ -53,7 +64,33 @@ def channel_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
 if triton is not None:
 
     @triton.jit
-    def _gram_kernel(Q, K, G, SQ, SK, C, N, per_split, H, sqb, sqh, sqc, sqn, skb, skh, skc, skn,
+    def _rows_tile(rows_ptr, rows_ok, cols, cols_ok, sn, DW, DB, channels, width, N,
+                   DWCONV: tl.constexpr, HAS_DW_BIAS: tl.constexpr):
+        """The [rows, cols] tile of q, k or v (``rows_ptr`` [R, 1] pointers, pixels ``cols``): a
+        load, or with ``DWCONV`` the depthwise 3x3 convolution (zero padding) of those rows as
+        images ``width`` pixels wide, weights DW[channel, 9], from 9 shifted loads, in fp32
+        and rounded to the rows' dtype, as a separate convolution would store it."""
+        if DWCONV:
+            y = cols // width
+            x = cols % width
+            acc = tl.zeros([rows_ptr.shape[0], cols.shape[0]], dtype=tl.float32)
+            for tap in tl.static_range(9):
+                yy = y + (tap // 3 - 1)
+                xx = x + (tap % 3 - 1)
+                ok = cols_ok & (yy >= 0) & (yy < N // width) & (xx >= 0) & (xx < width)
+                w = tl.load(DW + channels * 9 + tap, mask=rows_ok, other=0.0)
+                t = tl.load(rows_ptr + (cols + (tap // 3 - 1) * width + (tap % 3 - 1))[None, :] * sn,
+                            mask=rows_ok[:, None] & ok[None, :], other=0.0)
+                acc += w[:, None] * t.to(tl.float32)
+            if HAS_DW_BIAS:
+                acc += tl.where(cols_ok[None, :], tl.load(DB + channels, mask=rows_ok, other=0.0)[:, None], 0.0)
+            return acc.to(rows_ptr.dtype.element_ty)
+        return tl.load(rows_ptr + cols[None, :] * sn, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+
+    @triton.jit
+    def _gram_kernel(Q, K, G, SQ, SK, WQ, WK, BQ, BK, C, N, per_split, H, width,
+                     sqb, sqh, sqc, sqn, skb, skh, skc, skn,
+                     DWCONV: tl.constexpr, HAS_DW_BIAS: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         """Partial Gram matrix and squared norms over one slice of N.
 
@@ -61,9 +98,9 @@ if triton is not None:
         over pixels [s * per_split, (s + 1) * per_split) in [BLOCK_C, BLOCK_N] tiles and
         accumulates ``q k^T`` (fp32, on tensor cores) together with ``sum q^2`` and ``sum k^2``
         of the same tiles: normalize(q) normalize(k)^T = (q k^T) / (|q| |k|^T), so q and k are
-        read once and never normalised in memory. Each slice s writes its own partials
-        (G[bh, s], SQ[bh, s], SK[bh, s]); a fixed-order sum over s follows, so the result
-        is deterministic.
+        read once and never normalised in memory (with ``DWCONV`` they are convolved on
+        the fly, ``_rows_tile``). Each slice s writes its own partials (G[bh, s], SQ[bh, s],
+        SK[bh, s]); a fixed-order sum over s follows, so the result is deterministic.
         """
         tiles = tl.cdiv(C, BLOCK_C)
         ti = tl.program_id(0) // tiles
@@ -84,8 +121,8 @@ if triton is not None:
         for n0 in range(lo, hi, BLOCK_N):
             cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             in_slice = cols < hi
-            qt = tl.load(q_rows + cols[None, :] * sqn, mask=(ri < C)[:, None] & in_slice[None, :], other=0.0)
-            kt = tl.load(k_rows + cols[None, :] * skn, mask=(rj < C)[:, None] & in_slice[None, :], other=0.0)
+            qt = _rows_tile(q_rows, ri < C, cols, in_slice, sqn, WQ, BQ, h * C + ri, width, N, DWCONV, HAS_DW_BIAS)
+            kt = _rows_tile(k_rows, rj < C, cols, in_slice, skn, WK, BK, h * C + rj, width, N, DWCONV, HAS_DW_BIAS)
             acc = tl.dot(qt, tl.trans(kt), acc, input_precision=PRECISION)
             qf = qt.to(tl.float32)
             kf = kt.to(tl.float32)
@@ -128,15 +165,18 @@ if triton is not None:
         tl.store(A + bh.to(tl.int64) * C * C + rows[:, None] * C + cols[None, :], p, mask=mask)
 
     @triton.jit
-    def _apply_kernel(M, V, BIAS, RES, O, R, K, N, HG, svb, svh, svk, svn, srb, srh, srr, srn, sob, soh, sor, son,
-                      HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    def _apply_kernel(M, V, BIAS, RES, O, WV, BV, R, K, N, HG, width,
+                      svb, svh, svk, svn, srb, srh, srr, srn, sob, soh, sor, son,
+                      HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DWCONV: tl.constexpr,
+                      HAS_DW_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
         """``O[g, r, n] = sum_k M[g, r, k] V[g, k, n] (+ bias[r]) (+ RES[g, r, n])`` for g = (b, h)
         of HG heads.
 
         M is fp32 (B*HG, R, K): the attention maps (R = K = C), or the folded ``W_o
         blockdiag(A)`` (HG = 1, R = C_out, K = H*C). Program (n block, r block, g) streams v
-        once through [BLOCK_K, BLOCK_N] tiles; M is rounded to v's dtype before the product,
+        once through [BLOCK_K, BLOCK_N] tiles (convolved on the fly with ``DWCONV``, channel
+        h*K + k, ``_rows_tile``); M is rounded to v's dtype before the product,
         as the eager expression rounds the map, and accumulated in fp32; bias and residual are
         added in fp32 before the one store.
         """
@@ -151,8 +191,8 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             m = tl.load(m_rows + ks[None, :], mask=(rows < R)[:, None] & (ks < K)[None, :], other=0.0)
-            vt = tl.load(v_head + ks.to(tl.int64)[:, None] * svk + cols[None, :] * svn,
-                         mask=(ks < K)[:, None] & (cols < N)[None, :], other=0.0)
+            vt = _rows_tile(v_head + ks.to(tl.int64)[:, None] * svk, ks < K, cols, cols < N, svn, WV, BV, h * K + ks,
+                            width, N, DWCONV, HAS_DW_BIAS)
             acc = tl.dot(m.to(vt.dtype), vt, acc, input_precision=PRECISION)
         out_mask = (rows < R)[:, None] & (cols < N)[None, :]
         if HAS_BIAS:
@@ -174,12 +214,14 @@ def _configs(*shapes):
             for *sizes, w, s in shapes]
 
 
-# (BLOCK_N, [BLOCK_K,] warps, stages)
-# Gram: at BLOCK_C = 128 (C = 96, 176), BLOCK_N = 64 spills ~600 bytes of registers per thread
-# (compiled for sm_90a); 32 does not.
-_GRAM_CONFIGS = _configs((32, 8, 3), (32, 8, 2), (32, 8, 1), (16, 4, 1)) if triton else []
-_APPLY_CONFIGS = {wide: _configs((64 if wide else 128, 32, 8, 3), (64 if wide else 128, 32, 8, 2), (32, 16, 8, 1))
-                  for wide in (False, True)} if triton else {}
+# (BLOCK_N, [BLOCK_K,] warps, stages), chosen to compile without register spills for sm_90a.
+# Gram: BLOCK_C = 128 (C = 96, 176) with BLOCK_N = 64 spills ~600 bytes per thread, 32 does not;
+# convolving q and k on the fly (``dw``) needs BLOCK_C = 64 and BLOCK_N = 16. Apply: with the
+# residual add, 128-wide tiles spill; 64 (R <= 128) and 32 (R = 256) do not, convolving or not.
+_GRAM_CONFIGS = {False: _configs((32, 8, 3), (32, 8, 2), (32, 8, 1), (16, 4, 1)),
+                 True: _configs((16, 8, 2), (16, 8, 1))} if triton else {}
+_APPLY_CONFIGS = {False: _configs((64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 1)),
+                  True: _configs((32, 32, 8, 2), (32, 16, 8, 1))} if triton else {}
 
 
 def _block(n: int, cap: int) -> int:
@@ -187,10 +229,11 @@ def _block(n: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(n)))
 
 
-def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor) -> torch.Tensor:
-    """A (B*H, C, C) fp32: the softmax of the scaled cosine similarities of q's and k's rows."""
+def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Optional[tuple]) -> torch.Tensor:
+    """A (B*H, C, C) fp32: the softmax of the scaled cosine similarities of q's and k's rows
+    (convolved first with ``dw = (weights (3, H*C, 9), biases (3, H*C) or None, width)``)."""
     b, h, c, n = q.shape
-    block_c = _block(c, 128)
+    block_c = _block(c, 128 if dw is None else 64)
     tiles = triton.cdiv(c, block_c)
     # Slices of N: enough programs for about one wave, each slice >= _MIN_SLICE pixels.
     slices = max(1, min(triton.cdiv(_triton.sm_count(q.device), tiles * tiles * b * h), n // _MIN_SLICE))
@@ -200,8 +243,13 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor) -> torc
     g = torch.empty((b * h, slices, c, c), **f32)
     sq = torch.empty((b * h, slices, c), **f32)
     sk = torch.empty_like(sq)
-    _triton.launch_fitting(_gram_kernel, (block_c, q.dtype), _GRAM_CONFIGS, lambda meta: (tiles * tiles, slices, b * h),
-                           q, k, g, sq, sk, c, n, per_split, h, *q.stride(), *k.stride(), BLOCK_C=block_c,
+    w, bias, width = dw or (g, None, 1)
+    bias = bias if bias is not None else w
+    _triton.launch_fitting(_gram_kernel, (block_c, q.dtype, dw is not None), _GRAM_CONFIGS[dw is not None],
+                           lambda meta: (tiles * tiles, slices, b * h),
+                           q, k, g, sq, sk, w[0], w[1 if dw else 0], bias[0], bias[1 if dw else 0], c, n, per_split, h,
+                           width, *q.stride(), *k.stride(), DWCONV=dw is not None,
+                           HAS_DW_BIAS=dw is not None and dw[1] is not None, BLOCK_C=block_c,
                            PRECISION=_triton.precision(q.dtype))
     a = torch.empty((b * h, c, c), **f32)
     block_cc = max(16, triton.next_power_of_2(c))
@@ -212,19 +260,22 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor) -> torc
 
 
 def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-           out: torch.Tensor) -> None:
+           out: torch.Tensor, dw: Optional[tuple]) -> None:
     """out (B, HG, R, N) = m (B*HG, R, K) @ v (B, HG, K, N) (+ bias (R,)) (+ residual (B, HG, R, N));
-    any strides of v, residual, out."""
+    any strides of v, residual, out; v convolved first with ``dw`` (see ``_attention_maps``)."""
     b, hg, r, n = out.shape
     kk = v.shape[2]
     block_r = _block(r, 256)
     res = residual if residual is not None else out
-    _triton.launch_fitting(_apply_kernel, (block_r, v.dtype, bias is not None, residual is not None),
+    w, dw_bias, width = dw or (m, None, 1)
+    _triton.launch_fitting(_apply_kernel, (block_r, v.dtype, bias is not None, residual is not None, dw is not None),
                            _APPLY_CONFIGS[block_r > 128],
                            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r), b * hg),
-                           m, v, bias if bias is not None else m, res, out, r, kk, n, hg, *v.stride(), *res.stride(),
+                           m, v, bias if bias is not None else m, res, out, w[2 if dw else 0],
+                           dw_bias[2] if dw_bias is not None else m, r, kk, n, hg, width, *v.stride(), *res.stride(),
                            *out.stride(), HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                           BLOCK_R=block_r, PRECISION=_triton.precision(v.dtype))
+                           DWCONV=dw is not None, HAS_DW_BIAS=dw_bias is not None, BLOCK_R=block_r,
+                           PRECISION=_triton.precision(v.dtype))
 
 
 def _out_dtype(v: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
@@ -239,26 +290,32 @@ def _output_shape(q: torch.Tensor, proj_weight: Optional[torch.Tensor]):
 @torch.library.custom_op("sipl_fast::channel_attention_triton", mutates_args=())
 def channel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
                              proj_weight: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
-                             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             residual: Optional[torch.Tensor] = None, dw_weight: Optional[torch.Tensor] = None,
+                             dw_bias: Optional[torch.Tensor] = None, width: int = 0) -> torch.Tensor:
     """Triton forward: (B, H, C, N), or (B, C_out, N) with ``project_out`` folded in; contiguous."""
     b, h, c, n = q.shape
     out = torch.empty(_output_shape(q, proj_weight), device=q.device, dtype=_out_dtype(v, residual))
     if out.numel() == 0:
         return out
-    a = _attention_maps(q, k, temperature.float().reshape(-1).contiguous())
+    dw = None
+    if dw_weight is not None:
+        dw = (dw_weight.float().reshape(3, h * c, 9).contiguous(),
+              None if dw_bias is None else dw_bias.float().reshape(3, h * c).contiguous(), width)
+    a = _attention_maps(q, k, temperature.float().reshape(-1).contiguous(), dw)
     if proj_weight is None:
-        _apply(a, v, None, residual, out)
+        _apply(a, v, None, residual, out, dw)
         return out
     # W_o (C_out, H, C) times blockdiag(A_h): M[b, o, (h, j)] = sum_i W_o[o, h, i] A[b, h, i, j]
     w = proj_weight.float().reshape(-1, h, c)
     m = torch.einsum("ohi,bhij->bohj", w, a.view(b, h, c, c)).reshape(b, -1, h * c).contiguous()
     bias = None if proj_bias is None else proj_bias.float().contiguous()
-    _apply(m, v.reshape(b, 1, h * c, n), bias, None if residual is None else residual.unsqueeze(1), out.view(b, 1, -1, n))
+    _apply(m, v.reshape(b, 1, h * c, n), bias, None if residual is None else residual.unsqueeze(1), out.view(b, 1, -1, n),
+           dw)
     return out
 
 
 @channel_attention_triton.register_fake
-def _(q, k, v, temperature, proj_weight=None, proj_bias=None, residual=None):
+def _(q, k, v, temperature, proj_weight=None, proj_bias=None, residual=None, dw_weight=None, dw_bias=None, width=0):
     return q.new_empty(_output_shape(q, proj_weight), dtype=_out_dtype(v, residual))
 
 
@@ -266,13 +323,13 @@ def _(q, k, v, temperature, proj_weight=None, proj_bias=None, residual=None):
 BACKENDS = {
     "torch": Backend("torch", channel_attention_torch, lambda *a, **kw: None),
     "triton": Backend("triton", channel_attention_triton,
-                      lambda q, *tensors: forward_only_problem("triton", q, *tensors, dots=True),
+                      lambda q, *args: forward_only_problem("triton", q, *args[:-1], dots=True),  # args[-1]: width
                       automatic=lambda q, *a, **kw: q.is_cuda),
 }
 PREFERENCE = ("triton", "torch")  # not yet ranked by measurement on a GPU
 
 
-def _check(q, k, v, temperature, proj_weight, proj_bias, residual) -> None:
+def _check(q, k, v, temperature, proj_weight, proj_bias, residual, dw_weight, dw_bias, width) -> None:
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
             raise ValueError(f"channel_attention: expected {name} as a floating-point (B, H, C, N) tensor, "
@@ -304,6 +361,19 @@ def _check(q, k, v, temperature, proj_weight, proj_bias, residual) -> None:
                              f"got {getattr(residual, 'dtype', type(residual))} of shape "
                              f"{tuple(getattr(residual, 'shape', ()))}")
         extra.append(("residual", residual))
+    if dw_weight is not None:
+        if not isinstance(dw_weight, torch.Tensor) or tuple(dw_weight.shape) != (3 * h * c, 1, 3, 3):
+            raise ValueError(f"channel_attention: expected dw_weight of shape ({3 * h * c}, 1, 3, 3) (q's, k's, v's "
+                             f"channels), got {tuple(getattr(dw_weight, 'shape', ()))}")
+        if dw_bias is not None and (not isinstance(dw_bias, torch.Tensor) or tuple(dw_bias.shape) != (3 * h * c,)):
+            raise ValueError(f"channel_attention: expected dw_bias of shape ({3 * h * c},), "
+                             f"got {tuple(getattr(dw_bias, 'shape', ()))}")
+        if not isinstance(width, int) or width < 1 or n % width:
+            raise ValueError(f"channel_attention: with dw_weight, width must be the image width, a divisor of N = {n}, "
+                             f"got {width!r}")
+        extra += [("dw_weight", dw_weight), ("dw_bias", dw_bias)]
+    elif dw_bias is not None:
+        raise ValueError("channel_attention: dw_bias needs dw_weight")
     for name, x in [("k", k), ("v", v)] + extra:
         if x is not None and x.device != q.device:
             raise ValueError(f"channel_attention: {name} is on {x.device}, q on {q.device}")
@@ -311,16 +381,21 @@ def _check(q, k, v, temperature, proj_weight, proj_bias, residual) -> None:
 
 def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
                       proj_weight: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
-                      residual: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+                      residual: Optional[torch.Tensor] = None, dw_weight: Optional[torch.Tensor] = None,
+                      dw_bias: Optional[torch.Tensor] = None, width: int = 0,
+                      backend: Optional[str] = None) -> torch.Tensor:
     """``softmax((normalize(q) @ normalize(k)^T) * t_h) @ v`` over the channels of each head.
 
     q, k, v (B, H, C, N), temperature (H,) or (H, 1, 1); returns (B, H, C, N). With
     ``proj_weight`` (C_out, H*C) or (C_out, H*C, 1, 1) and optional ``proj_bias`` (C_out,),
     returns ``project_out`` of the heads merged: (B, C_out, N). ``residual`` (the output's
     shape) is added to the result (the block's skip connection, in the same pass; the result's
-    dtype is then promoted with the residual's, as ``+`` does).
+    dtype is then promoted with the residual's, as ``+`` does). With ``dw_weight`` (3*H*C, 1,
+    3, 3) (MDTA's ``qkv_dwconv``: q's channels, then k's, then v's), optional ``dw_bias``
+    (3*H*C,) and the image ``width``, q, k, v are first convolved depthwise 3x3 (zero padding)
+    as (B, H*C, N / width, width) images.
     ``backend``: None/"auto" (triton where it can run, else torch), "torch" or "triton".
     """
-    _check(q, k, v, temperature, proj_weight, proj_bias, residual)
-    return choose("channel_attention", BACKENDS, PREFERENCE, backend, q, k, v, temperature, proj_weight,
-                  proj_bias, residual).fn(q, k, v, temperature, proj_weight, proj_bias, residual)
+    _check(q, k, v, temperature, proj_weight, proj_bias, residual, dw_weight, dw_bias, width)
+    args = (q, k, v, temperature, proj_weight, proj_bias, residual, dw_weight, dw_bias, width)
+    return choose("channel_attention", BACKENDS, PREFERENCE, backend, *args).fn(*args)
