@@ -222,6 +222,8 @@ _GRAM_CONFIGS = {False: _configs((32, 8, 3), (32, 8, 2), (32, 8, 1), (16, 4, 1))
                  True: _configs((16, 8, 2), (16, 8, 1))} if triton else {}
 _APPLY_CONFIGS = {False: _configs((64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 1)),
                   True: _configs((32, 32, 8, 2), (32, 16, 8, 1))} if triton else {}
+# The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
+_INTERPRETER_GRAM, _INTERPRETER_APPLY = (_configs((64, 4, 1)), _configs((128, 32, 4, 1))) if triton else ([], [])
 
 
 def _block(n: int, cap: int) -> int:
@@ -245,7 +247,8 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Opt
     sk = torch.empty_like(sq)
     w, bias, width = dw or (g, None, 1)
     bias = bias if bias is not None else w
-    _triton.launch_fitting(_gram_kernel, (block_c, q.dtype, dw is not None), _GRAM_CONFIGS[dw is not None],
+    configs = _GRAM_CONFIGS[dw is not None] if q.is_cuda else _INTERPRETER_GRAM
+    _triton.launch_fitting(_gram_kernel, (block_c, q.dtype, dw is not None, q.is_cuda), configs,
                            lambda meta: (tiles * tiles, slices, b * h),
                            q, k, g, sq, sk, w[0], w[1 if dw else 0], bias[0], bias[1 if dw else 0], c, n, per_split, h,
                            width, *q.stride(), *k.stride(), DWCONV=dw is not None,
@@ -268,8 +271,8 @@ def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], resid
     block_r = _block(r, 256)
     res = residual if residual is not None else out
     w, dw_bias, width = dw or (m, None, 1)
-    _triton.launch_fitting(_apply_kernel, (block_r, v.dtype, bias is not None, residual is not None, dw is not None),
-                           _APPLY_CONFIGS[block_r > 128],
+    _triton.launch_fitting(_apply_kernel, (block_r, v.dtype, bias is not None, residual is not None, dw is not None,
+                                           v.is_cuda), _APPLY_CONFIGS[block_r > 128] if v.is_cuda else _INTERPRETER_APPLY,
                            lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r), b * hg),
                            m, v, bias if bias is not None else m, res, out, w[2 if dw else 0],
                            dw_bias[2] if dw_bias is not None else m, r, kk, n, hg, width, *v.stride(), *res.stride(),

@@ -130,6 +130,8 @@ _CONFIGS = {(64, False): _configs((64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 4, 1)
             (128, False): _configs((64, 32, 8, 3), (64, 32, 8, 2), (64, 32, 8, 1)),
             (64, True): _configs((32, 16, 4, 2), (32, 16, 4, 1)),
             (128, True): _configs((32, 16, 8, 2), (32, 16, 8, 1))} if triton else {}
+# The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
+_INTERPRETER_CONFIGS = _configs((256, 32, 4, 1)) if triton else []
 
 
 _INT32_OFFSETS = 2**31  # tensors with this many elements per image or more take int64 offsets
@@ -154,7 +156,8 @@ def conv1x1_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     r = None if residual is None else _layout.pixels(residual)
     block_m = 64 if cout <= 64 else 128
     wide = max(t.shape[1] * h * w for t in (x, out)) >= _INT32_OFFSETS  # within one image (a residual is out's size)
-    _triton.launch_fitting(_conv1x1_kernel, (block_m, x.dtype, wide), _CONFIGS[block_m, x.dtype == torch.float32],
+    configs = _CONFIGS[block_m, x.dtype == torch.float32] if x.is_cuda else _INTERPRETER_CONFIGS
+    _triton.launch_fitting(_conv1x1_kernel, (block_m, x.dtype, wide, x.is_cuda), configs,
                            lambda meta: (triton.cdiv(cout, block_m), triton.cdiv(h * w, meta["BLOCK_N"]), b),
                            x, wt, b32 if b32 is not None else wt, r if r is not None else x, out, cin, cout, h * w,
                            *_layout.strides(x), *_layout.strides(r if r is not None else x), *_layout.strides(out),
