@@ -115,7 +115,10 @@ def test_triton_keeps_channels_last_and_reads_bands_of_rows(dtype):
 
 
 def test_triton_int64_offsets_for_huge_images(monkeypatch):
-    """Images past 2**31 elements use int64 offsets: forced here on a small one."""
+    """Images whose offsets reach 2**31 use int64 offsets: forced here on a small one. A band of
+    rows spans its whole image's channel strides."""
+    full = torch.empty(2, 5, 8, 7)
+    assert module._span(full) == 5 * 8 * 7 and module._span(full[:, :, 3:5]) == 1 + 4 * 8 * 7 + 1 * 7 + 6
     monkeypatch.setattr(module, "_INT32_OFFSETS", 1)
     x, w, b, r = inputs(2, 37, 53, 4, 5)
     ref = independent(x, w, b, r, True)

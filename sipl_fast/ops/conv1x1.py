@@ -134,7 +134,12 @@ _CONFIGS = {(64, False): _configs((64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 4, 1)
 _INTERPRETER_CONFIGS = _configs((256, 32, 4, 1)) if triton else []
 
 
-_INT32_OFFSETS = 2**31  # tensors with this many elements per image or more take int64 offsets
+_INT32_OFFSETS = 2**31  # a tensor whose offsets within one image reach this takes int64 offsets
+
+
+def _span(t: torch.Tensor) -> int:
+    """1 + the largest offset within one image of t (a band of rows counts its whole image's strides)."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
 
 
 def _out_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
@@ -155,7 +160,7 @@ def conv1x1_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     b32 = None if bias is None else bias.float().contiguous()
     r = None if residual is None else _layout.pixels(residual)
     block_m = 64 if cout <= 64 else 128
-    wide = max(t.shape[1] * h * w for t in (x, out)) >= _INT32_OFFSETS  # within one image (a residual is out's size)
+    wide = max(_span(t) for t in (x, r, out) if t is not None) >= _INT32_OFFSETS
     configs = _CONFIGS[block_m, x.dtype == torch.float32] if x.is_cuda else _INTERPRETER_CONFIGS
     _triton.launch_fitting(_conv1x1_kernel, (block_m, x.dtype, wide, x.is_cuda), configs,
                            lambda meta: (triton.cdiv(cout, block_m), triton.cdiv(h * w, meta["BLOCK_N"]), b),
