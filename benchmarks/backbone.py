@@ -39,9 +39,9 @@ QUICK_BLOCKS = [((16, 2, 24), 1)]
 OP_SCRIPTS = {"layer_norm2d": layer_norm2d, "conv1x1": conv1x1, "channel_attention": channel_attention,
               "gated_dwconv_gelu": gated_dwconv_gelu}
 # Backends per op of the fast block variants (ops not named choose automatically)
-# (cuda-bf16: the norms as the CUDA C++ layer_norm2d, conv1x1 unfused around it)
-FAST_BLOCKS = {"triton-bf16": "triton", "cuda-bf16": {"layer_norm2d": "cuda", "gated_dwconv_gelu": "cuda",
-                                                      "channel_attention": "triton", "conv1x1": "torch"},
+# (cuda-bf16: the CUDA C++ gate; the engine's block has no separate LayerNorm left)
+FAST_BLOCKS = {"triton-bf16": "triton", "cuda-bf16": {"gated_dwconv_gelu": "cuda", "channel_attention": "triton",
+                                                      "conv1x1": "triton"},
                "auto-bf16": "auto",
                "fastest-bf16": ops.FASTEST}
 
@@ -62,7 +62,7 @@ def block_cases(device: torch.device, wanted, shapes):
             for p in block.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         low = copy.deepcopy(block).to(torch.bfloat16)
-        fast = engine_blocks(copy.deepcopy(low))
+        fast = engine_blocks(copy.deepcopy(low), torch.bfloat16)
         x = torch.randn(1, dim, side, side, device=device)
         xb = x.to(torch.bfloat16)
         compiled = torch.compile(low)

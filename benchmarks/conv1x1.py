@@ -2,9 +2,10 @@
 
 The 1x1 convolutions of every Restormer block with what surrounds them: ``qkv`` and
 ``project_in`` after their LayerNorm (normalize), ``project_out`` before the residual add.
-Variants in one run: the published computation eager in fp32 and bf16 (LayerNorm, convolution,
-add, op by op), ``torch.compile`` of it in bf16, and every fast backend this install can run
-(bf16). GB/s counts reading x (and the residual) and writing the output once. Usage:
+Variants in one run: the reference (``conv1x1_torch``: LayerNorm, convolution, add, op by op,
+as the published code) eager in fp32 and bf16, ``torch.compile`` of it in bf16, and every fast
+backend this install can run (bf16). GB/s counts reading x (and the residual) and writing the
+output once. Usage:
 ``python benchmarks/conv1x1.py [--variants ...] [--quick | --headline]``.
 """
 from __future__ import annotations
@@ -12,10 +13,9 @@ from __future__ import annotations
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from _common import Case, op_main, op_variants
-from sipl_fast.ops.layer_norm2d import layer_norm2d_torch
+from sipl_fast.ops.conv1x1 import conv1x1_torch
 
 # ((B, Cin, H, W), Cout, normalize, residual) at a 512x512 input, and calls per pass
 SHAPES = [((1, 96, 512, 512), 510, True, False, 16), ((1, 96, 512, 512), 288, True, False, 16),
@@ -23,18 +23,7 @@ SHAPES = [((1, 96, 512, 512), 510, True, False, 16), ((1, 96, 512, 512), 288, Tr
           ((1, 127, 512, 512), 48, False, True, 8), ((1, 96, 256, 256), 510, True, False, 24),
           ((1, 192, 128, 128), 1020, True, False, 24), ((1, 1021, 64, 64), 384, False, True, 16)]
 QUICK = [((1, 48, 64, 64), 144, True, False, 1), ((2, 127, 17, 23), 48, False, True, 1)]
-
-
-def published(x, weight, bias, residual, normalize):
-    """LayerNorm (affine folded into the convolution), 1x1 convolution, residual add: op by op."""
-    if normalize:
-        c = x.shape[1]
-        x = layer_norm2d_torch(x, x.new_ones(c), x.new_zeros(c))
-    y = F.conv2d(x, weight, bias)
-    return y if residual is None else residual + y
-
-
-_compiled = torch.compile(published)
+_compiled = torch.compile(conv1x1_torch)
 
 
 def cases(device: torch.device, wanted, shapes):
@@ -46,7 +35,7 @@ def cases(device: torch.device, wanted, shapes):
         elements = x.numel() + (2 if residual else 1) * b * cout * h * w
         name = f"{b}x{cin}x{h}x{w}->{cout}" + (" norm" if normalize else "") + (" +res" if residual else "")
         yield Case("conv1x1", name, elements, count,
-                   op_variants("conv1x1", published, (x, weight, bias, r, normalize), wanted, device, _compiled))
+                   op_variants("conv1x1", conv1x1_torch, (x, weight, bias, r, normalize), wanted, device, _compiled))
 
 
 if __name__ == "__main__":

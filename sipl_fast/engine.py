@@ -167,16 +167,23 @@ def _fold_norm_affine(norm: LayerNorm, conv: nn.Conv2d) -> None:
 
 
 @torch.no_grad()
-def engine_blocks(net: nn.Module) -> nn.Module:
+def engine_blocks(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Turn ``net``'s TransformerBlocks and CrossBlocks (in place) into the engine's: LayerNorm
-    affines folded into the 1x1 convolutions after them, and the forward passes above."""
+    affines folded into the 1x1 convolutions after them, and the forward passes above. The
+    weights of the 1x1 convolutions that run as ``ops.conv1x1`` are stored in ``dtype``, the
+    loop's (what autocast would round them to on every call), so no call casts them."""
     for module in net.modules():
+        convs = []
         if isinstance(module, TransformerBlock):
             _fold_norm_affine(module.norm1, module.attn.qkv)
+            convs = [module.attn.qkv]
         if isinstance(module, CrossBlock):
             _fold_norm_affine(module.norm12, module.attn.kv)  # norm11's output is also the residual
+            convs = [module.attn.kv, module.attn.project_out]
         if isinstance(module, (TransformerBlock, CrossBlock)):
             _fold_norm_affine(module.norm2, module.ffn.project_in)
+            for conv in convs + [module.ffn.project_in, module.ffn.project_out]:
+                conv.weight.data = conv.weight.data.to(dtype)
         if type(module) is TransformerBlock:
             module.__class__ = _EngineTransformerBlock
         if type(module) is CrossBlock:
@@ -240,10 +247,10 @@ class FastSIPL:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.max_graphs = max_graphs
         self.model = net = copy.deepcopy(model).eval().requires_grad_(False)
-        if param.dtype != torch.float32:  # weights in fp32; autocast provides the reduced precision
+        if param.dtype != torch.float32:  # weights in fp32 (the fused 1x1 convolutions: see engine_blocks)
             net.float()
         net.__class__ = _EngineSIPL
-        engine_blocks(net)
+        engine_blocks(net, dtype)
         net.dictionary_kv = {}
         if net.config.proxy_fusion:
             with self._context():

@@ -31,7 +31,7 @@ import torch
 from . import _triton
 
 __all__ = ["FASTEST", "KERNEL_DTYPES", "BackendError", "Backend", "backend_scope", "choose", "cuda_problem",
-           "forward_only_problem", "measured_choices", "needs_grad"]
+           "forward_only_problem", "measured_choices", "needs_grad", "result_dtype"]
 
 #: The backend name that measures (see the module docstring).
 FASTEST = "fastest"
@@ -89,6 +89,11 @@ def needs_grad(*tensors) -> bool:
 
 #: The storage dtypes every kernel takes (fp32 accumulation throughout).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def result_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype of ``residual + y`` for y in x's dtype (ops that add a residual in the same pass)."""
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
 def forward_only_problem(kernel: str, x: torch.Tensor, *tensors, dots: bool = False) -> Optional[str]:

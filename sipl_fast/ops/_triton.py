@@ -49,6 +49,13 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def configs(*shapes) -> list:
+    """triton.Config list from (BLOCK_N, [BLOCK_K,] warps, stages) tuples, first choice first
+    (the image ops' launchers list later ones that need less shared memory)."""
+    return [triton.Config(dict(zip(("BLOCK_N", "BLOCK_K"), sizes)), num_warps=w, num_stages=s)
+            for *sizes, w, s in shapes]
+
+
 _fitting: dict = {}  # (kernel, key) -> index of the first config that fits this GPU
 
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton
-from ._backend import Backend, choose, forward_only_problem
+from ._backend import Backend, choose, forward_only_problem, result_dtype
 from .cosine_attention import EPS, cosine_attention_torch
 
 try:
@@ -208,22 +208,16 @@ _GRAM_BLOCK_N = 64  # slices of N are multiples of this (and so of every BLOCK_N
 _MIN_SLICE = 2048  # pixels per slice of the Gram pass: bounds the partials at C*C*N/2048 floats
 
 
-def _configs(*shapes):
-    """triton.Config list, first choice first: later ones need less shared memory."""
-    return [triton.Config(dict(zip(("BLOCK_N", "BLOCK_K"), sizes)), num_warps=w, num_stages=s)
-            for *sizes, w, s in shapes]
-
-
 # (BLOCK_N, [BLOCK_K,] warps, stages), chosen to compile without register spills for sm_90a.
 # Gram: BLOCK_C = 128 (C = 96, 176) with BLOCK_N = 64 spills ~600 bytes per thread, 32 does not;
 # convolving q and k on the fly (``dw``) needs BLOCK_C = 64 and BLOCK_N = 16. Apply: with the
 # residual add, 128-wide tiles spill; 64 (R <= 128) and 32 (R = 256) do not, convolving or not.
-_GRAM_CONFIGS = {False: _configs((32, 8, 3), (32, 8, 2), (32, 8, 1), (16, 4, 1)),
-                 True: _configs((16, 8, 2), (16, 8, 1))} if triton else {}
-_APPLY_CONFIGS = {False: _configs((64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 1)),
-                  True: _configs((32, 32, 8, 2), (32, 16, 8, 1))} if triton else {}
+_GRAM_CONFIGS = {False: _triton.configs((32, 8, 3), (32, 8, 2), (32, 8, 1), (16, 4, 1)),
+                 True: _triton.configs((16, 8, 2), (16, 8, 1))} if triton else {}
+_APPLY_CONFIGS = {False: _triton.configs((64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 1)),
+                  True: _triton.configs((32, 32, 8, 2), (32, 16, 8, 1))} if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
-_INTERPRETER_GRAM, _INTERPRETER_APPLY = (_configs((64, 4, 1)), _configs((128, 32, 4, 1))) if triton else ([], [])
+_INTERPRETER_GRAM, _INTERPRETER_APPLY = (_triton.configs((64, 4, 1)), _triton.configs((128, 32, 4, 1))) if triton else ([], [])
 
 
 def _block(n: int, cap: int) -> int:
@@ -281,10 +275,6 @@ def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], resid
                            PRECISION=_triton.precision(v.dtype))
 
 
-def _out_dtype(v: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
-    return v.dtype if residual is None else torch.promote_types(v.dtype, residual.dtype)
-
-
 def _output_shape(q: torch.Tensor, proj_weight: Optional[torch.Tensor]):
     b, h, c, n = q.shape
     return (b, h, c, n) if proj_weight is None else (b, proj_weight.shape[0], n)
@@ -297,7 +287,7 @@ def channel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              dw_bias: Optional[torch.Tensor] = None, width: int = 0) -> torch.Tensor:
     """Triton forward: (B, H, C, N), or (B, C_out, N) with ``project_out`` folded in; contiguous."""
     b, h, c, n = q.shape
-    out = torch.empty(_output_shape(q, proj_weight), device=q.device, dtype=_out_dtype(v, residual))
+    out = torch.empty(_output_shape(q, proj_weight), device=q.device, dtype=result_dtype(v, residual))
     if out.numel() == 0:
         return out
     dw = None
@@ -319,7 +309,7 @@ def channel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 @channel_attention_triton.register_fake
 def _(q, k, v, temperature, proj_weight=None, proj_bias=None, residual=None, dw_weight=None, dw_bias=None, width=0):
-    return q.new_empty(_output_shape(q, proj_weight), dtype=_out_dtype(v, residual))
+    return q.new_empty(_output_shape(q, proj_weight), dtype=result_dtype(v, residual))
 
 
 # ----------------------------------------------------------------------------- backend choice

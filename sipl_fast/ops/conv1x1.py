@@ -13,8 +13,8 @@ output written once.
 
 Backends (first the reference):
 
-- ``"torch"``: ``sipl_fast.ops.layer_norm2d`` (its own backend choice), ``F.conv2d`` and the
-  add, in x's dtype (W and bias cast to it), differentiable.
+- ``"torch"``: the published order op by op, pure PyTorch: ``layer_norm2d_torch``,
+  ``F.conv2d``, the add; in x's dtype (W and bias cast to it), differentiable.
 - ``"triton"``: the kernel below, forward only; fp32, fp16, bf16 with fp32 accumulation (W
   rounded to x's dtype, as autocast rounds it; the norm and the residual add in fp32); NCHW
   or channels-last x, or a band of rows of either (other strides are copied to NCHW); the
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _layout, _triton
-from ._backend import Backend, choose, forward_only_problem
-from .layer_norm2d import layer_norm2d
+from ._backend import Backend, choose, forward_only_problem, result_dtype
+from .layer_norm2d import layer_norm2d_torch
 
 try:
     import triton
@@ -45,7 +45,7 @@ def conv1x1_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """Reference: the norm, the convolution and the add op by op, in x's dtype."""
     if normalize:
         c = x.shape[1]
-        x = layer_norm2d(x, x.new_ones(c), x.new_zeros(c), eps)
+        x = layer_norm2d_torch(x, x.new_ones(c), x.new_zeros(c), eps)
     cout = weight.shape[0]
     y = F.conv2d(x, weight.reshape(cout, -1, 1, 1).to(x.dtype), None if bias is None else bias.to(x.dtype))
     return y if residual is None else residual + y
@@ -116,22 +116,16 @@ if triton is not None:
         tl.store(_tile(O + b * sob, rows, pixels, soc, sop, WIDE), acc.to(O.dtype.element_ty), mask=out_mask)
 
 
-def _configs(*shapes):
-    """triton.Config list, first choice first: later ones need less shared memory."""
-    return [triton.Config(dict(zip(("BLOCK_N", "BLOCK_K"), sizes)), num_warps=w, num_stages=s)
-            for *sizes, w, s in shapes]
-
-
 # (BLOCK_N, BLOCK_K, warps, stages) per (BLOCK_M, fp32): pixels along the fast axis of NCHW, one
 # accumulator of BLOCK_M x BLOCK_N fp32 values spread over the warps. The kernel is memory-bound:
 # these tiles compile without register spills for sm_90a and leave room for several programs per
 # SM (fp32, whose exact products run without tensor cores, needs smaller ones).
-_CONFIGS = {(64, False): _configs((64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 4, 1)),
-            (128, False): _configs((64, 32, 8, 3), (64, 32, 8, 2), (64, 32, 8, 1)),
-            (64, True): _configs((32, 16, 4, 2), (32, 16, 4, 1)),
-            (128, True): _configs((32, 16, 8, 2), (32, 16, 8, 1))} if triton else {}
+_CONFIGS = {(64, False): _triton.configs((64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 4, 1)),
+            (128, False): _triton.configs((64, 32, 8, 3), (64, 32, 8, 2), (64, 32, 8, 1)),
+            (64, True): _triton.configs((32, 16, 4, 2), (32, 16, 4, 1)),
+            (128, True): _triton.configs((32, 16, 8, 2), (32, 16, 8, 1))} if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
-_INTERPRETER_CONFIGS = _configs((256, 32, 4, 1)) if triton else []
+_INTERPRETER_CONFIGS = _triton.configs((256, 32, 4, 1)) if triton else []
 
 
 _INT32_OFFSETS = 2**31  # a tensor whose offsets within one image reach this takes int64 offsets
@@ -142,10 +136,6 @@ def _span(t: torch.Tensor) -> int:
     return 1 + sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
 
 
-def _out_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
-    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-
-
 @torch.library.custom_op("sipl_fast::conv1x1_triton", mutates_args=())
 def conv1x1_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    residual: Optional[torch.Tensor], normalize: bool, eps: float) -> torch.Tensor:
@@ -153,7 +143,7 @@ def conv1x1_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     x = _layout.pixels(x)
     b, cin, h, w = x.shape
     cout = weight.shape[0]
-    out = _layout.empty(x, cout, _out_dtype(x, residual))
+    out = _layout.empty(x, cout, result_dtype(x, residual))
     if out.numel() == 0:
         return out
     wt = weight.reshape(cout, cin).to(x.dtype).contiguous()
@@ -173,7 +163,7 @@ def conv1x1_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 @conv1x1_triton.register_fake
 def _(x, weight, bias, residual, normalize, eps):
-    return _layout.empty(_layout.pixels(x), weight.shape[0], _out_dtype(x, residual))
+    return _layout.empty(_layout.pixels(x), weight.shape[0], result_dtype(x, residual))
 
 
 # ----------------------------------------------------------------------------- backend choice
