@@ -13,8 +13,11 @@ returns. Every change is an exact rewrite of the published computation:
 - **MDTA's convolutions folded**: the depthwise 3x3 convolution of q, k, v is computed inside
   the attention's reads, and ``project_out`` (a 1x1 convolution) times the block-diagonal
   attention maps is one matrix per image, applied to v in one product;
+- **the GDFN in two passes**: its LayerNorm inside ``project_in`` (above); the depthwise
+  convolution, gate, ``project_out`` and residual add in one (``ops.gated_dwconv_gelu`` with
+  its projection): neither the gate nor the convolution's output reaches memory;
 - **residual adds inside the products before them**: MDTA's (in that product), the GDFN's
-  and the cross attention's (in ``project_out``, ``ops.conv1x1``);
+  (above) and the cross attention's (in ``project_out``, ``ops.conv1x1``);
 - **dictionary keys/values once**: in the dictionary-only pass, Proxy Fusion attends to the
   learned dictionaries, so the key/value side of ``cross_p1..3`` (LayerNorm, 1x1 and depthwise
   convolutions of the dictionary) depends on the weights alone: computed at construction;
@@ -67,25 +70,21 @@ BACKENDS = ("auto", "torch", "triton", "cuda")
 BAND_BYTES = 512 * 2**20
 
 
-def _by_rows(fn, x: torch.Tensor, tail=None) -> torch.Tensor:
-    """``tail(fn(x), rows)`` for an ``fn`` whose output row r reads input rows r-1..r+1 only
-    (1x1 and depthwise 3x3 convolutions, per-pixel norms and gates) and a per-pixel ``tail``
-    (given the slice of rows its input covers, to read other full-size tensors there): computed
-    in bands of rows, each with one row of halo on either side for fn, so that fn's wide
-    intermediates (the GDFN's 2*hidden channels, the cross blocks' k, v before their depthwise
-    convolution) exist one band at a time. Images whose intermediates fit ``BAND_BYTES`` run whole."""
+def _by_rows(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for an ``fn`` whose output row r reads input rows r-1..r+1 only (1x1 and
+    depthwise 3x3 convolutions, per-pixel norms, gates and residual adds): computed in bands of
+    rows, each with one row of halo on either side, so that fn's wide intermediates (the GDFN's
+    2*hidden channels, the cross blocks' k, v before their depthwise convolution) exist one
+    band at a time. Images whose intermediates fit ``BAND_BYTES`` run whole."""
     b, c, h, w = x.shape
-    rows = max(1, BAND_BYTES // max(1, 8 * c * b * w * x.element_size()))  # GDFN: 5.3 c, then 2.7 c wide
+    rows = max(1, BAND_BYTES // max(1, 8 * c * b * w * x.element_size()))  # GDFN: 5.3 c wide
     if rows >= h:
-        y = fn(x)
-        return y if tail is None else tail(y, slice(None))
+        return fn(x)
     out = None
     for r0 in range(0, h, rows):
         r1 = min(r0 + rows, h)
         lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
         y = fn(x[:, :, lo:hi])[:, :, r0 - lo:r1 - lo]
-        if tail is not None:
-            y = tail(y, slice(r0, r1))
         if out is None:
             out = y.new_empty((b, y.shape[1], h, w))
         out[:, :, r0:r1] = y
@@ -99,13 +98,13 @@ def _normed_conv(norm: LayerNorm, conv: nn.Conv2d, x: torch.Tensor) -> torch.Ten
 
 
 def _feed_forward(norm: LayerNorm, ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
-    """``x + ffn(norm(x))`` by rows: the norm inside ``project_in``, the residual add inside
-    ``project_out`` (``ops.conv1x1``)."""
+    """``x + ffn(norm(x))`` by rows in two passes: the norm inside ``project_in``
+    (``ops.conv1x1``); the depthwise convolution, gate, ``project_out`` and residual add in
+    ``ops.gated_dwconv_gelu`` (a band's halo rows come out wrong and are cropped)."""
     gate = "dual" if ffn.dual_gate else "gdfn"
     return _by_rows(lambda t: ops.gated_dwconv_gelu(_normed_conv(norm, ffn.project_in, t), ffn.dwconv.weight, gate,
-                                                    ffn.dwconv.bias), x,
-                    tail=lambda g, rows: ops.conv1x1(g, ffn.project_out.weight, ffn.project_out.bias,
-                                                     residual=x[:, :, rows]))
+                                                    ffn.dwconv.bias, ffn.project_out.weight, ffn.project_out.bias,
+                                                    residual=t), x)
 
 
 class _EngineTransformerBlock(TransformerBlock):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sipl_fast.ops import BackendError, conv1x1
+from sipl_fast.ops import _layout, _triton
 from sipl_fast.ops._backend import choose
 
 module = importlib.import_module("sipl_fast.ops.conv1x1")  # the package attribute is the function
@@ -118,12 +119,26 @@ def test_triton_int64_offsets_for_huge_images(monkeypatch):
     """Images whose offsets reach 2**31 use int64 offsets: forced here on a small one. A band of
     rows spans its whole image's channel strides."""
     full = torch.empty(2, 5, 8, 7)
-    assert module._span(full) == 5 * 8 * 7 and module._span(full[:, :, 3:5]) == 1 + 4 * 8 * 7 + 1 * 7 + 6
-    monkeypatch.setattr(module, "_INT32_OFFSETS", 1)
+    assert _layout.span(full) == 5 * 8 * 7 and _layout.span(full[:, :, 3:5]) == 1 + 4 * 8 * 7 + 1 * 7 + 6
+    monkeypatch.setattr(_layout, "INT32_OFFSETS", 1)
     x, w, b, r = inputs(2, 37, 53, 4, 5)
     ref = independent(x, w, b, r, True)
     out = conv1x1(*to(torch.float32, x, w, b, r), True, backend="triton")
     assert max_err(out, ref) <= tolerance(torch.float32, (x, w, b, r), True, ref)
+
+
+def test_triton_grid_fits_cuda_limits_on_large_images(monkeypatch):
+    """A 4096x2048 image has 131072 pixel blocks of 64: more than CUDA allows on a grid's
+    second axis. Every GPU tile's grid is checked (the launch is recorded, not run)."""
+    grids = []
+    monkeypatch.setattr(_triton, "launch_fitting", lambda kernel, key, configs, grid, *a, **k: grids.append(grid))
+    conv1x1(torch.empty(1, 8, 4096, 2048, dtype=torch.float16, device=DEVICE), torch.empty(96, 8, device=DEVICE),
+            backend="triton")
+    assert len(grids) == 1
+    for cfg in (cfg for configs in module._CONFIGS.values() for cfg in configs):
+        _triton.check_grid(module._conv1x1_kernel, grids[0](cfg.kwargs))
+    with pytest.raises(ValueError, match="passes CUDA's limits"):
+        _triton.check_grid(module._conv1x1_kernel, (1, 131072, 1))
 
 
 def test_triton_promotes_with_the_residual_and_takes_fp32_weights():

@@ -1,6 +1,7 @@
 """sipl_fast.ops.gated_dwconv_gelu: the reference against an independent float64 formula, the
 Triton kernel (in the interpreter on a CPU) and the CUDA C++ kernel (on a GPU) against it in
-both layouts and both gates, backend choice, errors, torch.compile and CUDA-graph capture.
+both layouts and both gates, the Triton kernel with the projection and residual epilogue,
+backend choice, errors, torch.compile and CUDA-graph capture.
 
 Tolerances, against float64 on the same (rounded) inputs: fp32 within 1e-5, or 2x the naive fp32
 error where outputs are large enough for that to exceed it; fp16/bf16 within 2x the error of the
@@ -13,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sipl_fast.ops import BackendError, gated_dwconv_gelu
+from sipl_fast.ops import BackendError, _layout, _triton, gated_dwconv_gelu
 from sipl_fast.ops._backend import choose
 
 module = importlib.import_module("sipl_fast.ops.gated_dwconv_gelu")  # the package attribute is the function
@@ -24,6 +25,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 pytest.importorskip("triton")
 KERNELS = ["triton", pytest.param("cuda", marks=needs_cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # no dots: the interpreter runs bf16 right
+# The projection multiplies matrices: bf16 dots are wrong in Triton's interpreter, so GPU only.
+PROJECT_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]
 
 
 def inputs(b, h, height, width, bias=False, seed=0):
@@ -43,6 +46,22 @@ def independent(x, w, mode, bias=None):
     y1, y2 = y[:, : c2 // 2], y[:, c2 // 2:]
     gelu = lambda v: 0.5 * v * (1 + torch.erf(v / 2 ** 0.5))  # noqa: E731
     return gelu(y2) * y1 + gelu(y1) * y2 if mode == "dual" else gelu(y1) * y2
+
+
+def projection(b, h, cout, height, width, seed=1):
+    """float64 proj_weight (Cout, h), proj_bias (Cout,), residual (B, Cout, H, W)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(cout, h, generator=g, dtype=torch.float64) / h ** 0.5,
+            torch.randn(cout, generator=g, dtype=torch.float64),
+            torch.randn(b, cout, height, width, generator=g, dtype=torch.float64))
+
+
+def projected(gate, pw, pb=None, res=None):
+    """``res + pw @ gate + pb`` at every pixel, in float64 (an einsum)."""
+    y = torch.einsum("oc,bchw->bohw", pw.reshape(pw.shape[0], -1), gate)
+    if pb is not None:
+        y = y + pb.view(1, -1, 1, 1)
+    return y if res is None else y + res
 
 
 def to(dtype, *xs):
@@ -72,6 +91,15 @@ def test_reference_matches_an_independent_formula(mode):
     x, w, bias = inputs(2, 3, 5, 4, bias=True)
     torch.testing.assert_close(gated_dwconv_gelu(x, w, mode, bias, backend="torch"), independent(x, w, mode, bias),
                                rtol=0, atol=1e-12)
+
+
+def test_reference_projects_and_adds_the_residual():
+    x, w, bias = inputs(2, 3, 5, 4, bias=True)
+    pw, pb, res = projection(2, 3, 7, 5, 4)
+    torch.testing.assert_close(gated_dwconv_gelu(x, w, "dual", bias, pw, pb, res, backend="torch"),
+                               projected(independent(x, w, "dual", bias), pw, pb, res), rtol=0, atol=1e-12)
+    torch.testing.assert_close(gated_dwconv_gelu(x, w, "gdfn", None, pw.view(7, 3, 1, 1), backend="torch"),
+                               projected(independent(x, w, "gdfn"), pw), rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------------ kernels
@@ -129,6 +157,77 @@ def test_kernel_takes_fp32_weights_with_half_input(backend):
     assert max_err(out, ref) <= torch.finfo(torch.bfloat16).eps * ref.abs().max().item()  # the output's rounding (or truncation)
 
 
+PROJECT_CASES = [  # (B, h, Cout, H, W, bias, residual): the 96-wide GDFN; two output blocks; odd; edges
+    (2, 255, 96, 7, 9, False, True),
+    (1, 20, 192, 5, 7, True, True),
+    (2, 7, 53, 4, 5, True, False),
+    (3, 5, 3, 1, 1, False, False),
+    (1, 9, 40, 6, 1, True, True),
+]
+
+
+def project_tolerance(dtype, args, mode, ref):
+    naive = max_err(reference(*to(dtype, *args[:2]), mode, *to(dtype, *args[2:])), ref)
+    return max(1e-5 * ref.abs().max().item(), 2 * naive) if dtype == torch.float32 else 2 * naive
+
+
+@pytest.mark.parametrize("backend", KERNELS)  # cuda: its gate, then conv1x1
+@pytest.mark.parametrize("dtype", PROJECT_DTYPES)
+@pytest.mark.parametrize("mode", ["gdfn", "dual"])
+@pytest.mark.parametrize("case", PROJECT_CASES, ids=lambda c: "x".join(map(str, c[:5])) + "b" * c[5] + "r" * c[6])
+def test_kernel_projects_and_adds_the_residual(case, mode, dtype, backend):
+    b, h, cout, height, width, has_bias, has_residual = case
+    x, w, bias = rounded(dtype, *inputs(b, h, height, width, bias=has_bias))
+    pw, pb, res = rounded(dtype, *projection(b, h, cout, height, width))
+    pb, res = (pb if has_bias else None), (res if has_residual else None)
+    args = (x, w, bias, pw, pb, res)
+    ref = projected(independent(x, w, mode, bias), pw, pb, res)
+    out = gated_dwconv_gelu(*to(dtype, x, w), mode, *to(dtype, bias, pw, pb, res), backend=backend)
+    assert out.shape == ref.shape and out.dtype == dtype and out.is_contiguous()
+    assert max_err(out, ref) <= project_tolerance(dtype, args, mode, ref)
+
+
+@pytest.mark.parametrize("dtype", PROJECT_DTYPES)
+def test_triton_projection_keeps_channels_last_reads_bands_and_promotes(dtype):
+    x, w, bias = rounded(dtype, *inputs(2, 24, 9, 7, bias=True))
+    pw, pb, res = rounded(dtype, *projection(2, 24, 80, 9, 7))
+    args = (x, w, bias, pw, pb, res)
+    ref = projected(independent(x, w, "gdfn", bias), pw, pb, res)
+    tol = project_tolerance(dtype, args, "gdfn", ref)
+    xd, wd, bd, pwd, pbd, rd = to(dtype, *args)
+    xc, rc = (t.contiguous(memory_format=torch.channels_last) for t in (xd, rd))
+    out = gated_dwconv_gelu(xc, wd, "gdfn", bd, pwd, pbd, rc, backend="triton")
+    assert out.is_contiguous(memory_format=torch.channels_last) and max_err(out, ref) <= tol
+    for xs, rs in ((xd, rd), (xc, rc)):  # rows 2..6 of either layout, as FastSIPL's bands pass them
+        band = gated_dwconv_gelu(xs[:, :, 2:7], wd, "gdfn", bd, pwd, pbd, rs[:, :, 2:7], backend="triton")
+        band_ref = projected(independent(x[:, :, 2:7], w, "gdfn", bias), pw, pb, res[:, :, 2:7])
+        assert max_err(band, band_ref) <= tol
+    out = gated_dwconv_gelu(xd, wd, "gdfn", bd, pwd, pbd, res.float().to(DEVICE), backend="triton")
+    assert out.dtype == torch.float32 and max_err(out, ref) <= tol  # residual + y promotes, as ``+`` does
+
+
+def test_triton_projection_int64_offsets_and_grid_limits(monkeypatch):
+    """Forced int64 offsets give the same result; a 4096x2048 image's grid fits CUDA's limits
+    for every GPU tile (the launch is recorded, not run)."""
+    x, w, bias = inputs(2, 7, 4, 5, bias=True)
+    pw, pb, res = projection(2, 7, 53, 4, 5)
+    args = (x, w, bias, pw, pb, res)
+    ref = projected(independent(x, w, "dual", bias), pw, pb, res)
+    with monkeypatch.context() as m:
+        m.setattr(_layout, "INT32_OFFSETS", 1)
+        out = gated_dwconv_gelu(*to(torch.float32, x, w), "dual", *to(torch.float32, bias, pw, pb, res),
+                                backend="triton")
+    assert max_err(out, ref) <= project_tolerance(torch.float32, args, "dual", ref)
+    grids = []
+    monkeypatch.setattr(_triton, "launch_fitting", lambda kernel, key, configs, grid, *a, **k: grids.append(grid))
+    gated_dwconv_gelu(torch.empty(1, 16, 4096, 2048, dtype=torch.float16, device=DEVICE),
+                      torch.empty(16, 1, 3, 3, device=DEVICE), "gdfn", None, torch.empty(96, 8, device=DEVICE),
+                      backend="triton")
+    assert len(grids) == 1
+    for cfg in (cfg for configs in module._PROJECT_CONFIGS.values() for cfg in configs):
+        _triton.check_grid(module._gated_project_kernel, grids[0](cfg.kwargs))
+
+
 def test_empty_input():
     x, w, _ = to(torch.float32, *inputs(2, 3, 0, 4))
     assert gated_dwconv_gelu(x, w, backend="triton").shape == (2, 3, 0, 4)
@@ -138,13 +237,17 @@ def test_empty_input():
 def test_auto_uses_torch_on_cpu_and_kernels_refuse_gradients():
     x, w, _ = to(torch.float32, *inputs(1, 2, 3, 3))
     if DEVICE == "cpu":
-        assert choose("gated_dwconv_gelu", module.BACKENDS, module.PREFERENCE, None, x, w, "gdfn", None).name == "torch"
+        assert choose("gated_dwconv_gelu", module.BACKENDS, module.PREFERENCE, None, x, w, "gdfn", None, None, None,
+                      None).name == "torch"
         with pytest.raises(BackendError, match="CUDA device"):
             gated_dwconv_gelu(x, w, backend="cuda")
     with pytest.raises(BackendError, match="forward-only"):
         gated_dwconv_gelu(x, w.requires_grad_(), backend="triton")
     gated_dwconv_gelu(x, w).sum().backward()  # gradients: the automatic choice takes the reference
     assert w.grad is not None
+    if DEVICE == "cpu":
+        with pytest.raises(BackendError, match="bf16"):
+            gated_dwconv_gelu(x.bfloat16(), w.detach(), proj_weight=torch.randn(3, 2), backend="triton")
 
 
 @pytest.mark.parametrize("shape, wshape, mode, match", [
@@ -160,9 +263,25 @@ def test_bad_input_raises_value_error(shape, wshape, mode, match):
         gated_dwconv_gelu(torch.randn(1, 4, 4, 4), torch.randn(4, 1, 3, 3), bias=torch.randn(3))
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(proj_weight=torch.randn(5, 3)), r"proj_weight of shape \(Cout, 2\)"),
+    (dict(proj_weight=torch.randn(5, 2, 3, 3)), "proj_weight of shape"),
+    (dict(proj_weight=torch.randn(5, 2), proj_bias=torch.randn(4)), r"proj_bias of shape \(5,\)"),
+    (dict(proj_weight=torch.randn(5, 2), residual=torch.randn(1, 4, 3, 3)), r"residual of shape \(1, 5, 3, 3\)"),
+    (dict(proj_weight=torch.randn(5, 2), residual=torch.ones(1, 5, 3, 3, dtype=torch.int32)), "floating-point"),
+    (dict(residual=torch.randn(1, 5, 3, 3)), "need proj_weight"),
+    (dict(proj_bias=torch.randn(5)), "need proj_weight"),
+])
+def test_bad_projection_raises_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gated_dwconv_gelu(torch.randn(1, 4, 3, 3), torch.randn(4, 1, 3, 3), **kwargs)
+
+
 def test_opcheck_and_compile_without_graph_breaks():
     x, w, bias = to(torch.float32, *inputs(2, 5, 6, 7, bias=True))
-    for args in ((x, w, bias, True), (x, w, None, False), (x.contiguous(memory_format=torch.channels_last), w, None, False)):
+    pw, pb, res = to(torch.float32, *projection(2, 5, 9, 6, 7))
+    for args in ((x, w, bias, True), (x, w, None, False), (x.contiguous(memory_format=torch.channels_last), w, None, False),
+                 (x, w, bias, True, pw, pb, res), (x, w, None, False, pw, None, None)):
         torch.library.opcheck(module.gated_dwconv_gelu_triton, args)
     fn = torch.compile(lambda *a: gated_dwconv_gelu(*a, backend="triton"), fullgraph=True,
                        backend="inductor" if DEVICE == "cuda" else "aot_eager")
@@ -184,3 +303,16 @@ def test_kernel_under_compile_and_graph_capture(backend):
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.testing.assert_close(captured, gated_dwconv_gelu(x, w, "dual", bias, backend=backend), rtol=0, atol=0)
+
+
+@needs_cuda
+def test_triton_projection_under_graph_capture():
+    x, w, bias = to(torch.bfloat16, *inputs(2, 255, 33, 65, bias=True))
+    pw, pb, res = to(torch.bfloat16, *projection(2, 255, 96, 33, 65))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gated_dwconv_gelu(x, w, "gdfn", bias, pw, pb, res, backend="triton")
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(captured, gated_dwconv_gelu(x, w, "gdfn", bias, pw, pb, res, backend="triton"),
+                               rtol=0, atol=0)

@@ -39,6 +39,21 @@ def strides(x: torch.Tensor) -> Tuple[int, int, int]:
     return x.stride(0), x.stride(1), _pixel_stride(x)
 
 
+#: A tensor whose offsets within one image reach this takes int64 offsets in the Triton kernels.
+INT32_OFFSETS = 2**31
+
+
+def span(t: torch.Tensor) -> int:
+    """1 + the largest offset within one image of t (a band of rows counts its whole image's strides)."""
+    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
+
+
+def wide(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a kernel over these (B, ...) tensors needs int64 offsets within an image (the
+    batch offset is always int64); int32 ones take fewer registers."""
+    return max(span(t) for t in tensors if t is not None) >= INT32_OFFSETS
+
+
 def channels_last(x: torch.Tensor) -> bool:
     """Whether x's channels are its innermost axis (NHWC-like)."""
     return x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous()

@@ -15,8 +15,20 @@ import torch
 
 try:
     import triton
+    import triton.language as tl
 except ImportError:  # Triton ships with Linux torch wheels only
     triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def tile(base, rows, cols, s_row, s_col, WIDE: tl.constexpr):
+        """Pointers of the [rows, cols] tile at ``base``: int32 offsets (fewer registers) unless
+        the tensor's offsets within one image may pass 2**31 (``WIDE``, ``_layout.wide``)."""
+        if WIDE:
+            return base + rows.to(tl.int64)[:, None] * s_row + cols.to(tl.int64)[None, :] * s_col
+        return base + (rows[:, None] * s_row + cols[None, :] * s_col)
 
 
 def problem(x: torch.Tensor, dots: bool = False) -> Optional[str]:
@@ -56,6 +68,18 @@ def configs(*shapes) -> list:
             for *sizes, w, s in shapes]
 
 
+#: CUDA's largest grid: 2**31 - 1 programs along axis 0, 65535 along axes 1 and 2.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def check_grid(kernel, grid) -> None:
+    """ValueError when ``grid`` passes CUDA's limits (the launch would fail with an opaque
+    error): kernels put the axes that grow with the image on axis 0."""
+    if any(n > limit for n, limit in zip(grid, GRID_LIMITS)):
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "kernel")
+        raise ValueError(f"{name}: grid {tuple(grid)} passes CUDA's limits {GRID_LIMITS}")
+
+
 _fitting: dict = {}  # (kernel, key) -> index of the first config that fits this GPU
 
 
@@ -70,8 +94,10 @@ def launch_fitting(kernel, key, configs, grid, *args, **constants) -> None:
     start = _fitting.get((kernel, key), 0)
     for i in range(start, len(configs)):
         cfg = configs[i]
+        size = grid(cfg.kwargs)
+        check_grid(kernel, size)
         try:
-            kernel[grid(cfg.kwargs)](*args, **constants, **cfg.kwargs, num_warps=cfg.num_warps,
+            kernel[size](*args, **constants, **cfg.kwargs, num_warps=cfg.num_warps,
                                      num_stages=cfg.num_stages)
         except triton.runtime.errors.OutOfResources:
             if i == len(configs) - 1:

@@ -53,48 +53,43 @@ def conv1x1_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 # ----------------------------------------------------------------------------- Triton kernel
 if triton is not None:
-
-    @triton.jit
-    def _tile(base, rows, cols, s_row, s_col, WIDE: tl.constexpr):
-        """Pointers of the [rows, cols] tile at ``base``: int32 offsets (fewer registers) unless
-        the tensor's offsets within one image may pass 2**31 (``WIDE``)."""
-        if WIDE:
-            return base + rows.to(tl.int64)[:, None] * s_row + cols.to(tl.int64)[None, :] * s_col
-        return base + (rows[:, None] * s_row + cols[None, :] * s_col)
+    from ._triton import tile
 
     @triton.jit
     def _conv1x1_kernel(X, Wt, BIAS, R, O, Cin, Cout, HW, sxb, sxc, sxp, srb, src, srp, sob, soc, sop, eps,
                         NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                         WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         PRECISION: tl.constexpr):
-        """Output channels m.. at pixels n.. of image b, for program (m block, n block, b).
+        """Output channels m.. at pixels n.. of image b, for program (n block * m blocks + m block, b).
 
         The output-channel blocks of one pixel block are neighbouring programs, so the x tile
-        they all read comes from L2 after the first. With ``NORMALIZE``, two sweeps over the
+        they all read comes from L2 after the first (one grid axis for both: CUDA caps the
+        others at 65535 blocks, which a 2048x2048 image's pixel blocks pass). With ``NORMALIZE``, two sweeps over the
         Cin channels of the tile give each pixel's mean, then the biased variance of the
         deviations (two-pass, in fp32, as ``layer_norm2d`` computes it); the product sweep
         normalises each [BLOCK_K, BLOCK_N] tile, rounds it to x's dtype (what a separate
         norm would store) and multiplies it with the [BLOCK_M, BLOCK_K] weight tile on tensor
         cores, fp32 accumulation. Bias and residual are added in fp32 before the one store.
         """
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        pixels = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        blocks_m = tl.cdiv(Cout, BLOCK_M)
+        rows = (tl.program_id(0) % blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        pixels = (tl.program_id(0) // blocks_m) * BLOCK_N + tl.arange(0, BLOCK_N)
         in_image = pixels < HW
-        b = tl.program_id(2).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
         x_img = X + b * sxb
         if NORMALIZE:
             total = tl.zeros([BLOCK_N], dtype=tl.float32)
             for k0 in range(0, Cin, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 mask = (ks < Cin)[:, None] & in_image[None, :]
-                total += tl.sum(tl.load(_tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32),
+                total += tl.sum(tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32),
                                 axis=0)
             mean = total / Cin
             total = tl.zeros([BLOCK_N], dtype=tl.float32)
             for k0 in range(0, Cin, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 mask = (ks < Cin)[:, None] & in_image[None, :]
-                xt = tl.load(_tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
+                xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
                 d = tl.where(mask, xt - mean[None, :], 0.0)
                 total += tl.sum(d * d, axis=0)
             rstd = 1.0 / tl.sqrt(total / Cin + eps)
@@ -102,7 +97,7 @@ if triton is not None:
         for k0 in range(0, Cin, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             mask = (ks < Cin)[:, None] & in_image[None, :]
-            xt = tl.load(_tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0)
+            xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0)
             if NORMALIZE:
                 xt = tl.where(mask, (xt.to(tl.float32) - mean[None, :]) * rstd[None, :], 0.0).to(X.dtype.element_ty)
             w = tl.load(Wt + rows[:, None] * Cin + ks[None, :], mask=(rows < Cout)[:, None] & (ks < Cin)[None, :],
@@ -112,8 +107,8 @@ if triton is not None:
         if HAS_BIAS:
             acc += tl.load(BIAS + rows, mask=rows < Cout, other=0.0)[:, None]
         if HAS_RESIDUAL:
-            acc += tl.load(_tile(R + b * srb, rows, pixels, src, srp, WIDE), mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(_tile(O + b * sob, rows, pixels, soc, sop, WIDE), acc.to(O.dtype.element_ty), mask=out_mask)
+            acc += tl.load(tile(R + b * srb, rows, pixels, src, srp, WIDE), mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(tile(O + b * sob, rows, pixels, soc, sop, WIDE), acc.to(O.dtype.element_ty), mask=out_mask)
 
 
 # (BLOCK_N, BLOCK_K, warps, stages) per (BLOCK_M, fp32): pixels along the fast axis of NCHW, one
@@ -126,14 +121,6 @@ _CONFIGS = {(64, False): _triton.configs((64, 32, 4, 3), (64, 32, 4, 2), (64, 32
             (128, True): _triton.configs((32, 16, 8, 2), (32, 16, 8, 1))} if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
 _INTERPRETER_CONFIGS = _triton.configs((256, 32, 4, 1)) if triton else []
-
-
-_INT32_OFFSETS = 2**31  # a tensor whose offsets within one image reach this takes int64 offsets
-
-
-def _span(t: torch.Tensor) -> int:
-    """1 + the largest offset within one image of t (a band of rows counts its whole image's strides)."""
-    return 1 + sum((size - 1) * stride for size, stride in zip(t.shape[1:], t.stride()[1:]))
 
 
 @torch.library.custom_op("sipl_fast::conv1x1_triton", mutates_args=())
@@ -150,10 +137,10 @@ def conv1x1_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     b32 = None if bias is None else bias.float().contiguous()
     r = None if residual is None else _layout.pixels(residual)
     block_m = 64 if cout <= 64 else 128
-    wide = max(_span(t) for t in (x, r, out) if t is not None) >= _INT32_OFFSETS
+    wide = _layout.wide(x, r, out)
     configs = _CONFIGS[block_m, x.dtype == torch.float32] if x.is_cuda else _INTERPRETER_CONFIGS
     _triton.launch_fitting(_conv1x1_kernel, (block_m, x.dtype, wide, x.is_cuda), configs,
-                           lambda meta: (triton.cdiv(cout, block_m), triton.cdiv(h * w, meta["BLOCK_N"]), b),
+                           lambda meta: (triton.cdiv(cout, block_m) * triton.cdiv(h * w, meta["BLOCK_N"]), b),
                            x, wt, b32 if b32 is not None else wt, r if r is not None else x, out, cin, cout, h * w,
                            *_layout.strides(x), *_layout.strides(r if r is not None else x), *_layout.strides(out),
                            float(eps), NORMALIZE=normalize, HAS_BIAS=b32 is not None, HAS_RESIDUAL=r is not None,

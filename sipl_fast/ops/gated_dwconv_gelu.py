@@ -10,15 +10,22 @@ gelu is the exact erf form (``F.gelu``'s default). Output (B, h, H, W). Eager Py
 the 2h-channel conv output and reads it back several times (chunk, gelu, products); the
 fused kernels read x once and write only the h-channel result.
 
+Optionally the GDFN's ``project_out`` (a 1x1 convolution h -> Cout) and its block's residual
+add follow in the same pass (``proj_weight``, ``proj_bias``, ``residual``): then the h-channel
+gate never reaches memory either; the output is (B, Cout, H, W).
+
 Backends (first the reference):
 
-- ``"torch"``: ``F.conv2d`` then the gate, op by op, any float dtype, differentiable.
-- ``"triton"``: the kernel below, forward only; fp32, fp16, bf16 with fp32 math; NCHW or
+- ``"torch"``: ``F.conv2d`` then the gate (and ``conv1x1``'s reference), op by op, any float
+  dtype, differentiable.
+- ``"triton"``: the kernels below, forward only; fp32, fp16, bf16 with fp32 math; NCHW or
   channels-last input, or a band of rows of either (other strides are copied to NCHW); the
-  output dense in the input's layout.
-  With ``TRITON_INTERPRET=1`` it also runs CPU tensors when asked for explicitly (tests).
+  output dense in the input's layout. The projection multiplies on tensor cores.
+  With ``TRITON_INTERPRET=1`` it also runs CPU tensors when asked for explicitly (tests;
+  not bf16 with the projection, whose dots the interpreter gets wrong).
 - ``"cuda"``: the CUDA C++ stencil ``kernels/gated_dwconv_gelu.cu`` (shared-memory halos),
-  forward only, same dtypes and layouts, through the compiled extension or CuPy.
+  forward only, same dtypes and layouts, through the compiled extension or CuPy; a projection
+  runs after it as ``conv1x1`` (two passes: the gate reaches memory).
 """
 from __future__ import annotations
 
@@ -27,8 +34,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _layout
-from ._backend import Backend, choose, forward_only_problem
+from . import _layout, _triton
+from ._backend import Backend, choose, forward_only_problem, result_dtype
+from .conv1x1 import conv1x1, conv1x1_torch
 
 try:
     import triton
@@ -40,90 +48,164 @@ MODES = ("gdfn", "dual")
 
 
 def gated_dwconv_gelu_torch(x: torch.Tensor, weight: torch.Tensor, mode: str = "gdfn",
-                            bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reference: the published depthwise convolution and gate, op by op, in x's dtype."""
+                            bias: Optional[torch.Tensor] = None, proj_weight: Optional[torch.Tensor] = None,
+                            proj_bias: Optional[torch.Tensor] = None,
+                            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference: the published depthwise convolution and gate (then the 1x1 projection and
+    residual add), op by op, in x's dtype."""
     x1, x2 = F.conv2d(x, weight, bias, padding=1, groups=x.shape[1]).chunk(2, dim=1)
-    if mode == "dual":
-        return F.gelu(x2) * x1 + F.gelu(x1) * x2
-    return F.gelu(x1) * x2
+    y = F.gelu(x2) * x1 + F.gelu(x1) * x2 if mode == "dual" else F.gelu(x1) * x2
+    return y if proj_weight is None else conv1x1_torch(y, proj_weight, proj_bias, residual)
 
 
-# ----------------------------------------------------------------------------- Triton kernel
+# ----------------------------------------------------------------------------- Triton kernels
 if triton is not None:
+    from ._triton import tile
 
     @triton.jit
     def _gelu(v):
         return 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
 
     @triton.jit
-    def _gated_dwconv_gelu_kernel(X, Wt, Bs, O, h, H, W, sxb, sxc, sxp, sob, soc, sop,
-                                  DUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Program (pixel block, channel block, image): BLOCK_C output channels c at BLOCK_P pixels.
+    def _gate(x_img, Wt, Bs, ch, pix, h, H, W, sxc, sxp, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+              WIDE: tl.constexpr):
+        """[channels, pixels] fp32: the gate of the depthwise convolution of channels ch and
+        ch + h at pixels pix (linear, y * W + x) of the image at ``x_img``; 0 at channels >= h.
 
-        For each of the 9 taps it loads the shifted [BLOCK_C, BLOCK_P] tiles of input channels
-        c and c + h (zero outside the image) and accumulates both convolutions in fp32
-        registers; then bias, gate, one store. Neighbouring taps re-read the same lines, which
-        the caches serve, so DRAM sees x read about once. Pixels are linear (y * W + x): NCHW
-        (sxp = 1) tiles are wide in pixels, NHWC (sxc = 1) tiles wide in channels, so loads
-        coalesce in both layouts.
+        For each of the 9 taps it loads the shifted tiles of both halves (zero outside the
+        image) and accumulates both convolutions in fp32; then bias and gate. Neighbouring taps
+        re-read the same lines, which the caches serve, so DRAM sees x read about once. The tap
+        loop stays a loop: unrolled, the compiler keeps all 18 tiles' addresses and loads in
+        registers at once (over 230 per thread; the projecting kernel spilled).
         """
-        pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-        ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        b = tl.program_id(2).to(tl.int64)
         row = pix // W
         col = pix % W
         in_image = pix < H * W
         in_channels = ch < h
-        x1 = X + b * sxb + ch.to(tl.int64)[:, None] * sxc
-        x2 = X + b * sxb + (ch + h).to(tl.int64)[:, None] * sxc
-        acc1 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-        acc2 = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
-        for tap in tl.static_range(9):
+        acc1 = tl.zeros([ch.shape[0], pix.shape[0]], dtype=tl.float32)
+        acc2 = tl.zeros([ch.shape[0], pix.shape[0]], dtype=tl.float32)
+        for tap in tl.range(0, 9, loop_unroll_factor=1):
             r = row + (tap // 3 - 1)
             c = col + (tap % 3 - 1)
             ok = in_image & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-            offsets = (r * W + c).to(tl.int64)[None, :] * sxp
             mask = in_channels[:, None] & ok[None, :]
             w1 = tl.load(Wt + ch * 9 + tap, mask=in_channels, other=0.0)
             w2 = tl.load(Wt + (ch + h) * 9 + tap, mask=in_channels, other=0.0)
-            acc1 += w1[:, None] * tl.load(x1 + offsets, mask=mask, other=0.0).to(tl.float32)
-            acc2 += w2[:, None] * tl.load(x2 + offsets, mask=mask, other=0.0).to(tl.float32)
+            p = r * W + c
+            acc1 += w1[:, None] * tl.load(tile(x_img, ch, p, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
+            acc2 += w2[:, None] * tl.load(tile(x_img, ch + h, p, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             acc1 += tl.load(Bs + ch, mask=in_channels, other=0.0)[:, None]
             acc2 += tl.load(Bs + ch + h, mask=in_channels, other=0.0)[:, None]
         if DUAL:
-            y = _gelu(acc2) * acc1 + _gelu(acc1) * acc2
-        else:
-            y = _gelu(acc1) * acc2
-        out = O + b * sob + ch.to(tl.int64)[:, None] * soc + pix.to(tl.int64)[None, :] * sop
-        tl.store(out, y.to(O.dtype.element_ty), mask=in_channels[:, None] & in_image[None, :])
+            return _gelu(acc2) * acc1 + _gelu(acc1) * acc2
+        return _gelu(acc1) * acc2
+
+    @triton.jit
+    def _gated_dwconv_gelu_kernel(X, Wt, Bs, O, h, H, W, sxb, sxc, sxp, sob, soc, sop,
+                                  DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, WIDE: tl.constexpr,
+                                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Program (pixel block, channel block, image): BLOCK_C output channels at BLOCK_P pixels
+        (``_gate``), one store. NCHW (sxp = 1) tiles are wide in pixels, NHWC (sxc = 1) tiles
+        wide in channels, so loads coalesce in both layouts."""
+        pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        b = tl.program_id(2).to(tl.int64)
+        y = _gate(X + b * sxb, Wt, Bs, ch, pix, h, H, W, sxc, sxp, DUAL, HAS_BIAS, WIDE)
+        tl.store(tile(O + b * sob, ch, pix, soc, sop, WIDE), y.to(O.dtype.element_ty),
+                 mask=(ch < h)[:, None] & (pix < H * W)[None, :])
+
+    @triton.jit
+    def _gated_project_kernel(X, Wt, Bs, P, PB, R, O, h, Cout, H, W, sxb, sxc, sxp, srb, src, srp, sob, soc, sop,
+                              DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROJ_BIAS: tl.constexpr,
+                              HAS_RESIDUAL: tl.constexpr, WIDE: tl.constexpr, BLOCK_O: tl.constexpr,
+                              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+        """Output channels o.. at pixels n.. of image b, for program (n block * o blocks + o block, b):
+        ``residual + P @ gate + bias``, the gate never stored.
+
+        The hidden channels are swept in blocks of BLOCK_K: each block's gate (``_gate``, fp32)
+        is rounded to x's dtype, as the separate gate would store it, and multiplied with the
+        [BLOCK_O, BLOCK_K] projection tile on tensor cores into an fp32 accumulator; bias and
+        residual are added in fp32 before the one store. The output-channel blocks of one pixel
+        block (Cout > BLOCK_O) are neighbouring programs that recompute its gate from L2.
+        """
+        blocks_o = tl.cdiv(Cout, BLOCK_O)
+        outs = (tl.program_id(0) % blocks_o) * BLOCK_O + tl.arange(0, BLOCK_O)
+        pix = (tl.program_id(0) // blocks_o) * BLOCK_N + tl.arange(0, BLOCK_N)
+        b = tl.program_id(1).to(tl.int64)
+        x_img = X + b * sxb
+        acc = tl.zeros([BLOCK_O, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, h, BLOCK_K):
+            ch = k0 + tl.arange(0, BLOCK_K)
+            g = _gate(x_img, Wt, Bs, ch, pix, h, H, W, sxc, sxp, DUAL, HAS_BIAS, WIDE).to(X.dtype.element_ty)
+            w = tl.load(P + outs[:, None] * h + ch[None, :], mask=(outs < Cout)[:, None] & (ch < h)[None, :], other=0.0)
+            acc = tl.dot(w, g, acc, input_precision=PRECISION)
+        out_mask = (outs < Cout)[:, None] & (pix < H * W)[None, :]
+        if HAS_PROJ_BIAS:
+            acc += tl.load(PB + outs, mask=outs < Cout, other=0.0)[:, None]
+        if HAS_RESIDUAL:
+            acc += tl.load(tile(R + b * srb, outs, pix, src, srp, WIDE), mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(tile(O + b * sob, outs, pix, soc, sop, WIDE), acc.to(O.dtype.element_ty), mask=out_mask)
+
+
+# (BLOCK_N, BLOCK_K, warps, stages) of the projecting kernel, 16-bit and fp32 (whose exact
+# products run without tensor cores): compiled for sm_90a without register spills, for either
+# BLOCK_O and with int64 offsets too.
+_PROJECT_CONFIGS = {False: _triton.configs((64, 32, 8, 1)), True: _triton.configs((32, 16, 8, 1))} if triton else {}
+# The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
+_INTERPRETER_PROJECT = _triton.configs((256, 32, 4, 1)) if triton else []
 
 
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.float().reshape(-1).contiguous()
 
 
+def _project(x, w32, b32, dual, proj_weight, proj_bias, residual):
+    """The projecting kernel's launch: (B, Cout, H, W) in x's layout, dtype promoted with the residual's."""
+    b, c2, hh, ww = x.shape
+    h, cout = c2 // 2, proj_weight.shape[0]
+    out = _layout.empty(x, cout, result_dtype(x, residual))
+    if out.numel() == 0:
+        return out
+    p = proj_weight.reshape(cout, h).to(x.dtype).contiguous()
+    pb = _fp32(proj_bias)
+    r = None if residual is None else _layout.pixels(residual)
+    block_o = 64 if cout <= 64 else 128
+    wide = _layout.wide(x, r, out)
+    configs = _PROJECT_CONFIGS[x.dtype == torch.float32] if x.is_cuda else _INTERPRETER_PROJECT
+    _triton.launch_fitting(_gated_project_kernel, (block_o, x.dtype, wide, x.is_cuda), configs,
+                           lambda meta: (triton.cdiv(cout, block_o) * triton.cdiv(hh * ww, meta["BLOCK_N"]), b),
+                           x, w32, b32 if b32 is not None else w32, p, pb if pb is not None else w32,
+                           r if r is not None else x, out, h, cout, hh, ww, *_layout.strides(x),
+                           *_layout.strides(r if r is not None else x), *_layout.strides(out), DUAL=dual,
+                           HAS_BIAS=b32 is not None, HAS_PROJ_BIAS=pb is not None, HAS_RESIDUAL=r is not None,
+                           WIDE=wide, BLOCK_O=block_o, PRECISION=_triton.precision(x.dtype))
+    return out
+
+
 @torch.library.custom_op("sipl_fast::gated_dwconv_gelu_triton", mutates_args=())
-def gated_dwconv_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                             dual: bool) -> torch.Tensor:
-    """Triton forward: (B, h, H, W) in x's layout (NCHW or channels-last)."""
+def gated_dwconv_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], dual: bool,
+                             proj_weight: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
+                             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton forward: (B, h, H, W), or (B, Cout, H, W) with the projection, in x's layout (NCHW
+    or channels-last)."""
     x = _layout.pixels(x)
+    w32, b32 = _fp32(weight), _fp32(bias)
+    if proj_weight is not None:
+        return _project(x, w32, b32, dual, proj_weight, proj_bias, residual)
     b, c2, hh, ww = x.shape
     h = c2 // 2
     out = _layout.empty(x, h)
     if out.numel() == 0:
         return out
-    w32, b32 = _fp32(weight), _fp32(bias)
     sxb, sxc, sxp = _layout.strides(x)
     # NCHW: 4 channels x 256 pixels, coalesced along pixels, 4 warps; NHWC: 64 channels x 16
-    # pixels, 8 warps (with 4 that tile spills registers on sm_90a). The interpreter runs programs
-    # one by one: large tiles, few programs.
+    # pixels, 8 warps. The interpreter runs programs one by one: large tiles, few programs.
     block_c, block_p, warps = (32, 512, 4) if not x.is_cuda else (4, 256, 4) if sxp == 1 else (64, 16, 8)
     grid = (triton.cdiv(hh * ww, block_p), triton.cdiv(h, block_c), b)
     _gated_dwconv_gelu_kernel[grid](x, w32, b32 if b32 is not None else w32, out, h, hh, ww, sxb, sxc, sxp,
                                     *_layout.strides(out), DUAL=dual, HAS_BIAS=b32 is not None,
-                                    BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+                                    WIDE=_layout.wide(x, out), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
     return out
 
 
@@ -139,24 +221,37 @@ def gated_dwconv_gelu_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     return out
 
 
-gated_dwconv_gelu_triton.register_fake(lambda x, weight, bias, dual: _layout.empty(_layout.pixels(x), x.shape[1] // 2))
+@gated_dwconv_gelu_triton.register_fake
+def _(x, weight, bias, dual, proj_weight=None, proj_bias=None, residual=None):
+    channels = x.shape[1] // 2 if proj_weight is None else proj_weight.shape[0]
+    return _layout.empty(_layout.pixels(x), channels, result_dtype(x, residual))
+
+
 gated_dwconv_gelu_cuda.register_fake(lambda x, weight, bias, dual: _layout.empty(_layout.dense(x), x.shape[1] // 2))
 
 
 # ----------------------------------------------------------------------------- backend choice
+def _cuda_two_passes(x, w, mode, b, pw, pb, r) -> torch.Tensor:
+    """The CUDA C++ gate; a projection after it runs as ``conv1x1`` (its own backend choice)."""
+    y = gated_dwconv_gelu_cuda(x, w, b, mode == "dual")
+    return y if pw is None else conv1x1(y, pw, pb, r)
+
+
 BACKENDS = {
     "torch": Backend("torch", gated_dwconv_gelu_torch, lambda *a: None),
-    "triton": Backend("triton", lambda x, w, mode, b: gated_dwconv_gelu_triton(x, w, b, mode == "dual"),
-                      lambda x, w, mode, b: forward_only_problem("triton", x, w, b), automatic=lambda x, *a: x.is_cuda),
-    "cuda": Backend("cuda", lambda x, w, mode, b: gated_dwconv_gelu_cuda(x, w, b, mode == "dual"),
-                    lambda x, w, mode, b: forward_only_problem("cuda", x, w, b)),
+    "triton": Backend("triton", lambda x, w, mode, *a: gated_dwconv_gelu_triton(x, w, a[0], mode == "dual", *a[1:]),
+                      lambda x, w, mode, b, pw, pb, r: forward_only_problem("triton", x, w, b, pw, pb, r,
+                                                                            dots=pw is not None),
+                      automatic=lambda x, *a: x.is_cuda),
+    "cuda": Backend("cuda", _cuda_two_passes,
+                    lambda x, w, mode, b, pw, pb, r: forward_only_problem("cuda", x, w, b, pw, pb, r)),
 }
 # Not yet ranked by measurement on a GPU: Triton (checked in the interpreter) ahead of the
 # CUDA C++ kernel, which has only been compiled so far.
 PREFERENCE = ("triton", "cuda", "torch")
 
 
-def _check(x, weight, mode, bias) -> None:
+def _check(x, weight, mode, bias, proj_weight, proj_bias, residual) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"gated_dwconv_gelu: expected x as a floating-point (B, 2h, H, W) tensor, got "
                          f"{getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}")
@@ -171,17 +266,43 @@ def _check(x, weight, mode, bias) -> None:
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (c2,)):
         raise ValueError(f"gated_dwconv_gelu: expected bias of shape ({c2},) or None, "
                          f"got {tuple(getattr(bias, 'shape', ()))}")
-    for name, t in (("weight", weight), ("bias", bias)):
+    b, h, height, width = x.shape[0], c2 // 2, *x.shape[2:]
+    if proj_weight is None:
+        if proj_bias is not None or residual is not None:
+            raise ValueError("gated_dwconv_gelu: proj_bias and residual need proj_weight")
+    else:
+        if not isinstance(proj_weight, torch.Tensor) or proj_weight.dim() not in (2, 4) \
+                or proj_weight.shape[1] != h or proj_weight.shape[2:] not in ((), (1, 1)):
+            raise ValueError(f"gated_dwconv_gelu: expected proj_weight of shape (Cout, {h}) or (Cout, {h}, 1, 1), "
+                             f"got {tuple(getattr(proj_weight, 'shape', ()))}")
+        cout = proj_weight.shape[0]
+        if proj_bias is not None and (not isinstance(proj_bias, torch.Tensor) or proj_bias.shape != (cout,)):
+            raise ValueError(f"gated_dwconv_gelu: expected proj_bias of shape ({cout},) or None, "
+                             f"got {tuple(getattr(proj_bias, 'shape', ()))}")
+        if residual is not None and (not isinstance(residual, torch.Tensor) or not residual.is_floating_point()
+                                     or residual.shape != (b, cout, height, width)):
+            raise ValueError(f"gated_dwconv_gelu: expected a floating-point residual of shape "
+                             f"({b}, {cout}, {height}, {width}) or None, got {getattr(residual, 'dtype', type(residual))} "
+                             f"of shape {tuple(getattr(residual, 'shape', ()))}")
+    for name, t in (("weight", weight), ("bias", bias), ("proj_weight", proj_weight), ("proj_bias", proj_bias),
+                    ("residual", residual)):
         if t is not None and t.device != x.device:
             raise ValueError(f"gated_dwconv_gelu: {name} is on {t.device}, x on {x.device}")
 
 
 def gated_dwconv_gelu(x: torch.Tensor, weight: torch.Tensor, mode: str = "gdfn", bias: Optional[torch.Tensor] = None,
-                      backend: Optional[str] = None) -> torch.Tensor:
+                      proj_weight: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
+                      residual: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """Depthwise 3x3 conv of x (B, 2h, H, W) with weight (2h, 1, 3, 3) (and bias (2h,)), then the
     gate of ``mode`` ("gdfn" or "dual") on its two channel halves: (B, h, H, W).
 
-    ``backend``: None/"auto" (the first of triton, cuda, torch that can run), "torch", "triton" or "cuda".
+    With ``proj_weight`` (Cout, h) or (Cout, h, 1, 1): ``residual + conv1x1(gate, proj_weight,
+    proj_bias)``, (B, Cout, H, W) (the GDFN's ``project_out`` and the block's residual add; the
+    residual (B, Cout, H, W) optional), in x's dtype promoted with the residual's.
+
+    ``backend``: None/"auto" (the first of triton, cuda, torch that can run), "torch", "triton" or
+    "cuda".
     """
-    _check(x, weight, mode, bias)
-    return choose("gated_dwconv_gelu", BACKENDS, PREFERENCE, backend, x, weight, mode, bias).fn(x, weight, mode, bias)
+    args = (x, weight, mode, bias, proj_weight, proj_bias, residual)
+    _check(*args)
+    return choose("gated_dwconv_gelu", BACKENDS, PREFERENCE, backend, *args).fn(*args)
