@@ -33,6 +33,9 @@ returns. Every change is an exact rewrite of the published computation:
 - **the fastest kernels** of ``sipl_fast.ops`` (``backend="auto"``): on a GPU the first run of
   a shape times every backend of each op call and keeps the fastest (``ops.measured_choices()``
   reports the choices); or one named backend;
+- **warm-up**: a shape's first run on a GPU starts with a dry pass of the loop in which the
+  Triton kernels compile side by side on every CPU core instead of running
+  (``ops.compiling_only``), not one after another as the first launches reach them;
 - **CUDA graphs**: on a GPU the whole loop for one (input shape, dtype, iterations) is captured
   once, after two warm-up runs that settle autotuning and lazy compilation, and replayed; a
   small LRU cache keeps ``max_graphs`` of them. A capture that fails falls back to eager
@@ -258,6 +261,7 @@ class FastSIPL:
                     net.dictionary_kv[stage] = getattr(net, f"cross_p{stage}").keys_values(dictionary)
         self._graphs: "OrderedDict[tuple, tuple]" = OrderedDict()
         self._failed: set = set()
+        self._compiled: set = set()  # keys whose kernels the dry pass compiled
 
     @classmethod
     def from_checkpoint(cls, path, device=None, **kwargs) -> "FastSIPL":
@@ -292,8 +296,18 @@ class FastSIPL:
         return out
 
     def _run(self, img: torch.Tensor, iterations: int) -> torch.Tensor:
-        """The loop on one padded batch: a replayed CUDA graph where possible, else eager."""
+        """The loop on one padded batch: a replayed CUDA graph where possible, else eager. A
+        shape's first run on a GPU starts with a dry pass that compiles every Triton kernel
+        of the loop at once (``ops.compiling_only``)."""
         key = (tuple(img.shape), img.dtype, iterations)
+        if self.device.type == "cuda" and key not in self._compiled:
+            self._compiled.add(key)
+            try:
+                with self._context(), ops.compiling_only():
+                    self._loop(img, iterations)
+            except Exception as e:  # noqa: BLE001 - an optimisation only: the kernels compile as they run
+                warnings.warn(f"FastSIPL: compiling ahead failed for input {key[0]} ({type(e).__name__}: {e})",
+                              RuntimeWarning, stacklevel=3)
         entry = None
         if self.cuda_graphs and key not in self._failed:
             entry = self._graphs.get(key) or self._capture(img, iterations, key)

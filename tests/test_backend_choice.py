@@ -77,3 +77,45 @@ def test_a_real_op_with_one_candidate_is_not_measured():
     out = ops.layer_norm2d(x, w, b, backend="fastest")
     torch.testing.assert_close(out, ops.layer_norm2d(x, w, b, backend="torch"), rtol=0, atol=0)
     assert ops.measured_choices() == {}
+
+
+def test_a_dry_pass_compiles_the_triton_candidate_and_measures_nothing():
+    calls = []
+    backends = fake_backends({"cuda": 0.0, "triton": 0.0, "torch": 0.0}, calls)
+    with ops.compiling_only():
+        assert choose("op", backends, ("cuda", "triton", "torch"), "fastest", torch.zeros(2)).name == "cuda"
+    assert calls == ["triton"] and ops.measured_choices() == {}  # the caller runs cuda; torch needs no compiling
+
+
+def test_compiling_only_compiles_instead_of_running(monkeypatch):
+    """Every op's Triton launches become compilations inside ``compiling_only`` (in the
+    interpreter: nothing runs) and run again after it."""
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's launches are counted here; the GPU runs FastSIPL's dry pass")
+    launches = []
+    run = InterpretedFunction.run
+    monkeypatch.setattr(InterpretedFunction, "run", lambda self, *a, grid, warmup, **k: launches.append(
+        (self.fn.__name__, warmup)) or run(self, *a, grid=grid, warmup=warmup, **k))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 5, 7, generator=g)
+    q, k, v = (torch.randn(2, 2, 8, 35, generator=g) for _ in range(3))
+    t = torch.rand(2, generator=g) + 0.5
+
+    def every_op():
+        return [ops.layer_norm2d(x, torch.rand(8), torch.randn(8), backend="triton"),
+                ops.conv1x1(x, torch.randn(6, 8), None, None, True, backend="triton"),
+                ops.gated_dwconv_gelu(x, torch.randn(8, 1, 3, 3), backend="triton"),
+                ops.gated_dwconv_gelu(x, torch.randn(8, 1, 3, 3), "gdfn", None, torch.randn(5, 4), backend="triton"),
+                ops.channel_attention(q, k, v, t, backend="triton"),
+                ops.cosine_attention(q.transpose(-2, -1), k.transpose(-2, -1), v.transpose(-2, -1), t,
+                                     backend="triton")]
+    with ops.compiling_only():
+        every_op()
+    kernels = {name for name, _ in launches}
+    assert len(kernels) >= 7 and all(warmup for _, warmup in launches)
+    launches.clear()
+    every_op()
+    assert {name for name, _ in launches} == kernels and not any(warmup for _, warmup in launches)

@@ -175,6 +175,21 @@ def test_bf16_engine_on_the_gpu():
 
 
 @needs_cuda
+def test_first_run_of_a_shape_compiles_ahead():
+    """The dry pass (``ops.compiling_only``) runs once per shape, without failing."""
+    model = tiny_model(dtype=torch.float32).cuda()
+    fast = FastSIPL(model, cuda_graphs=False)
+    x = images(1, 40, 24, device="cuda")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fast(x, 1)
+        fast(x, 1)
+    assert not any("compiling ahead" in str(w.message) for w in caught)
+    assert [key[0] for key in fast._compiled] == [(1, 3, 48, 32)]
+    assert torch.isfinite(out).all()
+
+
+@needs_cuda
 def test_capture_failure_falls_back_to_eager(monkeypatch):
     model = tiny_model(dtype=torch.float32).cuda()
     fast = FastSIPL(model, dtype=torch.float32)

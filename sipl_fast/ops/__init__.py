@@ -4,7 +4,9 @@ Choose a backend per call (``backend="torch" | "cuda" | "triton" | None | "faste
 the environment (``SIPL_FAST_BACKEND_<OP>`` or ``SIPL_FAST_BACKEND``); ``None``
 picks the first backend that can run the call, in an order set from benchmarks, and
 falls back to ``"torch"``; ``"fastest"`` times the candidates on each new call signature
-and keeps the fastest (``measured_choices()`` says what it chose).
+and keeps the fastest (``measured_choices()`` says what it chose). Inside
+``compiling_only()`` the Triton kernels compile, all at once, instead of running (a dry pass
+that warms a loop up).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Dict
 import torch
 
 from ._backend import FASTEST, BackendError, backend_scope, measured_choices
+from ._triton import compiling_only
 from .channel_attention import channel_attention
 from .conv1x1 import conv1x1
 from .cosine_attention import cosine_attention, cosine_attention_torch
@@ -24,7 +27,7 @@ from .layer_norm2d import layer_norm2d
 OPS = ("channel_attention", "conv1x1", "cosine_attention", "gated_dwconv_gelu", "layer_norm2d")
 
 __all__ = ["FASTEST", "OPS", "BackendError", "available_backends", "backend_scope", "channel_attention",
-           "conv1x1", "cosine_attention", "cosine_attention_torch", "gated_dwconv_gelu", "layer_norm2d", "measured_choices"]
+           "compiling_only", "conv1x1", "cosine_attention", "cosine_attention_torch", "gated_dwconv_gelu", "layer_norm2d", "measured_choices"]
 
 
 def _triton_status() -> dict:

@@ -14,8 +14,9 @@ Each op lists its backends in order of preference, the pure-PyTorch reference
   shapes, strides, dtypes, the other arguments) times every backend that the
   automatic choice could take, and later calls of that signature use the fastest.
   Measuring syncs the device, so it never happens during CUDA-graph capture (a
-  signature not measured before takes the automatic choice there). FastSIPL
-  chooses this way during its warm-up.
+  signature not measured before takes the automatic choice there), nor in a dry pass
+  (``_triton.compiling_only``: the automatic choice, after compiling the Triton kernels
+  that measuring may take). FastSIPL chooses this way during its warm-up.
 """
 from __future__ import annotations
 
@@ -157,6 +158,11 @@ def _seconds(fn: Callable, args, kwargs) -> float:
 
 
 def _fastest(op: str, candidates, args, kwargs) -> Backend:
+    if _triton.compiling():  # a dry pass: compile the Triton kernels that measuring may choose
+        for c in candidates[1:]:
+            if c.name == "triton":
+                c.fn(*args, **kwargs)
+        return candidates[0]
     key = _signature(op, args, kwargs)
     name = _measured.get(key)
     if name is None:

@@ -1,11 +1,17 @@
-"""What every Triton backend in ``sipl_fast.ops`` checks before it runs a call.
+"""What every Triton backend in ``sipl_fast.ops`` checks before it runs a call, and how it launches.
 
 Triton runs CUDA tensors on a GPU and, with ``TRITON_INTERPRET=1``, CPU tensors in its
 interpreter (tests). The interpreter computes ``tl.dot`` on bf16 operands wrongly, so ops
 whose kernels multiply matrices refuse bf16 there.
+
+Every launch goes through :func:`launch` or :func:`launch_fitting`, so that inside
+:func:`compiling_only` a dry pass of a whole loop compiles its kernels at once instead of
+running them (FastSIPL's warm-up).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -80,6 +86,58 @@ def check_grid(kernel, grid) -> None:
         raise ValueError(f"{name}: grid {tuple(grid)} passes CUDA's limits {GRID_LIMITS}")
 
 
+_dry: contextvars.ContextVar[bool] = contextvars.ContextVar("sipl_fast_triton_dry", default=False)
+
+
+def compiling() -> bool:
+    """Whether this is a dry pass (inside :func:`compiling_only`)."""
+    return _dry.get()
+
+
+def _async_mode(pool):
+    """Triton's asynchronous compilation on ``pool`` (compile errors left to the launches), or
+    None where this Triton has none (or one is already active)."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode, active_mode
+    except ImportError:
+        return None
+    if active_mode.get() is not None:
+        return None
+    try:
+        return AsyncCompileMode(pool, ignore_errors=True)
+    except TypeError:  # older Triton: errors raise when the block ends
+        return AsyncCompileMode(pool)
+
+
+@contextlib.contextmanager
+def compiling_only():
+    """Inside the block, launches compile their kernels instead of running (outputs stay
+    uninitialised), in a pool of threads, all at once; leaving the block waits for the compiles.
+
+    A cold start of FastSIPL meets about 35 kernel specialisations, which Triton compiles one
+    after another, a second or more each, as the first launches reach them; a dry pass of the
+    loop in this block compiles them side by side on every CPU core first. Where this Triton
+    cannot compile asynchronously, the kernels compile one by one (still without running).
+    """
+    token = _dry.set(True)
+    try:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            mode = _async_mode(pool) if triton is not None else None
+            with mode if mode is not None else contextlib.nullcontext():
+                yield
+    finally:
+        _dry.reset(token)
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` (a JIT function or an autotuner); inside
+    :func:`compiling_only`, its compilation instead (an autotuner's every config)."""
+    if _dry.get():
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
 _fitting: dict = {}  # (kernel, key) -> index of the first config that fits this GPU
 
 
@@ -97,8 +155,7 @@ def launch_fitting(kernel, key, configs, grid, *args, **constants) -> None:
         size = grid(cfg.kwargs)
         check_grid(kernel, size)
         try:
-            kernel[size](*args, **constants, **cfg.kwargs, num_warps=cfg.num_warps,
-                                     num_stages=cfg.num_stages)
+            launch(kernel, size, *args, **constants, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         except triton.runtime.errors.OutOfResources:
             if i == len(configs) - 1:
                 raise
@@ -114,17 +171,19 @@ def compile_configs(kernel, key, configs, *args, **constants) -> None:
     """Compile ``kernel`` for every one of ``configs`` at once, in threads (Triton's asynchronous
     compilation), before an autotuner times them: otherwise the first call of a new shape
     compiles them one after another (seconds each). Once per ``key``; where this Triton cannot
-    compile asynchronously, a warning, and the autotuner compiles as usual."""
-    if (kernel, key) in _compiled:
+    compile asynchronously, a warning, and the autotuner compiles as usual. Inside
+    :func:`compiling_only`, nothing: the autotuner's dry launch compiles its configs there."""
+    if (kernel, key) in _compiled or _dry.get():
         return
     _compiled.add((kernel, key))
     try:
-        from triton.runtime._async_compile import AsyncCompileMode
-
-        with ThreadPoolExecutor(max_workers=min(len(configs), os.cpu_count() or 1)) as pool, \
-                AsyncCompileMode(pool, ignore_errors=True):  # a config that fails is the autotuner's to skip
-            for cfg in configs:
-                kernel.warmup(*args, grid=(1,), **constants, **cfg.all_kwargs())
+        with ThreadPoolExecutor(max_workers=min(len(configs), os.cpu_count() or 1)) as pool:
+            mode = _async_mode(pool)
+            if mode is None:
+                raise RuntimeError("no asynchronous compilation in this Triton")
+            with mode:  # a config that fails is the autotuner's to skip
+                for cfg in configs:
+                    kernel.warmup(*args, grid=(1,), **constants, **cfg.all_kwargs())
     except Exception as e:  # noqa: BLE001 - an optimisation only
         warnings.warn(f"sipl_fast: Triton configurations compile one at a time here ({type(e).__name__}: {e})",
                       RuntimeWarning, stacklevel=2)

@@ -251,8 +251,8 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Opt
     a = torch.empty((b * h, c, c), **f32)
     block_cc = max(16, triton.next_power_of_2(c))
     block_r = max(1, min(16, 4096 // block_cc))
-    _softmax_kernel[(triton.cdiv(c, block_r), b * h)](g, sq, sk, t32, a, c, slices, h, EPS,
-                                                      BLOCK_R=block_r, BLOCK_CC=block_cc)
+    _triton.launch(_softmax_kernel, (triton.cdiv(c, block_r), b * h), g, sq, sk, t32, a, c, slices, h, EPS,
+                   BLOCK_R=block_r, BLOCK_CC=block_cc)
     return a
 
 

@@ -494,9 +494,9 @@ def _inv_norms(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.T
     out = torch.empty((b, h, n, d) if scaled else (b, h, n), device=x.device,
                       dtype=x.dtype if scaled else torch.float32)
     if out.numel():
-        _inv_norm_kernel[(triton.cdiv(n, 64), b * h)](x, out, scale if scaled else out, n, d, h, *x.stride(), EPS,
-                                                      SCALED=scaled, BLOCK_N=64,
-                                                      BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
+        _triton.launch(_inv_norm_kernel, (triton.cdiv(n, 64), b * h), x, out, scale if scaled else out, n, d, h,
+                       *x.stride(), EPS, SCALED=scaled, BLOCK_N=64,
+                       BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
     return out
 
 
@@ -538,14 +538,15 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
                      PRECISION=_triton.precision(q.dtype), SPLIT=splits > 1, D=d, DA=da, DB=db)
     if q.is_cuda and os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "1") != "0":
         _triton.compile_configs(_fwd_kernel, (d, q.dtype, splits > 1, online_only), configs, *args, **constants)
-        _fwd_kernel_tuned[lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits)](*args, **constants)
+        _triton.launch(_fwd_kernel_tuned, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args,
+                       **constants)
     else:
         _triton.launch_fitting(_fwd_kernel, (d, q.dtype, splits > 1, online_only), configs,
                         lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args, **constants)
     if splits > 1:
         block_d = min(128, max(16, triton.next_power_of_2(d)))
-        _combine_kernel[(triton.cdiv(nq, 32), b * h)](po, pl, pm, out, lse, nq, d, h, splits, *out.stride(),
-                                                      BLOCK_M=32, BLOCK_D=block_d)
+        _triton.launch(_combine_kernel, (triton.cdiv(nq, 32), b * h), po, pl, pm, out, lse, nq, d, h, splits,
+                       *out.stride(), BLOCK_M=32, BLOCK_D=block_d)
     return out, lse
 
 
@@ -571,7 +572,7 @@ def _triton_backward(q, k, v, t32, out, lse, dout):
             configs = _bwd_configs_for(d, q.dtype, which)
             if tune:
                 _triton.compile_configs(kernel, (d, q.dtype), configs, *args, *outputs, *sizes, **constants)
-                tuned[grid](*args, *outputs, *sizes, **constants)
+                _triton.launch(tuned, grid, *args, *outputs, *sizes, **constants)
             else:
                 _triton.launch_fitting(kernel, (d, q.dtype), configs, grid, *args, *outputs, *sizes, **constants)
     else:

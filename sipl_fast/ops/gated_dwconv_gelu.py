@@ -203,9 +203,9 @@ def gated_dwconv_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
     # pixels, 8 warps. The interpreter runs programs one by one: large tiles, few programs.
     block_c, block_p, warps = (32, 512, 4) if not x.is_cuda else (4, 256, 4) if sxp == 1 else (64, 16, 8)
     grid = (triton.cdiv(hh * ww, block_p), triton.cdiv(h, block_c), b)
-    _gated_dwconv_gelu_kernel[grid](x, w32, b32 if b32 is not None else w32, out, h, hh, ww, sxb, sxc, sxp,
-                                    *_layout.strides(out), DUAL=dual, HAS_BIAS=b32 is not None,
-                                    WIDE=_layout.wide(x, out), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+    _triton.launch(_gated_dwconv_gelu_kernel, grid, x, w32, b32 if b32 is not None else w32, out, h, hh, ww,
+                   sxb, sxc, sxp, *_layout.strides(out), DUAL=dual, HAS_BIAS=b32 is not None,
+                   WIDE=_layout.wide(x, out), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
     return out
 
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from . import _layout
+from . import _layout, _triton
 from ._backend import Backend, choose, forward_only_problem
 
 try:
@@ -112,8 +112,8 @@ def layer_norm2d_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     # NCHW: 16 channels x 128 pixels, coalesced along pixels; NHWC: 64 channels x 32 pixels
     block_c, block_p = (16, 128) if sp == 1 else (64, 32)
     grid = (triton.cdiv(h * w, block_p), n)
-    _layer_norm2d_fwd_kernel[grid](x, weight.float().contiguous(), bias.float().contiguous(), y, c, h * w,
-                                   sb, sc, sp, *_layout.strides(y), float(eps), BLOCK_C=block_c, BLOCK_P=block_p)
+    _triton.launch(_layer_norm2d_fwd_kernel, grid, x, weight.float().contiguous(), bias.float().contiguous(), y, c,
+                   h * w, sb, sc, sp, *_layout.strides(y), float(eps), BLOCK_C=block_c, BLOCK_P=block_p)
     return y
 
 

@@ -1,0 +1,119 @@
+"""Cold-start compile time of FastSIPL's Triton kernels, measured without a GPU.
+
+A GPU's first run of FastSIPL compiles every Triton kernel specialisation of the loop (about
+60 of the published model, counting the attention autotuner's tiles). Without help, Triton
+compiles each when its first launch reaches it, one after another; FastSIPL's dry pass
+(``ops.compiling_only``) compiles them all first, side by side on every CPU core. This script
+measures both on this machine's CPUs, for sm_90a, each mode in a fresh process with an empty
+Triton cache:
+
+- ``serial``: the kernels compile one after another (what the loop's first launches cost);
+- ``threads``: the dry pass, one thread per CPU core (what FastSIPL's warm-up costs).
+
+No GPU is needed: Triton is given just enough of a driver to compile for sm_90a (nothing is
+launched), and tensors say they are on CUDA so that the launchers pick their GPU tiles (they
+stay on the CPU). The loop runs in fp16 (the same kernels as bf16) on a small image, whose
+kernels are the same as at any size whose sides are multiples of 16 (no bands). Seconds
+include the loop's PyTorch ops on the CPU (``loop s``, measured once everything is compiled).
+Usage: ``python benchmarks/fast_sipl_compile.py [--modes serial,threads] [--quick]``; JSON
+and markdown under ``benchmarks/results/fast_sipl_compile*``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("serial", "threads")
+
+
+def child(mode: str, quick: bool, side: int) -> dict:
+    """One mode in this (fresh) process: seconds of the dry pass with an empty cache, the
+    kernels it compiled, and the seconds of the same pass once they are compiled."""
+    os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, compiled for sm_90a
+    cache = Path(tempfile.mkdtemp(prefix="sipl_fast_compile_"))
+    os.environ["TRITON_CACHE_DIR"] = str(cache)
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    class CompileOnly:
+        """The driver calls Triton makes to compile (not to launch)."""
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    driver.set_active(CompileOnly())
+    from fast_sipl import QUICK_CONFIG
+    from sipl_fast import SIPL, SIPLConfig, FastSIPL, ops
+    from sipl_fast.ops import _triton
+
+    fast = FastSIPL(SIPL(SIPLConfig(**QUICK_CONFIG) if quick else SIPLConfig()), dtype=torch.float16, backend="torch")
+    os.environ["TRITON_INTERPRET"] = "1"  # the ops' checks take CPU tensors...
+    torch.Tensor.is_cuda = property(lambda self: True)  # ...and their launchers the GPU tiles
+    fast._scope = "triton"
+    if mode == "serial":
+        _triton._async_mode = lambda pool: None
+    x = torch.rand(1, 3, side, side)
+
+    def dry_pass() -> float:
+        begin = time.perf_counter()
+        with fast._context(), ops.compiling_only():
+            fast._loop(x, 2)
+        return time.perf_counter() - begin
+
+    cold = dry_pass()
+    warm = dry_pass()
+    kernels = len(list(cache.rglob("__grp__*.json")))
+    return {"mode": mode, "threads": os.cpu_count() if mode == "threads" else 1, "kernels": kernels,
+            "seconds": cold, "loop s": warm, "compile s": cold - warm}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
+    parser.add_argument("--quick", action="store_true", help="the tiny model (fewer specialisations)")
+    parser.add_argument("--side", type=int, default=64, help="image side in pixels (a multiple of 16)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.quick, args.side)))
+        return
+    modes = [m.strip() for m in args.modes.split(",")]
+    if set(modes) - set(MODES):
+        parser.error(f"--modes: expected some of {MODES}, got {modes}")
+    rows = []
+    for mode in modes:
+        cmd = [sys.executable, __file__, "--child", mode, "--side", str(args.side)] + (["--quick"] if args.quick else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+        if proc.returncode:
+            raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    if "serial" in modes and "threads" in modes:
+        rows[modes.index("threads")]["compile speedup"] = (rows[modes.index("serial")]["compile s"]
+                                                           / rows[modes.index("threads")]["compile s"])
+    import torch
+    from _common import environment, report
+
+    env = environment(torch.device("cpu"))
+    env.update({"device": "none (compiled for sm_90a on this machine's CPUs, nothing launched)",
+                "cpus": str(os.cpu_count()), "model": "tiny (quick)" if args.quick else "published configuration",
+                "image": f"{args.side}x{args.side}, fp16, 2 iterations, backend triton"})
+    report("fast_sipl_compile" + ("_quick" if args.quick else ""), rows,
+           ["mode", "threads", "kernels", "seconds", "loop s", "compile s", "compile speedup"], env)
+
+
+if __name__ == "__main__":
+    main()
