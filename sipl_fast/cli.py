@@ -282,9 +282,15 @@ def cmd_info(args) -> int:
     return 0
 
 
+#: Benchmarks that ``bench`` leaves out: minutes of compiling kernels even with ``--quick``, and
+#: nothing timed on the device (run them directly).
+_NOT_IN_BENCH = {"fast_sipl_compile.py"}
+
+
 def cmd_bench(args) -> int:
     folder = Path(__file__).resolve().parent.parent / "benchmarks"
-    scripts = sorted(p for p in folder.glob("*.py") if not p.name.startswith("_")) if folder.is_dir() else []
+    scripts = sorted(p for p in folder.glob("*.py")
+                     if not p.name.startswith("_") and p.name not in _NOT_IN_BENCH) if folder.is_dir() else []
     if not scripts:
         raise CLIError("the benchmarks ship with the source tree: run from a checkout (pip install -e .)")
     status = 0
@@ -483,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", parents=[common], help="run the benchmark suite and print its tables",
-                       description="Run every script in benchmarks/ (kernels, end to end).")
+                       description="Run every script in benchmarks/ (kernels, end to end) but "
+                                   "fast_sipl_compile.py (minutes of compiling; run it directly).")
     b.add_argument("--quick", action="store_true", help="small shapes, a quick look")
     b.set_defaults(func=cmd_bench)
     return parser
