@@ -32,19 +32,12 @@ from pathlib import Path
 MODES = ("serial", "threads")
 
 
-def child(mode: str, quick: bool, side: int) -> dict:
-    """One mode in this (fresh) process: seconds of the dry pass with an empty cache, the
-    kernels it compiled, and the seconds of the same pass once they are compiled."""
-    os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, compiled for sm_90a
-    cache = Path(tempfile.mkdtemp(prefix="sipl_fast_compile_"))
-    os.environ["TRITON_CACHE_DIR"] = str(cache)
-    import torch
+def compile_only_driver() -> None:
+    """Give Triton a driver that compiles for sm_90a and launches nothing (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
     class CompileOnly:
-        """The driver calls Triton makes to compile (not to launch)."""
-
         def get_current_target(self):
             return GPUTarget("cuda", 90, 32)
 
@@ -55,6 +48,17 @@ def child(mode: str, quick: bool, side: int) -> dict:
             return 0
 
     driver.set_active(CompileOnly())
+
+
+def child(mode: str, quick: bool, side: int) -> dict:
+    """One mode in this (fresh) process: seconds of the dry pass with an empty cache, the
+    kernels it compiled, and the seconds of the same pass once they are compiled."""
+    os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, compiled for sm_90a
+    cache = Path(tempfile.mkdtemp(prefix="sipl_fast_compile_"))
+    os.environ["TRITON_CACHE_DIR"] = str(cache)
+    import torch
+
+    compile_only_driver()
     from fast_sipl import QUICK_CONFIG
     from sipl_fast import SIPL, SIPLConfig, FastSIPL, ops
     from sipl_fast.ops import _triton

@@ -124,3 +124,29 @@ def test_fast_sipl_memory_estimate_meets_the_targets(monkeypatch):
     reference = memory.estimate("eager-fp32", (1, 2048, 2048)).peak
     assert reference > 30 * 2**30  # the published loop holds the 16 GiB score matrix twice
     assert memory.estimate("fast-bf16", (1, 2048, 2048)).peak <= 0.25 * reference
+
+
+def test_a_dry_pass_compiles_real_kernels_for_sm90a(tmp_path):
+    """``ops.compiling_only`` on its GPU path, on the CPU: real JIT functions (not the
+    interpreter) compile for sm_90a in Triton's asynchronous mode, through the driver that
+    ``fast_sipl_compile.py`` gives Triton, and nothing launches (a launch would fail there)."""
+    code = f"""
+import os, sys, torch
+sys.path.insert(0, {str(BENCH)!r})
+from fast_sipl_compile import compile_only_driver
+compile_only_driver()
+from sipl_fast import ops
+os.environ["TRITON_INTERPRET"] = "1"  # the ops' checks take CPU tensors, and their launchers
+torch.Tensor.is_cuda = property(lambda self: True)  # the GPU tiles
+x = torch.randn(2, 48, 16, 24, dtype=torch.float16)
+with ops.compiling_only():
+    ops.layer_norm2d(x, torch.ones(48), torch.zeros(48), backend="triton")
+    ops.conv1x1(x, torch.randn(96, 48, dtype=torch.float16), None, None, True, backend="triton")
+    ops.gated_dwconv_gelu(x, torch.randn(48, 1, 3, 3), "gdfn", None, torch.randn(40, 24, dtype=torch.float16),
+                          backend="triton")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(tmp_path.rglob("__grp__*.json"))) == 3  # one kernel per op, compiled for the GPU
