@@ -23,8 +23,8 @@ TESTS=("$@")
 [ ${#TESTS[@]} -eq 0 ] && TESTS=(tests/test_conv1x1.py tests/test_gated_dwconv_gelu.py tests/test_channel_attention.py
                                   tests/test_engine.py tests/test_cosine_attention.py tests/test_layer_norm2d.py)
 # backbone: first the target shapes with torch.compile, then every shape without it (compiling
-# each shape takes seconds)
-BENCHMARKS=${BENCHMARKS:-"cosine_attention|--variants naive,sdpa,triton,cuda --backward-shapes 0;backbone|--headline;fast_sipl|--sizes 256,512,2048,3840x2160 --variants eager-fp32,eager-bf16,fast-bf16;backbone|--variants eager-bf16,triton-bf16,cuda-bf16,fastest-bf16"}
+# each shape takes seconds); last the GDFN tails, fused against two passes
+BENCHMARKS=${BENCHMARKS:-"cosine_attention|--variants naive,sdpa,triton,cuda --backward-shapes 0;backbone|--headline;fast_sipl|--sizes 256,512,2048,3840x2160 --variants eager-fp32,eager-bf16,fast-bf16;backbone|--variants eager-bf16,triton-bf16,cuda-bf16,fastest-bf16;gated_dwconv_gelu|--variants eager-bf16,triton-bf16,triton-2pass-bf16,cuda-bf16"}
 COLD_TRITON_CACHE=${COLD_TRITON_CACHE:-fast_sipl}
 DEADLINE=${DEADLINE_SECONDS:-560}
 

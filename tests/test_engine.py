@@ -124,6 +124,18 @@ def test_triton_backend_of_every_op_serves_the_whole_model(model):
                restore(model, x, 1)) <= 1e-4
 
 
+def test_fp16_engine_through_the_triton_kernels(model):
+    """Every fused kernel in half precision (the interpreter on a CPU runs fp16 dots; bf16 ones
+    run on a GPU only): the error no worse than twice eager fp16 autocast's (one small image:
+    the interpreter computes fp16 slowly)."""
+    x = images(1, 17, 20)
+    ref = restore(model, x, 1)
+    with torch.autocast("cpu", dtype=torch.float16):
+        eager = restore(model, x, 1)
+    out = FastSIPL(model, dtype=torch.float16, backend="triton", cuda_graphs=False)(x, 1)
+    assert 0 < err(out, ref) <= 2 * err(eager, ref)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dtype=torch.float64), "dtype must be one of"),
     (dict(backend="fast"), "backend must be one of"),
