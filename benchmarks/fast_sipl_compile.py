@@ -99,7 +99,8 @@ def main(argv=None) -> None:
         parser.error(f"--modes: expected some of {MODES}, got {modes}")
     rows = []
     for mode in modes:
-        cmd = [sys.executable, __file__, "--child", mode, "--side", str(args.side)] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--child", mode, "--side", str(args.side)]
+        cmd += ["--quick"] if args.quick else []
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
         if proc.returncode:
             raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")

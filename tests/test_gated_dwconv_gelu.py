@@ -280,8 +280,9 @@ def test_bad_projection_raises_value_error(kwargs, match):
 def test_opcheck_and_compile_without_graph_breaks():
     x, w, bias = to(torch.float32, *inputs(2, 5, 6, 7, bias=True))
     pw, pb, res = to(torch.float32, *projection(2, 5, 9, 6, 7))
-    for args in ((x, w, bias, True), (x, w, None, False), (x.contiguous(memory_format=torch.channels_last), w, None, False),
-                 (x, w, bias, True, pw, pb, res), (x, w, None, False, pw, None, None)):
+    xc = x.contiguous(memory_format=torch.channels_last)
+    for args in ((x, w, bias, True), (x, w, None, False), (xc, w, None, False), (x, w, bias, True, pw, pb, res),
+                 (x, w, None, False, pw, None, None)):
         torch.library.opcheck(module.gated_dwconv_gelu_triton, args)
     fn = torch.compile(lambda *a: gated_dwconv_gelu(*a, backend="triton"), fullgraph=True,
                        backend="inductor" if DEVICE == "cuda" else "aot_eager")

@@ -27,7 +27,8 @@ from .layer_norm2d import layer_norm2d
 OPS = ("channel_attention", "conv1x1", "cosine_attention", "gated_dwconv_gelu", "layer_norm2d")
 
 __all__ = ["FASTEST", "OPS", "BackendError", "available_backends", "backend_scope", "channel_attention",
-           "compiling_only", "conv1x1", "cosine_attention", "cosine_attention_torch", "gated_dwconv_gelu", "layer_norm2d", "measured_choices"]
+           "compiling_only", "conv1x1", "cosine_attention", "cosine_attention_torch", "gated_dwconv_gelu",
+           "layer_norm2d", "measured_choices"]
 
 
 def _triton_status() -> dict:

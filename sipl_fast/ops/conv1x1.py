@@ -64,12 +64,13 @@ if triton is not None:
 
         The output-channel blocks of one pixel block are neighbouring programs, so the x tile
         they all read comes from L2 after the first (one grid axis for both: CUDA caps the
-        others at 65535 blocks, which a 2048x2048 image's pixel blocks pass). With ``NORMALIZE``, two sweeps over the
-        Cin channels of the tile give each pixel's mean, then the biased variance of the
-        deviations (two-pass, in fp32, as ``layer_norm2d`` computes it); the product sweep
-        normalises each [BLOCK_K, BLOCK_N] tile, rounds it to x's dtype (what a separate
-        norm would store) and multiplies it with the [BLOCK_M, BLOCK_K] weight tile on tensor
-        cores, fp32 accumulation. Bias and residual are added in fp32 before the one store.
+        others at 65535 blocks, which a 2048x2048 image's pixel blocks pass). With
+        ``NORMALIZE``, two sweeps over the Cin channels of the tile give each pixel's mean,
+        then the biased variance of the deviations (two-pass, in fp32, as ``layer_norm2d``
+        computes it); the product sweep normalises each [BLOCK_K, BLOCK_N] tile, rounds it to
+        x's dtype (what a separate norm would store) and multiplies it with the
+        [BLOCK_M, BLOCK_K] weight tile on tensor cores, fp32 accumulation. Bias and residual
+        are added in fp32 before the one store.
         """
         blocks_m = tl.cdiv(Cout, BLOCK_M)
         rows = (tl.program_id(0) % blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
