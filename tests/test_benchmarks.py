@@ -149,4 +149,5 @@ with ops.compiling_only():
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(list(tmp_path.rglob("__grp__*.json"))) == 3  # one kernel per op, compiled for the GPU
+    # compiled for the GPU: one kernel each for the first two, the autotuner's every tile for the third
+    assert len(list(tmp_path.rglob("__grp__*.json"))) == 2 + 3

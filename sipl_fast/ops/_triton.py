@@ -164,6 +164,22 @@ def launch_fitting(kernel, key, configs, grid, *args, **constants) -> None:
         return
 
 
+def launch_tuned(kernel, tuned, key, configs, grid, *args, **constants) -> None:
+    """Launch ``kernel`` with the fastest of ``configs``: on a GPU through ``tuned`` (``kernel``
+    under ``triton.autotune``, pruned to ``configs``), which times them at its first call per
+    autotune key, all compiled at once before (:func:`compile_configs`); in the interpreter or
+    with ``SIPL_FAST_TRITON_AUTOTUNE=0``, the first that fits (:func:`launch_fitting`). Every
+    config's grid is checked against CUDA's limits first."""
+    x = next(a for a in args if isinstance(a, torch.Tensor))
+    if not x.is_cuda or os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "1") == "0":
+        launch_fitting(kernel, key, configs, grid, *args, **constants)
+        return
+    for cfg in configs:
+        check_grid(kernel, grid(cfg.kwargs))
+    compile_configs(kernel, key, configs, *args, **constants)
+    launch(tuned, grid, *args, **constants)
+
+
 _compiled: set = set()  # (kernel, key) already compiled by compile_configs
 
 

@@ -25,7 +25,6 @@ captured in a CUDA graph.
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -536,13 +535,8 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
     args = (q, kn, v, t32, out, lse, po, pl, pm, nq, nk, h, per_split, *q.stride(), *v.stride(), *out.stride())
     constants = dict(P_RANGE=-1.0 if online_only else _P_RANGE[q.dtype], P_TOP=_P_TOP[q.dtype],
                      PRECISION=_triton.precision(q.dtype), SPLIT=splits > 1, D=d, DA=da, DB=db)
-    if q.is_cuda and os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "1") != "0":
-        _triton.compile_configs(_fwd_kernel, (d, q.dtype, splits > 1, online_only), configs, *args, **constants)
-        _triton.launch(_fwd_kernel_tuned, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args,
-                       **constants)
-    else:
-        _triton.launch_fitting(_fwd_kernel, (d, q.dtype, splits > 1, online_only), configs,
-                        lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args, **constants)
+    _triton.launch_tuned(_fwd_kernel, _fwd_kernel_tuned, (d, q.dtype, splits > 1, online_only), configs,
+                         lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args, **constants)
     if splits > 1:
         block_d = min(128, max(16, triton.next_power_of_2(d)))
         _triton.launch(_combine_kernel, (triton.cdiv(nq, 32), b * h), po, pl, pm, out, lse, nq, d, h, splits,
@@ -565,16 +559,11 @@ def _triton_backward(q, k, v, t32, out, lse, dout):
         args = (q, k, v, t32, rq, rk, dout, lse, delta)
         sizes = (nq, nk, d, h, *q.stride(), *k.stride(), *v.stride())
         constants = dict(PRECISION=_triton.precision(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)))
-        tune = q.is_cuda and os.environ.get("SIPL_FAST_TRITON_AUTOTUNE", "1") != "0"
         for which, kernel, tuned, outputs, grid in (
                 (0, _bwd_dkdv_kernel, _bwd_dkdv_tuned, (dk, dv), lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * h)),
                 (1, _bwd_dq_kernel, _bwd_dq_tuned, (dq, dt), lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h))):
-            configs = _bwd_configs_for(d, q.dtype, which)
-            if tune:
-                _triton.compile_configs(kernel, (d, q.dtype), configs, *args, *outputs, *sizes, **constants)
-                _triton.launch(tuned, grid, *args, *outputs, *sizes, **constants)
-            else:
-                _triton.launch_fitting(kernel, (d, q.dtype), configs, grid, *args, *outputs, *sizes, **constants)
+            _triton.launch_tuned(kernel, tuned, (d, q.dtype), _bwd_configs_for(d, q.dtype, which), grid, *args,
+                                 *outputs, *sizes, **constants)
     else:
         dk.zero_()
         dv.zero_()

@@ -149,11 +149,19 @@ if triton is not None:
 
 
 # (BLOCK_N, BLOCK_K, warps, stages) of the projecting kernel, 16-bit and fp32 (whose exact
-# products run without tensor cores): compiled for sm_90a without register spills, for either
-# BLOCK_O and with int64 offsets too.
-_PROJECT_CONFIGS = {False: _triton.configs((64, 32, 8, 1)), True: _triton.configs((32, 16, 8, 1))} if triton else {}
+# products run without tensor cores). On a GPU the autotuner picks among them per shape (the
+# first without autotuning); each compiles for sm_90a without register spills, for either
+# BLOCK_O and with int64 offsets too (bf16: 105 to 249 registers a thread).
+_PROJECT_CONFIGS = {False: _triton.configs((64, 32, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1)),
+                    True: _triton.configs((32, 16, 8, 1))} if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
 _INTERPRETER_PROJECT = _triton.configs((256, 32, 4, 1)) if triton else []
+if triton is not None:
+    _gated_project_tuned = triton.autotune(
+        configs=[c for group in _PROJECT_CONFIGS.values() for c in group], key=["h", "Cout", "H", "W"],
+        prune_configs_by={"early_config_prune": lambda configs, nargs, **kw:
+                          _PROJECT_CONFIGS[nargs["X"].dtype == torch.float32]},
+    )(_gated_project_kernel)
 
 
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -173,13 +181,14 @@ def _project(x, w32, b32, dual, proj_weight, proj_bias, residual):
     block_o = 64 if cout <= 64 else 128
     wide = _layout.wide(x, r, out)
     configs = _PROJECT_CONFIGS[x.dtype == torch.float32] if x.is_cuda else _INTERPRETER_PROJECT
-    _triton.launch_fitting(_gated_project_kernel, (block_o, x.dtype, wide, x.is_cuda), configs,
-                           lambda meta: (triton.cdiv(cout, block_o) * triton.cdiv(hh * ww, meta["BLOCK_N"]), b),
-                           x, w32, b32 if b32 is not None else w32, p, pb if pb is not None else w32,
-                           r if r is not None else x, out, h, cout, hh, ww, *_layout.strides(x),
-                           *_layout.strides(r if r is not None else x), *_layout.strides(out), DUAL=dual,
-                           HAS_BIAS=b32 is not None, HAS_PROJ_BIAS=pb is not None, HAS_RESIDUAL=r is not None,
-                           WIDE=wide, BLOCK_O=block_o, PRECISION=_triton.precision(x.dtype))
+    flags = dict(DUAL=dual, HAS_BIAS=b32 is not None, HAS_PROJ_BIAS=pb is not None, HAS_RESIDUAL=r is not None,
+                 WIDE=wide)
+    _triton.launch_tuned(_gated_project_kernel, _gated_project_tuned, (block_o, x.dtype, x.is_cuda, *flags.values()),
+                         configs, lambda meta: (triton.cdiv(cout, block_o) * triton.cdiv(hh * ww, meta["BLOCK_N"]), b),
+                         x, w32, b32 if b32 is not None else w32, p, pb if pb is not None else w32,
+                         r if r is not None else x, out, h, cout, hh, ww, *_layout.strides(x),
+                         *_layout.strides(r if r is not None else x), *_layout.strides(out), **flags, BLOCK_O=block_o,
+                         PRECISION=_triton.precision(x.dtype))
     return out
 
 
