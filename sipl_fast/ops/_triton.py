@@ -114,7 +114,7 @@ def compiling_only():
     """Inside the block, launches compile their kernels instead of running (outputs stay
     uninitialised), in a pool of threads, all at once; leaving the block waits for the compiles.
 
-    A cold start of FastSIPL meets about 60 kernel specialisations, which Triton compiles one
+    A cold start of FastSIPL meets about 70 kernel specialisations, which Triton compiles one
     after another, a second or more each, as the first launches reach them; a dry pass of the
     loop in this block compiles them side by side on every CPU core first. Where this Triton
     cannot compile asynchronously, the kernels compile one by one (still without running).
