@@ -1,7 +1,7 @@
 """Cold-start compile time of FastSIPL's Triton kernels, measured without a GPU.
 
 A GPU's first run of FastSIPL compiles every Triton kernel specialisation of the loop (about
-70 of the published model, counting the attention autotuner's tiles). Without help, Triton
+70 of the published model, counting the autotuners' tiles). Without help, Triton
 compiles each when its first launch reaches it, one after another; FastSIPL's dry pass
 (``ops.compiling_only``) compiles them all first, side by side on every CPU core. This script
 measures both on this machine's CPUs, for sm_90a, each mode in a fresh process with an empty
