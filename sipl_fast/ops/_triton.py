@@ -36,6 +36,26 @@ if triton is not None:
             return base + rows.to(tl.int64)[:, None] * s_row + cols.to(tl.int64)[None, :] * s_col
         return base + (rows[:, None] * s_row + cols[None, :] * s_col)
 
+    @triton.jit
+    def dwconv3x3(rows, rows_ok, pix, pix_ok, sp, Wt, channels, H, W):
+        """[R, P] fp32: the depthwise 3x3 convolution (zero padding) of R channels of an H x W
+        image at P pixels ``pix`` (linear, y * W + x): ``rows`` are [R, 1] pointers to each
+        channel's pixel 0 (pixel p at + p * sp), weights Wt[channel * 9 + tap]. Neighbouring
+        taps re-read the same lines, which the caches serve. The tap loop stays a loop:
+        unrolled, the compiler keeps every tap's addresses and loads in registers at once
+        (the GDFN tail's kernel spilled)."""
+        y = pix // W
+        x = pix % W
+        acc = tl.zeros([rows.shape[0], pix.shape[0]], dtype=tl.float32)
+        for tap in tl.range(0, 9, loop_unroll_factor=1):
+            dy = tap // 3 - 1
+            dx = tap % 3 - 1
+            ok = pix_ok & (y + dy >= 0) & (y + dy < H) & (x + dx >= 0) & (x + dx < W)
+            w = tl.load(Wt + channels * 9 + tap, mask=rows_ok, other=0.0)
+            t = tl.load(rows + ((pix + dy * W + dx) * sp)[None, :], mask=rows_ok[:, None] & ok[None, :], other=0.0)
+            acc += w[:, None] * t.to(tl.float32)
+        return acc
+
 
 def problem(x: torch.Tensor, dots: bool = False) -> Optional[str]:
     """None when Triton can run a kernel on ``x``'s device and dtype, else why not.

@@ -62,26 +62,17 @@ def channel_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
 
 # ----------------------------------------------------------------------------- Triton kernels
 if triton is not None:
+    from ._triton import dwconv3x3
 
     @triton.jit
     def _rows_tile(rows_ptr, rows_ok, cols, cols_ok, sn, DW, DB, channels, width, N,
                    DWCONV: tl.constexpr, HAS_DW_BIAS: tl.constexpr):
         """The [rows, cols] tile of q, k or v (``rows_ptr`` [R, 1] pointers, pixels ``cols``): a
         load, or with ``DWCONV`` the depthwise 3x3 convolution (zero padding) of those rows as
-        images ``width`` pixels wide, weights DW[channel, 9], from 9 shifted loads, in fp32
+        images ``width`` pixels wide, weights DW[channel, 9] (``_triton.dwconv3x3``), in fp32
         and rounded to the rows' dtype, as a separate convolution would store it."""
         if DWCONV:
-            y = cols // width
-            x = cols % width
-            acc = tl.zeros([rows_ptr.shape[0], cols.shape[0]], dtype=tl.float32)
-            for tap in tl.static_range(9):
-                yy = y + (tap // 3 - 1)
-                xx = x + (tap % 3 - 1)
-                ok = cols_ok & (yy >= 0) & (yy < N // width) & (xx >= 0) & (xx < width)
-                w = tl.load(DW + channels * 9 + tap, mask=rows_ok, other=0.0)
-                t = tl.load(rows_ptr + (cols + (tap // 3 - 1) * width + (tap % 3 - 1))[None, :] * sn,
-                            mask=rows_ok[:, None] & ok[None, :], other=0.0)
-                acc += w[:, None] * t.to(tl.float32)
+            acc = dwconv3x3(rows_ptr, rows_ok, cols, cols_ok, sn, DW, channels, N // width, width)
             if HAS_DW_BIAS:
                 acc += tl.where(cols_ok[None, :], tl.load(DB + channels, mask=rows_ok, other=0.0)[:, None], 0.0)
             return acc.to(rows_ptr.dtype.element_ty)

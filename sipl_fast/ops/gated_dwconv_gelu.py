@@ -60,7 +60,7 @@ def gated_dwconv_gelu_torch(x: torch.Tensor, weight: torch.Tensor, mode: str = "
 
 # ----------------------------------------------------------------------------- Triton kernels
 if triton is not None:
-    from ._triton import tile
+    from ._triton import dwconv3x3, tile
 
     @triton.jit
     def _gelu(v):
@@ -72,28 +72,19 @@ if triton is not None:
         """[channels, pixels] fp32: the gate of the depthwise convolution of channels ch and
         ch + h at pixels pix (linear, y * W + x) of the image at ``x_img``; 0 at channels >= h.
 
-        For each of the 9 taps it loads the shifted tiles of both halves (zero outside the
-        image) and accumulates both convolutions in fp32; then bias and gate. Neighbouring taps
-        re-read the same lines, which the caches serve, so DRAM sees x read about once. The tap
-        loop stays a loop: unrolled, the compiler keeps all 18 tiles' addresses and loads in
-        registers at once (over 230 per thread; the projecting kernel spilled).
+        Both halves are convolved in fp32 (``_triton.dwconv3x3``, zero outside the image); then
+        bias and gate.
         """
-        row = pix // W
-        col = pix % W
-        in_image = pix < H * W
         in_channels = ch < h
-        acc1 = tl.zeros([ch.shape[0], pix.shape[0]], dtype=tl.float32)
-        acc2 = tl.zeros([ch.shape[0], pix.shape[0]], dtype=tl.float32)
-        for tap in tl.range(0, 9, loop_unroll_factor=1):
-            r = row + (tap // 3 - 1)
-            c = col + (tap % 3 - 1)
-            ok = in_image & (r >= 0) & (r < H) & (c >= 0) & (c < W)
-            mask = in_channels[:, None] & ok[None, :]
-            w1 = tl.load(Wt + ch * 9 + tap, mask=in_channels, other=0.0)
-            w2 = tl.load(Wt + (ch + h) * 9 + tap, mask=in_channels, other=0.0)
-            p = r * W + c
-            acc1 += w1[:, None] * tl.load(tile(x_img, ch, p, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
-            acc2 += w2[:, None] * tl.load(tile(x_img, ch + h, p, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
+        if WIDE:
+            pixels = pix.to(tl.int64)
+            c1 = ch.to(tl.int64)
+        else:
+            pixels = pix
+            c1 = ch
+        in_image = pix < H * W
+        acc1 = dwconv3x3(x_img + c1[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, ch, H, W)
+        acc2 = dwconv3x3(x_img + (c1 + h)[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, ch + h, H, W)
         if HAS_BIAS:
             acc1 += tl.load(Bs + ch, mask=in_channels, other=0.0)[:, None]
             acc2 += tl.load(Bs + ch + h, mask=in_channels, other=0.0)[:, None]
@@ -151,7 +142,7 @@ if triton is not None:
 # (BLOCK_N, BLOCK_K, warps, stages) of the projecting kernel, 16-bit and fp32 (whose exact
 # products run without tensor cores). On a GPU the autotuner picks among them per shape (the
 # first without autotuning); each compiles for sm_90a without register spills, for either
-# BLOCK_O and with int64 offsets too (bf16: 105 to 249 registers a thread).
+# BLOCK_O and with int64 offsets too (bf16: 109 to 222 registers a thread).
 _PROJECT_CONFIGS = {False: _triton.configs((64, 32, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1)),
                     True: _triton.configs((32, 16, 8, 1))} if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
