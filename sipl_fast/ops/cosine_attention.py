@@ -55,8 +55,8 @@ def _configs(block_m, *shapes):
 _FWD_CONFIGS = {
     (False, False): _configs(128, (64, 8, 3), (128, 8, 3), (128, 8, 2), (64, 8, 4), (32, 8, 3))
     + _configs(64, (64, 4, 3)),  # 16-bit, D <= 128
-    (False, True): _configs(64, (32, 8, 2), (32, 4, 2), (64, 8, 2), (16, 4, 3), (32, 8, 1), (16, 4, 1))
-    + _configs(32, (32, 4, 1), (16, 4, 1)),  # 16-bit, D > 128
+    (False, True): _configs(64, (32, 8, 2), (64, 8, 2), (32, 8, 1), (16, 4, 3))
+    + _configs(32, (32, 4, 1)),  # 16-bit, D > 128
     (True, False): _configs(64, (32, 4, 2), (32, 8, 2), (64, 8, 1)) + _configs(32, (32, 4, 1)),  # fp32, D <= 128
     (True, True): _configs(32, (16, 4, 1), (32, 8, 1)) + _configs(16, (16, 4, 1)),  # fp32, D > 128
 } if triton else {}
@@ -71,6 +71,14 @@ _BWD_CONFIGS = {
     (True, False): ([(32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],) * 2,
     (True, True): ([(16, 16, 4, 1)],) * 2,
 }
+
+
+# Up to this head dim the forward normalises q on load; above it, a separate pass writes the
+# normalised q first: a normalised q tile lives in registers (the tensor cores' register
+# operand), and at D = 384 that spills every forward tile on sm_90a (360-1740 bytes per
+# thread), while one loaded from memory goes through shared memory, and the (64, 32, 8 warps)
+# tile then needs 232 registers, none spilled. The pass costs one more read and write of q.
+_Q_IN_REGISTERS = 128
 
 
 def _bwd_configs_for(d: int, dtype: torch.dtype, which: int):
@@ -111,12 +119,12 @@ if triton is not None:
         return x, mask
 
     @triton.jit
-    def _inv_norm_kernel(X, OUT, T, N, D, H, sxb, sxh, sxn, sxd, eps, SCALED: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _inv_norm_kernel(X, OUT, T, N, D, H, sxb, sxh, sxn, sxd, eps, ROWS: tl.constexpr,
+                         SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """OUT[bh, n] = r = 1 / max(|X[b, h, n, :]|, eps) in fp32 for a block of BLOCK_N rows.
 
-        SCALED: OUT[bh, n, :] = X[b, h, n, :] * r * t_h log2(e) instead, in X's dtype,
-        contiguous (the forward's keys: normalised, in the kernel's exp2 units).
+        ROWS: OUT[bh, n, :] = X[b, h, n, :] * r instead, in X's dtype, contiguous (the
+        forward's operands); SCALED: times t_h log2(e) too (its keys, in exp2 units).
         """
         bh = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -130,6 +138,7 @@ if triton is not None:
         r = 1.0 / tl.maximum(tl.sqrt(total), eps)
         if SCALED:
             r = r * tl.load(T + bh % H).to(tl.float32) * 1.4426950408889634
+        if ROWS:
             out = OUT + (bh.to(tl.int64) * N + rows.to(tl.int64))[:, None] * D
             for d0 in range(0, D, BLOCK_D):
                 cols = d0 + tl.arange(0, BLOCK_D)
@@ -217,7 +226,7 @@ if triton is not None:
                     Nq, Nk, H, keys_per_split,
                     sqb, sqh, sqn, sqd, svb, svh, svn, svd, sob, soh, son, sod,
                     P_RANGE: tl.constexpr, P_TOP: tl.constexpr, PRECISION: tl.constexpr,
-                    SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                    Q_NORMALISED: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: BLOCK_M queries of one (b, h) against one split of the keys.
 
@@ -226,8 +235,9 @@ if triton is not None:
         pad DA with masked columns and have DB = 0.
 
         The keys come normalised and scaled by t log2(e) (``KN``, contiguous, from
-        ``_inv_norm_kernel``) and q is normalised on load, so a key block's logits
-        in exp2 units are one product s = q @ kn^T. Then p = exp2(s - m), rounded
+        ``_inv_norm_kernel``) and q is normalised on load (Q_NORMALISED: already
+        normalised, by the same kernel), so a key block's logits in exp2 units are
+        one product s = q @ kn^T. Then p = exp2(s - m), rounded
         to v's dtype, and acc += p @ v, l += rowsum(p). The logits are cosines
         times t, so they lie in [-|t|, |t|] and the shift m = |t| log2 e - P_TOP
         is fixed: no running max and no rescaling of acc. That is exact unless
@@ -250,17 +260,19 @@ if triton is not None:
         da = tl.arange(0, DA)
         Qb = Q + b * sqb + h.to(tl.int64) * sqh + rows.to(tl.int64)[:, None] * sqn
         q_a = tl.load(Qb + da[None, :] * sqd, mask=row_ok[:, None] & (da[None, :] < D), other=0.0)
-        sumsq = tl.sum(q_a.to(tl.float32) * q_a.to(tl.float32), axis=1)
         if DB > 0:
             db = DA + tl.arange(0, DB)
             q_b = tl.load(Qb + db[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-            sumsq += tl.sum(q_b.to(tl.float32) * q_b.to(tl.float32), axis=1)
-        rq = 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12)
-        q_a = (q_a.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
-        if DB > 0:
-            q_b = (q_b.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
         else:
             q_b = q_a  # unused
+        if not Q_NORMALISED:
+            sumsq = tl.sum(q_a.to(tl.float32) * q_a.to(tl.float32), axis=1)
+            if DB > 0:
+                sumsq += tl.sum(q_b.to(tl.float32) * q_b.to(tl.float32), axis=1)
+            rq = 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12)
+            q_a = (q_a.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
+            if DB > 0:
+                q_b = (q_b.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
 
         lo = split * keys_per_split
         hi = tl.minimum(lo + keys_per_split, Nk)
@@ -485,16 +497,16 @@ def _splits(programs: int, nk: int, device: torch.device) -> int:
     return max(1, min(want, nk // (2 * _SPLIT_ALIGN)))
 
 
-def _inv_norms(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(B, H, N) fp32 inverse row norms of x; with ``scale`` (H,) fp32, instead the rows
-    normalised and scaled by scale_h log2(e), (B, H, N, D) contiguous in x's dtype."""
+def _inv_norms(x: torch.Tensor, rows: bool = False, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, H, N) fp32 inverse row norms of x; with ``rows``, instead the rows normalised,
+    (B, H, N, D) contiguous in x's dtype, and with ``scale`` (H,) fp32 also scaled by
+    scale_h log2(e)."""
     b, h, n, d = x.shape
-    scaled = scale is not None
-    out = torch.empty((b, h, n, d) if scaled else (b, h, n), device=x.device,
-                      dtype=x.dtype if scaled else torch.float32)
+    out = torch.empty((b, h, n, d) if rows else (b, h, n), device=x.device,
+                      dtype=x.dtype if rows else torch.float32)
     if out.numel():
-        _triton.launch(_inv_norm_kernel, (triton.cdiv(n, 64), b * h), x, out, scale if scaled else out, n, d, h,
-                       *x.stride(), EPS, SCALED=scaled, BLOCK_N=64,
+        _triton.launch(_inv_norm_kernel, (triton.cdiv(n, 64), b * h), x, out, out if scale is None else scale,
+                       n, d, h, *x.stride(), EPS, ROWS=rows, SCALED=scale is not None, BLOCK_N=64,
                        BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
     return out
 
@@ -525,7 +537,9 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
         splits = _splits(triton.cdiv(nq, block_m) * b * h, nk, q.device)
     per_split = triton.cdiv(triton.cdiv(nk, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
     splits = triton.cdiv(nk, per_split)
-    kn = _inv_norms(k, t32)
+    kn = _inv_norms(k, rows=True, scale=t32)
+    if d > _Q_IN_REGISTERS:
+        q = _inv_norms(q, rows=True)
     if splits > 1:
         po = torch.empty((splits, b * h, nq, d), device=q.device, dtype=torch.float32)
         pl = torch.empty((splits, b * h, nq), device=q.device, dtype=torch.float32)
@@ -534,7 +548,8 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
         po = pl = pm = lse  # unused
     args = (q, kn, v, t32, out, lse, po, pl, pm, nq, nk, h, per_split, *q.stride(), *v.stride(), *out.stride())
     constants = dict(P_RANGE=-1.0 if online_only else _P_RANGE[q.dtype], P_TOP=_P_TOP[q.dtype],
-                     PRECISION=_triton.precision(q.dtype), SPLIT=splits > 1, D=d, DA=da, DB=db)
+                     PRECISION=_triton.precision(q.dtype), Q_NORMALISED=d > _Q_IN_REGISTERS, SPLIT=splits > 1,
+                     D=d, DA=da, DB=db)
     _triton.launch_tuned(_fwd_kernel, _fwd_kernel_tuned, (d, q.dtype, splits > 1, online_only), configs,
                          lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args, **constants)
     if splits > 1:
