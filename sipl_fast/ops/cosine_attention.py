@@ -77,7 +77,8 @@ _BWD_CONFIGS = {
 # normalised q first: a normalised q tile lives in registers (the tensor cores' register
 # operand), and at D = 384 that spills every forward tile on sm_90a (360-1740 bytes per
 # thread), while one loaded from memory goes through shared memory, and the (64, 32, 8 warps)
-# tile then needs 232 registers, none spilled. The pass costs one more read and write of q.
+# tile then needs 232 registers, none spilled. The pass costs one more read and write of q, and
+# a buffer of q's size (the output cannot hold it: the autotuner reruns the kernel).
 _Q_IN_REGISTERS = 128
 
 
