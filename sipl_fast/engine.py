@@ -59,7 +59,7 @@ from einops import rearrange
 
 from . import ops
 from .checkpoint import load_model
-from .loops import _check_images, _check_iterations, pad_to_multiple
+from .loops import _check_images, _check_iterations, ieee_fp32, pad_to_multiple
 from .model import SIPL, CrossBlock, FeedForward, LayerNorm, TransformerBlock
 from .tiling import tiled
 
@@ -272,11 +272,13 @@ class FastSIPL:
     # -- the loop ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _context(self):
-        """no_grad, the backend, and autocast in the engine's dtype (off for float32). Autocast's
-        weight-cast cache stays off: a CUDA graph must not keep casts made outside it."""
-        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
-                                  cache_enabled=False)
-        with torch.no_grad(), ops.backend_scope(self._scope), autocast:
+        """no_grad, the backend, and autocast in the engine's dtype (for float32 instead IEEE fp32,
+        as ``restore`` computes). Autocast's weight-cast cache stays off: a CUDA graph must not keep
+        casts made outside it."""
+        fp32 = self.dtype == torch.float32
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=not fp32, cache_enabled=False)
+        exact = ieee_fp32() if fp32 else contextlib.nullcontext()
+        with torch.no_grad(), ops.backend_scope(self._scope), autocast, exact:
             yield
 
     def _loop(self, img: torch.Tensor, iterations: int) -> torch.Tensor:

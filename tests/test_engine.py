@@ -47,6 +47,21 @@ def test_bf16_engine_error_is_that_of_autocast(model):
     assert 0 < err(out, ref) <= 2 * err(eager, ref)
 
 
+@pytest.mark.parametrize("dtype, inside", [(torch.float32, (False, False)), (torch.bfloat16, (True, True))])
+def test_fp32_engine_computes_in_ieee_fp32_as_restore_does(model, monkeypatch, dtype, inside):
+    """No TF32 on a GPU in float32 (it moves the result by about 1e-3); other dtypes keep the
+    caller's settings, which come back after the call either way."""
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    fast = FastSIPL(model, dtype=dtype)
+    seen = []
+    loop = fast._loop
+    monkeypatch.setattr(fast, "_loop", lambda *a: seen.append(flags()) or loop(*a))
+    fast(images(1, 16, 16), 1)
+    assert seen == [inside] and flags() == (True, True)
+
+
 def test_plain_promptir_runs_its_single_pass():
     plain = tiny_model(dtype=torch.float32, proxy_fusion=False)
     x = images(2, 17, 16)
@@ -173,6 +188,17 @@ def test_graph_replay_equals_eager_for_two_shapes_and_evicts():
             assert err(out, eager(x, 2)) <= 1e-5
             assert err(out, restore(model, x, 2)) <= 1e-4
         assert len(graphs._graphs) == 1  # the other shape was evicted
+
+
+@needs_cuda
+def test_fp32_on_the_gpu_is_the_cpus_fp32():
+    """restore and the fp32 engine on a GPU agree with the CPU's restore to 1e-4 (TF32 would not)."""
+    model = tiny_model(dtype=torch.float32)
+    x = images(2, 37, 30)
+    ref = restore(model, x, 2)
+    gpu = model.cuda()
+    assert err(restore(gpu, x.cuda(), 2).cpu(), ref) <= 1e-4
+    assert err(FastSIPL(gpu, dtype=torch.float32)(x.cuda(), 2).cpu(), ref) <= 1e-4
 
 
 @needs_cuda
