@@ -47,7 +47,8 @@ MAX_D = 512
 # these (per D and dtype, at the first call, all compiled at once in threads;
 # SIPL_FAST_TRITON_AUTOTUNE=0 skips it and takes the first, as the interpreter does).
 # Compiled for sm_90a, BLOCK_M = 128 with 4 warps spills hundreds of bytes of registers per
-# thread: those tiles take 8 warps.
+# thread: those tiles take 8 warps. The first tile of each list (the one taken without
+# autotuning) spills nothing at D = 96 and 384 (Triton 3.6 and 3.8).
 def _configs(block_m, *shapes):
     return [triton.Config(dict(BLOCK_M=block_m, BLOCK_N=bn), num_warps=w, num_stages=s) for bn, w, s in shapes]
 
@@ -57,8 +58,8 @@ _FWD_CONFIGS = {
     + _configs(64, (64, 4, 3)),  # 16-bit, D <= 128
     (False, True): _configs(64, (32, 8, 2), (64, 8, 2), (32, 8, 1), (16, 4, 3))
     + _configs(32, (32, 4, 1)),  # 16-bit, D > 128
-    (True, False): _configs(64, (32, 4, 2), (32, 8, 2), (64, 8, 1)) + _configs(32, (32, 4, 1)),  # fp32, D <= 128
-    (True, True): _configs(32, (16, 4, 1), (32, 8, 1)) + _configs(16, (16, 4, 1)),  # fp32, D > 128
+    (True, False): _configs(64, (32, 8, 2), (32, 8, 1)) + _configs(32, (32, 4, 1), (32, 4, 2)),  # fp32, D <= 128
+    (True, True): _configs(16, (16, 4, 1), (32, 8, 1), (32, 4, 1)) + _configs(32, (16, 8, 1)),  # fp32, D > 128
 } if triton else {}
 # Backward tiles (BLOCK_M, BLOCK_N, warps, stages) of the dk/dv and the dq kernel: four BLOCK x D
 # operands and two fp32 accumulators per program, D padded to a power of two. The first of each
@@ -80,6 +81,11 @@ _BWD_CONFIGS = {
 # tile then needs 232 registers, none spilled. The pass costs one more read and write of q, and
 # a buffer of q's size (the output cannot hold it: the autotuner reruns the kernel).
 _Q_IN_REGISTERS = 128
+# fp32 dots are exact FMA products (no tensor cores), whose operands Triton keeps whole along D
+# in each thread's registers: at D = 96 every fp32 forward tile spilled 1.7-5.7 KB per thread on
+# sm_90a, at D = 384 27-53 KB (local memory the driver reserves for every resident thread).
+# In fp32 the logits instead sum over D in slices of this width, loaded from q's normalised copy.
+_FP32_CHUNK = 32
 
 
 def _bwd_configs_for(d: int, dtype: torch.dtype, which: int):
@@ -151,19 +157,31 @@ if triton is not None:
 
     @triton.jit
     def _attend_block(q_a, q_b, KNb, Vb, cols, hi, acc_a, acc_b, l_i, m_i, svn, svd,
-                      FIXED: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                      FIXED: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, CHUNK: tl.constexpr,
                       D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
-        """One key block of ``_fwd_kernel``: keys ``cols`` (masked against ``hi`` if MASKED)."""
+        """One key block of ``_fwd_kernel``: keys ``cols`` (masked against ``hi`` if MASKED).
+
+        CHUNK > 0: q_a points to the rows of q's normalised copy [BLOCK_M, 1] (q_b is
+        their mask), and the logits sum over D in CHUNK-wide slices loaded here.
+        """
         da = tl.arange(0, DA)
         db = DA + tl.arange(0, DB if DB > 0 else 16)
         kn_ptrs = KNb + cols.to(tl.int64)[:, None] * D
         v_ptrs = Vb + cols.to(tl.int64)[:, None] * svn
-        if MASKED or DA > D:
-            kn_a = tl.load(kn_ptrs + da[None, :], mask=(cols < hi)[:, None] & (da < D)[None, :], other=0.0)
+        if CHUNK > 0:
+            s = tl.zeros([q_a.shape[0], cols.shape[0]], dtype=tl.float32)
+            for c0 in tl.range(0, D, CHUNK, loop_unroll_factor=1):
+                dc = c0 + tl.arange(0, CHUNK)
+                q_c = tl.load(q_a + dc[None, :], mask=q_b & (dc < D)[None, :], other=0.0)
+                kn_c = tl.load(kn_ptrs + dc[None, :], mask=(cols < hi)[:, None] & (dc < D)[None, :], other=0.0)
+                s = tl.dot(q_c, tl.trans(kn_c), s, input_precision=PRECISION)
         else:
-            kn_a = tl.load(kn_ptrs + da[None, :])
-        s = tl.dot(q_a, tl.trans(kn_a), input_precision=PRECISION)
-        if DB > 0:
+            if MASKED or DA > D:
+                kn_a = tl.load(kn_ptrs + da[None, :], mask=(cols < hi)[:, None] & (da < D)[None, :], other=0.0)
+            else:
+                kn_a = tl.load(kn_ptrs + da[None, :])
+            s = tl.dot(q_a, tl.trans(kn_a), input_precision=PRECISION)
+        if DB > 0 and CHUNK == 0:
             if MASKED:
                 kn_b = tl.load(kn_ptrs + db[None, :], mask=(cols < hi)[:, None], other=0.0)
             else:
@@ -199,7 +217,7 @@ if triton is not None:
 
     @triton.jit
     def _attend(q_a, q_b, KNb, Vb, lo, hi, m0, svn, svd, FIXED: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
+                CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
                 DB: tl.constexpr):
         """The key loop of ``_fwd_kernel`` over keys lo..hi: (acc_a, acc_b, l, m), p = exp2(s - m).
 
@@ -214,11 +232,11 @@ if triton is not None:
         whole = lo + (hi - lo) // BLOCK_N * BLOCK_N
         for start in range(lo, whole, BLOCK_N):
             acc_a, acc_b, l_i, m_i = _attend_block(q_a, q_b, KNb, Vb, start + tl.arange(0, BLOCK_N), hi,
-                                                   acc_a, acc_b, l_i, m_i, svn, svd, FIXED, False, PRECISION,
+                                                   acc_a, acc_b, l_i, m_i, svn, svd, FIXED, False, PRECISION, CHUNK,
                                                    D, DA, DB)
         if whole < hi:
             acc_a, acc_b, l_i, m_i = _attend_block(q_a, q_b, KNb, Vb, whole + tl.arange(0, BLOCK_N), hi,
-                                                   acc_a, acc_b, l_i, m_i, svn, svd, FIXED, True, PRECISION,
+                                                   acc_a, acc_b, l_i, m_i, svn, svd, FIXED, True, PRECISION, CHUNK,
                                                    D, DA, DB)
         return acc_a, acc_b, l_i, m_i
 
@@ -227,7 +245,7 @@ if triton is not None:
                     Nq, Nk, H, keys_per_split,
                     sqb, sqh, sqn, sqd, svb, svh, svn, svd, sob, soh, son, sod,
                     P_RANGE: tl.constexpr, P_TOP: tl.constexpr, PRECISION: tl.constexpr,
-                    Q_NORMALISED: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                    Q_NORMALISED: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: BLOCK_M queries of one (b, h) against one split of the keys.
 
@@ -260,12 +278,17 @@ if triton is not None:
         row_ok = rows < Nq
         da = tl.arange(0, DA)
         Qb = Q + b * sqb + h.to(tl.int64) * sqh + rows.to(tl.int64)[:, None] * sqn
-        q_a = tl.load(Qb + da[None, :] * sqd, mask=row_ok[:, None] & (da[None, :] < D), other=0.0)
         if DB > 0:
             db = DA + tl.arange(0, DB)
-            q_b = tl.load(Qb + db[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+        if CHUNK > 0:  # q is normalised and contiguous: _attend_block loads it slice by slice
+            q_a = Qb
+            q_b = row_ok[:, None]
         else:
-            q_b = q_a  # unused
+            q_a = tl.load(Qb + da[None, :] * sqd, mask=row_ok[:, None] & (da[None, :] < D), other=0.0)
+            if DB > 0:
+                q_b = tl.load(Qb + db[None, :] * sqd, mask=row_ok[:, None], other=0.0)
+            else:
+                q_b = q_a  # unused
         if not Q_NORMALISED:
             sumsq = tl.sum(q_a.to(tl.float32) * q_a.to(tl.float32), axis=1)
             if DB > 0:
@@ -281,10 +304,10 @@ if triton is not None:
         Vb = V + b * svb + h.to(tl.int64) * svh
         if 2.0 * tl.abs(t2) <= P_RANGE:
             acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, lo, hi, tl.abs(t2) - P_TOP, svn, svd,
-                                             True, PRECISION, BLOCK_M, BLOCK_N, D, DA, DB)
+                                             True, PRECISION, CHUNK, BLOCK_M, BLOCK_N, D, DA, DB)
         else:
             acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, lo, hi, float("-inf"), svn, svd,
-                                             False, PRECISION, BLOCK_M, BLOCK_N, D, DA, DB)
+                                             False, PRECISION, CHUNK, BLOCK_M, BLOCK_N, D, DA, DB)
 
         row_offsets = bh.to(tl.int64) * Nq + rows
         l_i = tl.where(row_ok, l_i, 1.0)  # rows past Nq: keep their unstored math finite
@@ -539,7 +562,9 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
     per_split = triton.cdiv(triton.cdiv(nk, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
     splits = triton.cdiv(nk, per_split)
     kn = _inv_norms(k, rows=True, scale=t32)
-    if d > _Q_IN_REGISTERS:
+    chunk = _FP32_CHUNK if q.dtype == torch.float32 else 0
+    q_normalised = d > _Q_IN_REGISTERS or chunk > 0
+    if q_normalised:
         q = _inv_norms(q, rows=True)
     if splits > 1:
         po = torch.empty((splits, b * h, nq, d), device=q.device, dtype=torch.float32)
@@ -549,8 +574,8 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
         po = pl = pm = lse  # unused
     args = (q, kn, v, t32, out, lse, po, pl, pm, nq, nk, h, per_split, *q.stride(), *v.stride(), *out.stride())
     constants = dict(P_RANGE=-1.0 if online_only else _P_RANGE[q.dtype], P_TOP=_P_TOP[q.dtype],
-                     PRECISION=_triton.precision(q.dtype), Q_NORMALISED=d > _Q_IN_REGISTERS, SPLIT=splits > 1,
-                     D=d, DA=da, DB=db)
+                     PRECISION=_triton.precision(q.dtype), Q_NORMALISED=q_normalised, CHUNK=chunk,
+                     SPLIT=splits > 1, D=d, DA=da, DB=db)
     _triton.launch_tuned(_fwd_kernel, _fwd_kernel_tuned, (d, q.dtype, splits > 1, online_only), configs,
                          lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args, **constants)
     if splits > 1:
