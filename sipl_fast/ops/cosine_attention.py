@@ -63,13 +63,13 @@ _FWD_CONFIGS = {
 } if triton else {}
 # Backward tiles (BLOCK_M, BLOCK_N, warps, stages) of the dk/dv and the dq kernel: four BLOCK x D
 # operands and two fp32 accumulators per program, D padded to a power of two. The first of each
-# list is the default (no autotuning) and, for 16-bit D <= 128, compiles for sm_90a without
-# spilling registers; on a GPU the autotuner picks among them, as for the forward.
+# list is the default (no autotuning) and, for D <= 128, compiles for sm_90a without spilling
+# registers; on a GPU the autotuner picks among them, as for the forward.
 _BWD_CONFIGS = {
     (False, False): ([(64, 32, 8, 2), (32, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (32, 32, 4, 1)],
                      [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 1)]),
     (False, True): ([(32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],) * 2,
-    (True, False): ([(32, 32, 4, 1), (16, 32, 4, 1), (16, 16, 4, 1)],) * 2,
+    (True, False): ([(16, 32, 4, 1), (16, 16, 4, 1), (32, 32, 4, 1)], [(16, 16, 4, 1), (16, 32, 4, 1), (32, 32, 4, 1)]),
     (True, True): ([(16, 16, 4, 1)],) * 2,
 }
 
