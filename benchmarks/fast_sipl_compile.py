@@ -50,31 +50,46 @@ def compile_only_driver() -> None:
     driver.set_active(CompileOnly())
 
 
-def child(mode: str, quick: bool, side: int) -> dict:
-    """One mode in this (fresh) process: seconds of the dry pass with an empty cache, the
-    kernels it compiled, and the seconds of the same pass once they are compiled."""
+def compile_only_loop(quick: bool, side: int, dtype=None):
+    """A function that runs FastSIPL's dry pass (``ops.compiling_only``) of the 2-iteration loop,
+    backend triton, on a ``side`` x ``side`` image, compiling its Triton kernels for sm_90a on
+    this machine's CPUs; ``dtype`` float16 (default: the same kernels as bfloat16) or float32.
+    Call it in a fresh process: it gives Triton the compile-only driver and makes every tensor
+    say it is on CUDA."""
     os.environ.pop("TRITON_INTERPRET", None)  # real JIT functions, compiled for sm_90a
-    cache = Path(tempfile.mkdtemp(prefix="sipl_fast_compile_"))
-    os.environ["TRITON_CACHE_DIR"] = str(cache)
     import torch
 
     compile_only_driver()
     from fast_sipl import QUICK_CONFIG
     from sipl_fast import SIPL, SIPLConfig, FastSIPL, ops
-    from sipl_fast.ops import _triton
 
-    fast = FastSIPL(SIPL(SIPLConfig(**QUICK_CONFIG) if quick else SIPLConfig()), dtype=torch.float16, backend="torch")
+    fast = FastSIPL(SIPL(SIPLConfig(**QUICK_CONFIG) if quick else SIPLConfig()), dtype=dtype or torch.float16,
+                    backend="torch")
     os.environ["TRITON_INTERPRET"] = "1"  # the ops' checks take CPU tensors...
     torch.Tensor.is_cuda = property(lambda self: True)  # ...and their launchers the GPU tiles
     fast._scope = "triton"
+    x = torch.rand(1, 3, side, side)
+
+    def dry_pass() -> None:
+        with fast._context(), ops.compiling_only():
+            fast._loop(x, 2)
+    return dry_pass
+
+
+def child(mode: str, quick: bool, side: int) -> dict:
+    """One mode in this (fresh) process: seconds of the dry pass with an empty cache, the
+    kernels it compiled, and the seconds of the same pass once they are compiled."""
+    cache = Path(tempfile.mkdtemp(prefix="sipl_fast_compile_"))
+    os.environ["TRITON_CACHE_DIR"] = str(cache)
+    loop = compile_only_loop(quick, side)
+    from sipl_fast.ops import _triton
+
     if mode == "serial":
         _triton._async_mode = lambda pool: None
-    x = torch.rand(1, 3, side, side)
 
     def dry_pass() -> float:
         begin = time.perf_counter()
-        with fast._context(), ops.compiling_only():
-            fast._loop(x, 2)
+        loop()
         return time.perf_counter() - begin
 
     cold = dry_pass()

@@ -284,7 +284,7 @@ def cmd_info(args) -> int:
 
 #: Benchmarks that ``bench`` leaves out: minutes of compiling kernels even with ``--quick``, and
 #: nothing timed on the device (run them directly).
-_NOT_IN_BENCH = {"fast_sipl_compile.py"}
+_NOT_IN_BENCH = {"fast_sipl_compile.py", "kernel_resources.py"}
 
 
 def cmd_bench(args) -> int:
@@ -490,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", parents=[common], help="run the benchmark suite and print its tables",
                        description="Run every script in benchmarks/ (kernels, end to end) but "
-                                   "fast_sipl_compile.py (minutes of compiling; run it directly).")
+                                   "fast_sipl_compile.py and kernel_resources.py (minutes of compiling; "
+                                   "run them directly).")
     b.add_argument("--quick", action="store_true", help="small shapes, a quick look")
     b.set_defaults(func=cmd_bench)
     return parser

@@ -151,3 +151,34 @@ with ops.compiling_only():
     assert proc.returncode == 0, proc.stderr[-3000:]
     # compiled for the GPU: one kernel each for the first two, the autotuner's every tile for the third
     assert len(list(tmp_path.rglob("__grp__*.json"))) == 2 + 3
+
+
+def test_kernel_resources_reads_ptxas_for_every_tile(tmp_path):
+    """The resource report's recording launchers and ptxas reading, on conv1x1's fallback list
+    and one plain launch (layer_norm2d), compiled for sm_90a on the CPU."""
+    code = f"""
+import json, os, sys, torch
+sys.path.insert(0, {str(BENCH)!r})
+from fast_sipl_compile import compile_only_driver
+from kernel_resources import compile_tiles, record_launches
+compile_only_driver()
+from sipl_fast import ops
+calls = record_launches()
+os.environ["TRITON_INTERPRET"] = "1"
+torch.Tensor.is_cuda = property(lambda self: True)
+x = torch.randn(2, 48, 16, 24)
+with ops.compiling_only():
+    ops.layer_norm2d(x, torch.ones(48), torch.zeros(48), backend="triton")
+    ops.conv1x1(x, torch.randn(96, 48), None, None, True, backend="triton")
+print(json.dumps(compile_tiles(calls, "fp32")))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["kernel"] for r in rows][:1] == ["_layer_norm2d_fwd_kernel"] and len(rows) >= 3
+    assert {r["kernel"] for r in rows} == {"_layer_norm2d_fwd_kernel", "_conv1x1_kernel"}
+    assert [r["first"] for r in rows if r["kernel"] == "_conv1x1_kernel"][0]
+    for r in rows:
+        assert 16 <= r["registers"] <= 255 and r["spill B"] >= 0 and r["fits"] and r["shared KiB"] >= 0

@@ -1,0 +1,161 @@
+"""Registers, register spills and shared memory of every Triton tile FastSIPL can launch, for
+sm_90a, measured without a GPU.
+
+A tile that spills registers runs slowly, and the driver reserves its local memory for every
+thread that can be resident on the GPU; a tile that asks for more shared memory than a block may
+have (227 KiB on an H100 or H200) cannot launch (the launchers then take the next tile; the
+autotuners skip it). So this is worth knowing before a GPU is at hand. The script runs the
+published model's 2-iteration loop as ``fast_sipl_compile.py`` does (compile only, backend
+triton), plus the attention's backward at D = 96 and 384, records every launch, compiles each
+tile its launcher may choose (an autotuner's every config, a fallback list's every entry) and
+reads ``ptxas -v`` for sm_90a. ``first``: the tile taken without autotuning
+(``SIPL_FAST_TRITON_AUTOTUNE=0``, the interpreter) or the first a fallback list tries.
+Usage: ``python benchmarks/kernel_resources.py [--dtypes fp16,fp32] [--quick]``; JSON and
+markdown under ``benchmarks/results/kernel_resources*``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may have on sm_90
+DTYPES = {"fp16": "float16", "fp32": "float32"}
+
+
+def ptxas() -> str:
+    """Triton's own ptxas (the one it compiles with), else the one on PATH."""
+    import triton.backends.nvidia as nvidia
+
+    bundled = Path(nvidia.__file__).parent / "bin" / "ptxas"
+    found = str(bundled) if bundled.exists() else shutil.which("ptxas")
+    if not found:
+        raise SystemExit("ptxas not found (neither in Triton's NVIDIA backend nor on PATH)")
+    return found
+
+
+def usage(ptx: str, tool: str) -> dict:
+    """registers and spill-store bytes per thread that ``ptxas -v`` reports for sm_90a."""
+    text = subprocess.run([tool, "-arch=sm_90a", "-v", "-", "-o", os.devnull], input=ptx,
+                          capture_output=True, text=True, check=True).stderr
+    registers = re.findall(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill stores", text)
+    return {"registers": int(registers[-1]) if registers else None, "spill B": int(spills[-1]) if spills else 0}
+
+
+def record_launches() -> dict:
+    """Make the launchers record (kernel, their key, tiles, arguments) instead of launching;
+    a plain launch's one tile is None (its meta-parameters are among the arguments)."""
+    from sipl_fast.ops import _triton
+
+    calls = {}
+
+    def fitting(kernel, key, configs, grid, *args, **constants):
+        calls.setdefault((kernel.fn.__name__, key if isinstance(key, str) else repr(key)),
+                         (kernel, configs, args, constants))
+
+    def plain(kernel, grid, *args, **kwargs):
+        dtypes = ",".join(str(a.dtype).replace("torch.", "") for a in args[:2])
+        flags = " ".join(f"{k}={v}" for k, v in sorted(kwargs.items()) if not k.startswith("BLOCK"))
+        fitting(kernel, f"{dtypes} {flags}".strip(), [None], grid, *args, **kwargs)
+
+    _triton.launch = plain
+    _triton.launch_fitting = fitting
+    _triton.launch_tuned = lambda kernel, tuned, key, configs, grid, *args, **constants: fitting(
+        kernel, key, configs, grid, *args, **constants)
+    return calls
+
+
+def attention_backward(dtype) -> None:
+    """The attention's backward launchers at D = 96 and 384 (training; the loop has none)."""
+    import torch
+
+    from sipl_fast import ops
+
+    module = sys.modules["sipl_fast.ops.cosine_attention"]
+    for d in (96, 384):
+        q, k, v = (torch.randn(1, 1, n, d, dtype=dtype) for n in (256, 1024, 1024))
+        t = torch.ones(1)
+        with ops.compiling_only():
+            out, lse = module._triton_forward(q, k, v, t)
+            module._triton_backward(q, k, v, t, out, lse, torch.randn_like(out))
+
+
+def measure(dtype_name: str, quick: bool, side: int) -> list:
+    """Rows for one dtype, in this (fresh) process."""
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="sipl_fast_resources_")
+    from fast_sipl_compile import compile_only_loop
+
+    import torch
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    loop = compile_only_loop(quick, side, dtype)
+    calls = record_launches()
+    loop()
+    attention_backward(dtype)
+    return compile_tiles(calls, dtype_name)
+
+
+def compile_tiles(calls: dict, dtype_name: str) -> list:
+    """One row per recorded launch and tile: compiled for sm_90a, with ptxas's report."""
+    os.environ.pop("TRITON_INTERPRET", None)  # compile the recorded tiles for real
+    tool, rows = ptxas(), []
+    for (name, key), (kernel, configs, args, constants) in calls.items():
+        for i, cfg in enumerate(configs):
+            compiled = kernel.warmup(*args, grid=(1,), **constants, **(cfg.all_kwargs() if cfg else {}))
+            meta = cfg.kwargs if cfg else {k: v for k, v in constants.items() if k.startswith("BLOCK")}
+            shared = compiled.metadata.shared
+            rows.append({"dtype": dtype_name, "kernel": name, "key": key, "first": i == 0,
+                         "tile": " ".join(f"{k}={v}" for k, v in meta.items()),
+                         "warps": compiled.metadata.num_warps, "stages": compiled.metadata.num_stages,
+                         "shared KiB": shared / 1024, "fits": shared <= SHARED_LIMIT,
+                         **usage(compiled.asm["ptx"], tool)})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtypes", default="fp16,fp32", help=f"comma list of {', '.join(DTYPES)}")
+    parser.add_argument("--quick", action="store_true", help="the tiny model (other channel counts)")
+    parser.add_argument("--side", type=int, default=64, help="image side in pixels (a multiple of 16)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        import json
+
+        print(json.dumps(measure(args.child, args.quick, args.side)))
+        return
+    names = [d.strip() for d in args.dtypes.split(",")]
+    if set(names) - set(DTYPES):
+        parser.error(f"--dtypes: expected some of {tuple(DTYPES)}, got {names}")
+    import json
+
+    rows = []
+    for name in names:  # each dtype in a fresh process: the compile-only driver and patches stay there
+        cmd = [sys.executable, __file__, "--child", name, "--side", str(args.side)] + ["--quick"] * args.quick
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+        if proc.returncode:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+    import torch
+
+    from _common import environment, report
+
+    env = environment(torch.device("cpu"))
+    env.update({"device": "none (compiled for sm_90a on this machine's CPUs, nothing launched)",
+                "model": "tiny (quick)" if args.quick else "published configuration",
+                "spilling tiles": str(sum(r["spill B"] > 0 for r in rows)),
+                "first tiles that spill": str(sum(r["spill B"] > 0 and r["first"] for r in rows)),
+                "tiles that do not fit": str(sum(not r["fits"] for r in rows))})
+    report("kernel_resources" + ("_quick" if args.quick else ""), rows,
+           ["dtype", "kernel", "key", "tile", "warps", "stages", "first", "shared KiB", "fits", "registers",
+            "spill B"], env)
+
+
+if __name__ == "__main__":
+    main()
