@@ -200,6 +200,16 @@ def launch_tuned(kernel, tuned, key, configs, grid, *args, **constants) -> None:
     launch(tuned, grid, *args, **constants)
 
 
+def autotune_bench(fn, quantiles=None):
+    """The autotuners' timing of one tile: 5 ms of warm-up and 25 ms of repeats. Triton's default
+    (25 + 100 ms) for the 3 to 6 tiles of each of the loop's dozens of autotuned shapes would take
+    much of the warm-up FastSIPL aims to keep under 30 s; a kernel of the loop runs in well under
+    a millisecond, so 25 ms still times it hundreds of times."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
 _compiled: set = set()  # (kernel, key) already compiled by compile_configs
 
 

@@ -484,13 +484,14 @@ if triton is not None:
 if triton is not None:
     # Autotuned launches (on a GPU; the configs that apply to the call's D and dtype only)
     _fwd_kernel_tuned = triton.autotune(
-        configs=[c for group in _FWD_CONFIGS.values() for c in group], key=["D"],
+        configs=[c for group in _FWD_CONFIGS.values() for c in group], key=["D"], do_bench=_triton.autotune_bench,
         prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: _fwd_configs_for(kw["D"], nargs["Q"].dtype)},
     )(_fwd_kernel)
     _bwd_dkdv_tuned, _bwd_dq_tuned = (
         triton.autotune(
             configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
                      for lists in _BWD_CONFIGS.values() for bm, bn, w, st in lists[which]], key=["D"],
+            do_bench=_triton.autotune_bench,
             prune_configs_by={"early_config_prune": lambda configs, nargs, which=which, **kw:
                               _bwd_configs_for(nargs["D"], nargs["Q"].dtype, which)},
         )(kernel) for which, kernel in ((0, _bwd_dkdv_kernel), (1, _bwd_dq_kernel)))

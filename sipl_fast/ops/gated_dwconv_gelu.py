@@ -150,6 +150,7 @@ _INTERPRETER_PROJECT = _triton.configs((256, 32, 4, 1)) if triton else []
 if triton is not None:
     _gated_project_tuned = triton.autotune(
         configs=[c for group in _PROJECT_CONFIGS.values() for c in group], key=["h", "Cout", "H", "W"],
+        do_bench=_triton.autotune_bench,
         prune_configs_by={"early_config_prune": lambda configs, nargs, **kw:
                           _PROJECT_CONFIGS[nargs["X"].dtype == torch.float32]},
     )(_gated_project_kernel)
