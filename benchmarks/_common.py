@@ -60,7 +60,8 @@ def environment(device: torch.device) -> Dict[str, str]:
 
 
 def report(name: str, rows: List[dict], columns: List[str], env: Dict[str, str], plot=None) -> None:
-    """Print a markdown table and write ``<name>.json``, ``<name>.md`` (and ``<name>.png``)."""
+    """Print a markdown table and write ``<name>.json``, ``<name>.md`` (and ``<name>.png``); the
+    JSON also holds the autotuners' choices where any ran (``sipl_fast.ops.tuned_tiles``)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     header = f"# {name}\n\n" + ", ".join(f"{k}: {v}" for k, v in env.items()) + "\n\n"
     table = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
@@ -68,7 +69,12 @@ def report(name: str, rows: List[dict], columns: List[str], env: Dict[str, str],
         table += "| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |\n"
     print(header + table)
     (RESULTS / f"{name}.md").write_text(header + table)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    doc = {"environment": env, "rows": rows}
+    from sipl_fast import ops
+
+    if ops.tuned_tiles():  # which tile each autotuner chose (on a GPU), to prune the tile lists
+        doc["autotuned tiles"] = ops.tuned_tiles()
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2))
     if plot is not None:
         try:
             import matplotlib

@@ -119,3 +119,27 @@ def test_compiling_only_compiles_instead_of_running(monkeypatch):
     launches.clear()
     every_op()
     assert {name for name, _ in launches} == kernels and not any(warmup for _, warmup in launches)
+
+
+def test_tuned_tiles_say_what_each_autotuner_chose(monkeypatch):
+    """``launch_tuned`` on a GPU goes through the autotuner and remembers it; ``tuned_tiles``
+    reports each remembered autotuner's choice per key (the GPU is faked: nothing launches)."""
+    triton = pytest.importorskip("triton")
+    from sipl_fast.ops import _triton
+
+    @triton.jit
+    def kernel(X, n, B: triton.language.constexpr):
+        pass
+
+    tiles = [triton.Config({"B": 16}, num_warps=4), triton.Config({"B": 32}, num_warps=8)]
+    tuner = triton.autotune(configs=tiles, key=["n"])(kernel)
+    launched = []
+    monkeypatch.setattr(_triton, "_tuners", set())
+    monkeypatch.setattr(_triton, "compile_configs", lambda *a, **k: None)
+    monkeypatch.setattr(_triton, "launch", lambda k, grid, *a, **kw: launched.append(k))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setenv("SIPL_FAST_TRITON_AUTOTUNE", "1")
+    _triton.launch_tuned(kernel, tuner, "key", tiles, lambda meta: (1,), torch.zeros(4), 4)
+    assert launched == [tuner] and ops.tuned_tiles() == {}  # nothing chosen yet
+    tuner.cache[(4, "torch.float32")] = tiles[1]
+    assert ops.tuned_tiles() == {"kernel": {"(4, 'torch.float32')": str(tiles[1])}}

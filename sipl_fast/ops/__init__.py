@@ -16,7 +16,7 @@ from typing import Dict
 import torch
 
 from ._backend import FASTEST, BackendError, backend_scope, measured_choices
-from ._triton import compiling_only
+from ._triton import compiling_only, tuned_tiles
 from .channel_attention import channel_attention
 from .conv1x1 import conv1x1
 from .cosine_attention import cosine_attention, cosine_attention_torch
@@ -28,7 +28,7 @@ OPS = ("channel_attention", "conv1x1", "cosine_attention", "gated_dwconv_gelu", 
 
 __all__ = ["FASTEST", "OPS", "BackendError", "available_backends", "backend_scope", "channel_attention",
            "compiling_only", "conv1x1", "cosine_attention", "cosine_attention_torch", "gated_dwconv_gelu",
-           "layer_norm2d", "measured_choices"]
+           "layer_norm2d", "measured_choices", "tuned_tiles"]
 
 
 def _triton_status() -> dict:

@@ -197,7 +197,18 @@ def launch_tuned(kernel, tuned, key, configs, grid, *args, **constants) -> None:
     for cfg in configs:
         check_grid(kernel, grid(cfg.kwargs))
     compile_configs(kernel, key, configs, *args, **constants)
+    _tuners.add(tuned)
     launch(tuned, grid, *args, **constants)
+
+
+_tuners: set = set()  # the autotuners launch_tuned has launched
+
+
+def tuned_tiles() -> dict:
+    """What the autotuners chose so far: ``{kernel: {autotune key: tile}}`` (benchmarks record
+    it, so that tile lists can be pruned to the winners)."""
+    return {tuner.base_fn.__name__: {str(key): str(cfg) for key, cfg in tuner.cache.items()}
+            for tuner in _tuners if tuner.cache}
 
 
 def autotune_bench(fn, quantiles=None):
