@@ -14,6 +14,12 @@ typedef long long i64;
 namespace sipl {
 
 // ---- fp16 <-> fp32 (IEEE binary16 held in a 16-bit register) -------------
+// SIPL_CUDA_ON_CPU: the tests' host build of the kernels (tests/cuda_on_cpu.h), where the
+// host compiler's _Float16 converts with the same rounding.
+#ifdef SIPL_CUDA_ON_CPU
+__device__ __forceinline__ float f16_to_f32(u16 h) { return (float)__builtin_bit_cast(_Float16, h); }
+__device__ __forceinline__ u16 f32_to_f16(float f) { return __builtin_bit_cast(u16, (_Float16)f); }
+#else
 __device__ __forceinline__ float f16_to_f32(u16 h) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -26,6 +32,7 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
   asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
   return h;
 }
+#endif
 
 // ---- bf16 <-> fp32 (bit manipulation) --------------------------------------
 __device__ __forceinline__ float bf16_to_f32(u16 b) {

@@ -248,7 +248,7 @@ BACKENDS = {
                     lambda x, w, mode, b, pw, pb, r: forward_only_problem("cuda", x, w, b, pw, pb, r)),
 }
 # Not yet ranked by measurement on a GPU: Triton (checked in the interpreter) ahead of the
-# CUDA C++ kernel, which has only been compiled so far.
+# CUDA C++ kernel, which has not run on a GPU yet (its device code runs on the host in the tests).
 PREFERENCE = ("triton", "cuda", "torch")
 
 

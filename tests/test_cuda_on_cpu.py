@@ -1,0 +1,98 @@
+"""The CUDA C++ device code of ``kernels/`` run on the host (``tests/cuda_on_cpu/cuda_on_cpu.h``:
+each block's threads are real threads meeting at real barriers), against the PyTorch reference.
+
+Without a GPU this is the only run the device code gets: halos, bounds, the grid-stride loop
+over work items, the NCHW and channels-last mappings and the storage conversions are all
+checked on odd shapes, with the launchers' own grid (``sipl_fast.ops._cuda``) and with a
+smaller one. Needs a host C++20 compiler (g++ or clang++); speed is not emulated.
+"""
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from sipl_fast.ops import _cuda
+from sipl_fast.ops.gated_dwconv_gelu import gated_dwconv_gelu_torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CXX = shutil.which("g++") or shutil.which("clang++")
+pytestmark = pytest.mark.skipif(CXX is None, reason="needs a host C++ compiler")
+
+# run_<entry>(grid, x, weight, bias, out, B, h, H, W, dual): the entry on a 1-D grid of (32, 8) blocks
+GATED_RUNNER = """
+template <typename T>
+void run(void (*entry)(const T*, const float*, const float*, T*, i64, i64, i64, i64, int), unsigned grid,
+         const void* x, const float* w, const float* b, void* out, i64 B, i64 h, i64 H, i64 W, int dual) {
+  launch(entry, grid, dim3{32, 8, 1}, (const T*)x, w, b, (T*)out, B, h, H, W, dual);
+}
+"""
+
+
+def build(folder: Path, source: str, runner: str, entries) -> ctypes.CDLL:
+    """``source`` from kernels/ compiled for the host, with ``extern "C" run_<entry>`` for each entry."""
+    params = "unsigned grid, const void* x, const float* w, const float* b, void* out, i64 B, i64 h, i64 H, i64 W, int dual"
+    wrappers = "".join(f'extern "C" void run_{e}({params}) {{ run({e}, grid, x, w, b, out, B, h, H, W, dual); }}\n'
+                       for e in entries)
+    (folder / "harness.cpp").write_text(f'#include "cuda_on_cpu.h"\n#include "{source}"\n{runner}{wrappers}')
+    lib = folder / "harness.so"
+    proc = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DSIPL_CUDA_ON_CPU",
+                           "-Wno-unknown-pragmas", f"-I{ROOT / 'tests' / 'cuda_on_cpu'}", f"-I{ROOT / 'kernels'}",
+                           str(folder / "harness.cpp"), "-o", str(lib)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ctypes.CDLL(str(lib))
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory):
+    lib = build(tmp_path_factory.mktemp("gated"), "gated_dwconv_gelu.cu", GATED_RUNNER, _cuda._GDG_KERNEL_NAMES)
+    for name in _cuda._GDG_KERNEL_NAMES:
+        getattr(lib, f"run_{name}").argtypes = [ctypes.c_uint, *[ctypes.c_void_p] * 4, *[ctypes.c_longlong] * 4,
+                                                ctypes.c_int]
+    return lib
+
+
+def run_gated(lib, x, weight, bias, dual, grid=None):
+    """The CUDA entry for x's layout and dtype, as ``_cuda.gated_dwconv_gelu_fwd`` would launch it."""
+    b, c2, hh, ww = x.shape
+    layout = 0 if x.is_contiguous() else 1
+    out = torch.empty((b, c2 // 2, hh, ww), dtype=x.dtype,
+                      memory_format=torch.channels_last if layout else torch.contiguous_format)
+    w32 = weight.float().contiguous()
+    b32 = None if bias is None else bias.float().contiguous()
+    sizes = (b, c2 // 2, hh, ww)
+    grid = grid or _cuda._gdg_blocks(layout, *sizes)
+    entry = getattr(lib, "run_" + _cuda._GDG_KERNEL_NAMES[3 * layout + _cuda._DTYPE_CODES[x.dtype]])
+    entry(grid, x.data_ptr(), w32.data_ptr(), 0 if b32 is None else b32.data_ptr(), out.data_ptr(), *sizes, int(dual))
+    return out
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape, mode, has_bias, grid", [
+    ((2, 10, 19, 37), "gdfn", True, None),   # h = 5: partial tiles in every direction, B > 1
+    ((1, 70, 9, 40), "dual", False, None),   # h = 35: a partial 32-channel chunk
+    ((3, 6, 1, 1), "dual", True, None),      # one pixel: the halo is all padding
+    ((2, 66, 17, 33), "gdfn", False, 3),     # 3 blocks walk many work items (the grid-stride loop)
+], ids=["odd", "dual-chunk", "1x1", "grid3"])
+def test_gated_dwconv_gelu_device_code(gated, dtype, layout, shape, mode, has_bias, grid):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(shape[1], 1, 3, 3, generator=gen) / 3
+    bias = torch.randn(shape[1], generator=gen) if has_bias else None
+    out = run_gated(gated, x, weight, bias, mode == "dual", grid)
+    ref = gated_dwconv_gelu_torch(x.double(), weight.double(), mode, None if bias is None else bias.double())
+    if dtype == torch.float32:
+        assert err(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
+    else:  # PyTorch's own error in that dtype, its weights rounded too (the kernel keeps them fp32)
+        torch_err = err(gated_dwconv_gelu_torch(x, weight.to(dtype), mode, None if bias is None else bias.to(dtype)), ref)
+        assert err(out, ref) <= 2 * torch_err
+    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
