@@ -99,28 +99,39 @@ def child(mode: str, quick: bool, side: int) -> dict:
             "seconds": cold, "loop s": warm, "compile s": cold - warm}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
-    parser.add_argument("--quick", action="store_true", help="the tiny model (fewer specialisations)")
+def in_children(script: str, argv, option: str, choices, quick_help: str, measure):
+    """The command line of the compile-only scripts: ``--<option>`` a comma list of ``choices``,
+    ``--quick`` (the tiny model), ``--side``. Each chosen name runs ``measure(name, quick, side)``
+    in a fresh process (the compile-only driver and its patches stay there), whose JSON result
+    comes back. Returns (args, names, results), or None in such a child."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
+    parser.add_argument(f"--{option}", default=",".join(choices), help=f"comma list of {', '.join(choices)}")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--side", type=int, default=64, help="image side in pixels (a multiple of 16)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.quick, args.side)))
-        return
-    modes = [m.strip() for m in args.modes.split(",")]
-    if set(modes) - set(MODES):
-        parser.error(f"--modes: expected some of {MODES}, got {modes}")
-    rows = []
-    for mode in modes:
-        cmd = [sys.executable, __file__, "--child", mode, "--side", str(args.side)]
-        cmd += ["--quick"] if args.quick else []
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+        print(json.dumps(measure(args.child, args.quick, args.side)))
+        return None
+    names = [n.strip() for n in getattr(args, option).split(",")]
+    if set(names) - set(choices):
+        parser.error(f"--{option}: expected some of {tuple(choices)}, got {names}")
+    results = []
+    for name in names:
+        cmd = [sys.executable, script, "--child", name, "--side", str(args.side)] + ["--quick"] * args.quick
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(script).parent)
         if proc.returncode:
-            raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(name, "done", flush=True)
+    return args, names, results
+
+
+def main(argv=None) -> None:
+    got = in_children(__file__, argv, "modes", MODES, "the tiny model (fewer specialisations)", child)
+    if got is None:
+        return
+    args, modes, rows = got
     if "serial" in modes and "threads" in modes:
         rows[modes.index("threads")]["compile speedup"] = (rows[modes.index("serial")]["compile s"]
                                                            / rows[modes.index("threads")]["compile s"])

@@ -15,7 +15,6 @@ markdown under ``benchmarks/results/kernel_resources*``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shutil
@@ -23,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from fast_sipl_compile import in_children
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may have on sm_90
 DTYPES = {"fp16": "float16", "fp32": "float32"}
@@ -119,29 +120,11 @@ def compile_tiles(calls: dict, dtype_name: str) -> list:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", default="fp16,fp32", help=f"comma list of {', '.join(DTYPES)}")
-    parser.add_argument("--quick", action="store_true", help="the tiny model (other channel counts)")
-    parser.add_argument("--side", type=int, default=64, help="image side in pixels (a multiple of 16)")
-    parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:
-        import json
-
-        print(json.dumps(measure(args.child, args.quick, args.side)))
+    got = in_children(__file__, argv, "dtypes", tuple(DTYPES), "the tiny model (other channel counts)", measure)
+    if got is None:
         return
-    names = [d.strip() for d in args.dtypes.split(",")]
-    if set(names) - set(DTYPES):
-        parser.error(f"--dtypes: expected some of {tuple(DTYPES)}, got {names}")
-    import json
-
-    rows = []
-    for name in names:  # each dtype in a fresh process: the compile-only driver and patches stay there
-        cmd = [sys.executable, __file__, "--child", name, "--side", str(args.side)] + ["--quick"] * args.quick
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
-        if proc.returncode:
-            raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        rows += json.loads(proc.stdout.strip().splitlines()[-1])
+    args, _, per_dtype = got
+    rows = [row for rows in per_dtype for row in rows]
     import torch
 
     from _common import environment, report
