@@ -33,7 +33,8 @@ void run(void (*entry)(const T*, const float*, const float*, T*, i64, i64, i64, 
 
 def build(folder: Path, source: str, runner: str, entries) -> ctypes.CDLL:
     """``source`` from kernels/ compiled for the host, with ``extern "C" run_<entry>`` for each entry."""
-    params = "unsigned grid, const void* x, const float* w, const float* b, void* out, i64 B, i64 h, i64 H, i64 W, int dual"
+    params = ("unsigned grid, const void* x, const float* w, const float* b, void* out, i64 B, i64 h, i64 H, i64 W, "
+              "int dual")
     wrappers = "".join(f'extern "C" void run_{e}({params}) {{ run({e}, grid, x, w, b, out, B, h, H, W, dual); }}\n'
                        for e in entries)
     (folder / "harness.cpp").write_text(f'#include "cuda_on_cpu.h"\n#include "{source}"\n{runner}{wrappers}')
@@ -93,6 +94,8 @@ def test_gated_dwconv_gelu_device_code(gated, dtype, layout, shape, mode, has_bi
     if dtype == torch.float32:
         assert err(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
     else:  # PyTorch's own error in that dtype, its weights rounded too (the kernel keeps them fp32)
-        torch_err = err(gated_dwconv_gelu_torch(x, weight.to(dtype), mode, None if bias is None else bias.to(dtype)), ref)
+        low = gated_dwconv_gelu_torch(x, weight.to(dtype), mode, None if bias is None else bias.to(dtype))
+        torch_err = err(low, ref)
         assert err(out, ref) <= 2 * torch_err
-    assert out.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)

@@ -55,7 +55,8 @@ def test_the_loop_computes_in_ieee_fp32_and_gives_the_callers_settings_back(monk
     model = tiny_model()
     seen = []
     forward = type(model).forward
-    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: seen.append(tf32_flags()) or forward(self, *a, **k))
+    monkeypatch.setattr(type(model), "forward",
+                        lambda self, *a, **k: seen.append(tf32_flags()) or forward(self, *a, **k))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     for _ in sipl_fast.refinements(model, torch.rand(1, 3, 17, 20, dtype=torch.float64), 2):

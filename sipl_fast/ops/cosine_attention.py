@@ -245,7 +245,8 @@ if triton is not None:
                     Nq, Nk, H, keys_per_split,
                     sqb, sqh, sqn, sqd, svb, svh, svn, svd, sob, soh, son, sod,
                     P_RANGE: tl.constexpr, P_TOP: tl.constexpr, PRECISION: tl.constexpr,
-                    Q_NORMALISED: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                    Q_NORMALISED: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+                    D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: BLOCK_M queries of one (b, h) against one split of the keys.
 
@@ -255,8 +256,8 @@ if triton is not None:
 
         The keys come normalised and scaled by t log2(e) (``KN``, contiguous, from
         ``_inv_norm_kernel``) and q is normalised on load (Q_NORMALISED: already
-        normalised, by the same kernel), so a key block's logits in exp2 units are
-        one product s = q @ kn^T. Then p = exp2(s - m), rounded
+        normalised, by the same kernel; CHUNK > 0 also has ``_attend_block`` load it
+        in slices), so a key block's logits in exp2 units are one product s = q @ kn^T. Then p = exp2(s - m), rounded
         to v's dtype, and acc += p @ v, l += rowsum(p). The logits are cosines
         times t, so they lie in [-|t|, |t|] and the shift m = |t| log2 e - P_TOP
         is fixed: no running max and no rescaling of acc. That is exact unless
