@@ -69,11 +69,12 @@ def report(name: str, rows: List[dict], columns: List[str], env: Dict[str, str],
         table += "| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |\n"
     print(header + table)
     (RESULTS / f"{name}.md").write_text(header + table)
-    doc = {"environment": env, "rows": rows}
     from sipl_fast import ops
 
-    if ops.tuned_tiles():  # which tile each autotuner chose (on a GPU), to prune the tile lists
-        doc["autotuned tiles"] = ops.tuned_tiles()
+    doc = {"environment": env, "rows": rows}
+    tiles = ops.tuned_tiles()  # which tile each autotuner chose (on a GPU), to prune the tile lists
+    if tiles:
+        doc["autotuned tiles"] = tiles
     (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2))
     if plot is not None:
         try:

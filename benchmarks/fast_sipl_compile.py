@@ -104,7 +104,7 @@ def in_children(script: str, argv, option: str, choices, quick_help: str, measur
     ``--quick`` (the tiny model), ``--side``. Each chosen name runs ``measure(name, quick, side)``
     in a fresh process (the compile-only driver and its patches stay there), whose JSON result
     comes back. Returns (args, names, results), or None in such a child."""
-    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or script).splitlines()[0])
     parser.add_argument(f"--{option}", default=",".join(choices), help=f"comma list of {', '.join(choices)}")
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--side", type=int, default=64, help="image side in pixels (a multiple of 16)")

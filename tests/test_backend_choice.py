@@ -122,8 +122,9 @@ def test_compiling_only_compiles_instead_of_running(monkeypatch):
 
 
 def test_tuned_tiles_say_what_each_autotuner_chose(monkeypatch):
-    """``launch_tuned`` on a GPU goes through the autotuner and remembers it; ``tuned_tiles``
-    reports each remembered autotuner's choice per key (the GPU is faked: nothing launches)."""
+    """``_triton.autotune`` remembers its autotuners, ``launch_tuned`` on a GPU goes through
+    them, and ``tuned_tiles`` reports each one's choice per key (the GPU is faked: nothing
+    launches)."""
     triton = pytest.importorskip("triton")
     from sipl_fast.ops import _triton
 
@@ -132,9 +133,9 @@ def test_tuned_tiles_say_what_each_autotuner_chose(monkeypatch):
         pass
 
     tiles = [triton.Config({"B": 16}, num_warps=4), triton.Config({"B": 32}, num_warps=8)]
-    tuner = triton.autotune(configs=tiles, key=["n"])(kernel)
+    monkeypatch.setattr(_triton, "_tuners", [])
+    tuner = _triton.autotune(kernel, tiles, ["n"], lambda nargs, kw: tiles)
     launched = []
-    monkeypatch.setattr(_triton, "_tuners", set())
     monkeypatch.setattr(_triton, "compile_configs", lambda *a, **k: None)
     monkeypatch.setattr(_triton, "launch", lambda k, grid, *a, **kw: launched.append(k))
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))

@@ -197,11 +197,20 @@ def launch_tuned(kernel, tuned, key, configs, grid, *args, **constants) -> None:
     for cfg in configs:
         check_grid(kernel, grid(cfg.kwargs))
     compile_configs(kernel, key, configs, *args, **constants)
-    _tuners.add(tuned)
     launch(tuned, grid, *args, **constants)
 
 
-_tuners: set = set()  # the autotuners launch_tuned has launched
+_tuners: list = []  # every autotuner made by autotune()
+
+
+def autotune(kernel, configs, key, prune):
+    """``triton.autotune`` of ``kernel`` over ``configs`` per ``key``, pruned per call to
+    ``prune(nargs, kw)``, timed by :func:`autotune_bench`; remembered for :func:`tuned_tiles`."""
+    tuner = triton.autotune(configs=configs, key=key, do_bench=autotune_bench,
+                            prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: prune(nargs, kw)},
+                            )(kernel)
+    _tuners.append(tuner)
+    return tuner
 
 
 def tuned_tiles() -> dict:

@@ -290,14 +290,14 @@ if triton is not None:
                 q_b = tl.load(Qb + db[None, :] * sqd, mask=row_ok[:, None], other=0.0)
             else:
                 q_b = q_a  # unused
-        if not Q_NORMALISED:
-            sumsq = tl.sum(q_a.to(tl.float32) * q_a.to(tl.float32), axis=1)
-            if DB > 0:
-                sumsq += tl.sum(q_b.to(tl.float32) * q_b.to(tl.float32), axis=1)
-            rq = 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12)
-            q_a = (q_a.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
-            if DB > 0:
-                q_b = (q_b.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
+            if not Q_NORMALISED:
+                sumsq = tl.sum(q_a.to(tl.float32) * q_a.to(tl.float32), axis=1)
+                if DB > 0:
+                    sumsq += tl.sum(q_b.to(tl.float32) * q_b.to(tl.float32), axis=1)
+                rq = 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12)
+                q_a = (q_a.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
+                if DB > 0:
+                    q_b = (q_b.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
 
         lo = split * keys_per_split
         hi = tl.minimum(lo + keys_per_split, Nk)
@@ -484,18 +484,14 @@ if triton is not None:
 
 if triton is not None:
     # Autotuned launches (on a GPU; the configs that apply to the call's D and dtype only)
-    _fwd_kernel_tuned = triton.autotune(
-        configs=[c for group in _FWD_CONFIGS.values() for c in group], key=["D"], do_bench=_triton.autotune_bench,
-        prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: _fwd_configs_for(kw["D"], nargs["Q"].dtype)},
-    )(_fwd_kernel)
+    _fwd_kernel_tuned = _triton.autotune(
+        _fwd_kernel, [c for group in _FWD_CONFIGS.values() for c in group], ["D"],
+        lambda nargs, kw: _fwd_configs_for(kw["D"], nargs["Q"].dtype))
     _bwd_dkdv_tuned, _bwd_dq_tuned = (
-        triton.autotune(
-            configs=[triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
-                     for lists in _BWD_CONFIGS.values() for bm, bn, w, st in lists[which]], key=["D"],
-            do_bench=_triton.autotune_bench,
-            prune_configs_by={"early_config_prune": lambda configs, nargs, which=which, **kw:
-                              _bwd_configs_for(nargs["D"], nargs["Q"].dtype, which)},
-        )(kernel) for which, kernel in ((0, _bwd_dkdv_kernel), (1, _bwd_dq_kernel)))
+        _triton.autotune(kernel, [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
+                                  for lists in _BWD_CONFIGS.values() for bm, bn, w, st in lists[which]], ["D"],
+                         lambda nargs, kw, which=which: _bwd_configs_for(nargs["D"], nargs["Q"].dtype, which))
+        for which, kernel in ((0, _bwd_dkdv_kernel), (1, _bwd_dq_kernel)))
 
 
 # ----------------------------------------------------------------------------- Triton launchers

@@ -148,12 +148,9 @@ _PROJECT_CONFIGS = {False: _triton.configs((64, 32, 8, 1), (32, 32, 8, 1), (32, 
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
 _INTERPRETER_PROJECT = _triton.configs((256, 32, 4, 1)) if triton else []
 if triton is not None:
-    _gated_project_tuned = triton.autotune(
-        configs=[c for group in _PROJECT_CONFIGS.values() for c in group], key=["h", "Cout", "H", "W"],
-        do_bench=_triton.autotune_bench,
-        prune_configs_by={"early_config_prune": lambda configs, nargs, **kw:
-                          _PROJECT_CONFIGS[nargs["X"].dtype == torch.float32]},
-    )(_gated_project_kernel)
+    _gated_project_tuned = _triton.autotune(
+        _gated_project_kernel, [c for group in _PROJECT_CONFIGS.values() for c in group], ["h", "Cout", "H", "W"],
+        lambda nargs, kw: _PROJECT_CONFIGS[nargs["X"].dtype == torch.float32])
 
 
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
