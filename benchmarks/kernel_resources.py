@@ -26,7 +26,7 @@ from pathlib import Path
 from fast_sipl_compile import in_children
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may have on sm_90
-DTYPES = {"fp16": "float16", "fp32": "float32"}
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 
 
 def ptxas() -> str:

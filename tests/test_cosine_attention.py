@@ -195,6 +195,31 @@ def test_backward_matches_autograd(dtype, case):
         assert max_err(g, r) <= factor * max_err(n, r), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [(2, 1), (1, 3), (3, 2)], ids=lambda s: f"dkdv{s[0]}-dq{s[1]}")
+def test_triton_backward_splits_agree(dtype, splits, monkeypatch):
+    """Split query ranges (dk/dv) and key ranges (dq), summed by the finish kernel, give the
+    gradients within the backward's tolerance; the split path did run."""
+    q, k, v, t = inputs(2, 2, 300, 270, 40, [0.5, 7.0])
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = grads(cosine_attention_torch, torch.float64, q, k, v, t, dout)
+    naive = grads(cosine_attention_torch, dtype, q, k, v, t, dout)
+    xs = to(dtype, q, k, v)
+    t32 = t.view(-1).float().to(DEVICE)
+    out, lse = module._triton_forward(*xs, t32)
+    launched = []
+    launch = _triton.launch
+    monkeypatch.setattr(_triton, "launch", lambda kernel, grid, *a, **kw: (launched.append((kernel, grid)),
+                                                                           launch(kernel, grid, *a, **kw)))
+    got = module._triton_backward(*xs, t32, out, lse, dout.to(DEVICE, dtype), splits)
+    finishes = [grid for kernel, grid in launched if kernel is module._bwd_finish_kernel]
+    assert len(finishes) == (2 if splits[0] > 1 else 0) + (splits[1] > 1)
+    factor = 10 if dtype == torch.float32 else 2
+    for name, g, n, r in zip("qkvt", got, naive, ref):
+        assert g.dtype == (torch.float32 if name == "t" else dtype), name
+        assert max_err(g.reshape(r.shape), r) <= factor * max_err(n, r), name
+
+
 @needs_cuda
 def test_autotuned_kernels_compile_their_configs_at_once(monkeypatch):
     """With the autotuner on, the first forward and backward calls compile every tile config in

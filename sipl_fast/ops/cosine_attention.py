@@ -64,10 +64,14 @@ _FWD_CONFIGS = {
 # Backward tiles (BLOCK_M, BLOCK_N, warps, stages) of the dk/dv and the dq kernel: four BLOCK x D
 # operands and two fp32 accumulators per program, D padded to a power of two. The first of each
 # list is the default (no autotuning) and, for D <= 128, compiles for sm_90a without spilling
-# registers; on a GPU the autotuner picks among them, as for the forward.
+# registers; on a GPU the autotuner picks among them, as for the forward. For 16-bit D <= 128
+# the lists mix tiles whose dots compile to Hopper's warpgroup MMA (the dk/dv kernel's dots
+# have BLOCK_N rows, the dq kernel's BLOCK_M: 64 or more) and tiles with the older mma.sync
+# (fewer rows, fewer registers); every one of them spills nothing at D = 96 for sm_90a.
 _BWD_CONFIGS = {
-    (False, False): ([(64, 32, 8, 2), (32, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2), (32, 32, 4, 1)],
-                     [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 1)]),
+    (False, False): ([(64, 32, 8, 2), (32, 32, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (64, 16, 8, 2), (32, 32, 4, 1)],
+                     [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2),
+                      (128, 16, 8, 2), (32, 32, 4, 1)]),
     (False, True): ([(32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],) * 2,
     (True, False): ([(16, 32, 4, 1), (16, 16, 4, 1), (32, 32, 4, 1)], [(16, 16, 4, 1), (16, 32, 4, 1), (32, 32, 4, 1)]),
     (True, True): ([(16, 16, 4, 1)],) * 2,
@@ -372,18 +376,69 @@ if triton is not None:
         return (dxn - xn * radial[:, None]) * r[:, None]
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DK, DV, Nq, Nk, D, H,
+    def _dt_rows(sum_p, sum_pc, sum_pdp, sum_pdpc, row_ok):
+        """Each row's share of dt from its sums of p, p c, p dp and p dp c (``_bwd_dq_kernel``)."""
+        sum_p = tl.where(row_ok, sum_p, 1.0)
+        return tl.where(row_ok, (sum_pdpc - sum_pdp * sum_pc / sum_p) / sum_p, 0.0)
+
+    @triton.jit
+    def _bwd_finish_kernel(P, X, R, OUT, STATS, DT, N, D, H, SPLITS, sxb, sxh, sxn, sxd,
+                           UNNORMALISE: tl.constexpr, ROW_SUMS: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+        """Sum the backward kernels' split partials P (SPLITS, B*H, N, D) fp32, in split order
+        (deterministic), for BLOCK_N rows of one (b, h) into OUT (B, H, N, D) contiguous:
+        UNNORMALISE maps the sum through the normalisation of X (B, H, N, D) with inverse norms
+        R (B*H, N) first (dk, dq; dv is the plain sum); ROW_SUMS also sums the dq kernel's row
+        sums STATS (SPLITS, 4, B*H, N) into the rows' dt shares DT (B*H, N).
+        """
+        bh = tl.program_id(1)
+        bhn = tl.num_programs(1).to(tl.int64) * N
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        stats = bh.to(tl.int64) * N + rows
+        d = tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (d < D)[None, :]
+        total = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for s in range(0, SPLITS):
+            total += tl.load(P + (s * bhn + stats)[:, None] * D + d[None, :], mask=mask, other=0.0)
+        if UNNORMALISE:
+            x, mask = _load_rows(X, (bh // H).to(tl.int64), bh % H, rows, N, sxb, sxh, sxn, sxd, D, BLOCK_D)
+            r = tl.load(R + stats, mask=row_ok, other=0.0)
+            total = _unnormalize_grad(x.to(tl.float32), total, r)
+        tl.store(OUT + stats[:, None] * D + d[None, :], total.to(OUT.dtype.element_ty), mask=mask)
+        if ROW_SUMS:
+            sum_p = tl.zeros([BLOCK_N], dtype=tl.float32)
+            sum_pc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            sum_pdp = tl.zeros([BLOCK_N], dtype=tl.float32)
+            sum_pdpc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for s in range(0, SPLITS):
+                part = STATS + 4 * s * bhn + stats
+                sum_p += tl.load(part, mask=row_ok, other=0.0)
+                sum_pc += tl.load(part + bhn, mask=row_ok, other=0.0)
+                sum_pdp += tl.load(part + 2 * bhn, mask=row_ok, other=0.0)
+                sum_pdpc += tl.load(part + 3 * bhn, mask=row_ok, other=0.0)
+            tl.store(DT + stats, _dt_rows(sum_p, sum_pc, sum_pdp, sum_pdpc, row_ok), mask=row_ok)
+
+    @triton.jit
+    def _bwd_dkdv_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DK, DV, Nq, Nk, D, H, rows_per_split,
                          sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                         PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
-        """dk, dv for BLOCK_N keys of one (b, h), looping over every query block.
+                         PRECISION: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dk, dv for BLOCK_N keys of one (b, h), looping over the query blocks of its split.
 
         Recomputes the cosines c^T = (k @ qn^T) rk (q normalised on load, in its
         dtype) and p^T = exp2(c^T t log2 e - lse) from the saved log2-sum-exp, then
         dv += p^T dO, ds^T = p^T (dO v^T - delta), dkn += t ds^T qn, and finally
         maps dkn through k's normalisation. dO and out are contiguous (B, H, Nq, D).
+
+        With SPLIT, programs along axis 2 take consecutive query ranges of
+        ``rows_per_split`` and write their fp32 sums t dkn and dv to DK and DV,
+        (splits, B*H, Nk, D), for ``_bwd_finish_kernel``.
         """
         bh, b, h, t = _program_head(T, H)
+        split = tl.program_id(2)
+        lo = split * rows_per_split
+        hi = tl.minimum(lo + rows_per_split, Nq)
         t2 = t * 1.4426950408889634  # exp2 units
         keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = keys < Nk
@@ -395,11 +450,11 @@ if triton is not None:
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dkn = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         rows = tl.arange(0, BLOCK_M)
-        Qb = Q + b * sqb + h.to(tl.int64) * sqh + rows.to(tl.int64)[None, :] * sqn
-        DOb = DO + bh.to(tl.int64) * Nq * D + rows.to(tl.int64)[:, None] * D
-        stats = bh.to(tl.int64) * Nq + rows
-        for start in range(0, Nq, BLOCK_M):
-            row_ok = start + rows < Nq
+        Qb = Q + b * sqb + h.to(tl.int64) * sqh + (lo + rows).to(tl.int64)[None, :] * sqn
+        DOb = DO + bh.to(tl.int64) * Nq * D + (lo + rows).to(tl.int64)[:, None] * D
+        stats = bh.to(tl.int64) * Nq + lo + rows
+        for start in range(lo, hi, BLOCK_M):
+            row_ok = start + rows < hi
             qt = tl.load(Qb + d[:, None] * sqd, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
             rq = tl.load(RQ + stats, mask=row_ok, other=0.0)
             qnt = (qt.to(tl.float32) * rq[None, :]).to(Q.dtype.element_ty)
@@ -415,17 +470,21 @@ if triton is not None:
             Qb += BLOCK_M * sqn
             DOb += BLOCK_M * D
             stats += BLOCK_M
-        dk = _unnormalize_grad(k.to(tl.float32), dkn * t, rk)
-        out = bh.to(tl.int64) * Nk * D + keys.to(tl.int64)[:, None] * D + d[None, :]
-        tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kmask)
+        out = (split.to(tl.int64) * tl.num_programs(1) + bh) * Nk * D + keys.to(tl.int64)[:, None] * D + d[None, :]
+        if SPLIT:
+            tl.store(DK + out, dkn * t, mask=kmask)
+        else:
+            dk = _unnormalize_grad(k.to(tl.float32), dkn * t, rk)
+            tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kmask)
         tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kmask)
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, Nq, Nk, D, H,
+    def _bwd_dq_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, Nq, Nk, D, H, keys_per_split,
                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_D: tl.constexpr):
-        """dq and the rows' shares of dt for BLOCK_M queries of one (b, h), looping over the keys.
+                       PRECISION: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """dq and the rows' shares of dt for BLOCK_M queries of one (b, h), looping over the
+        key blocks of its split.
 
         ds = p (dO v^T - delta) is the gradient of the logits t c; dqn = t ds kn
         goes through q's normalisation. dt = sum_ij ds c is a sum over all rows, so
@@ -434,8 +493,15 @@ if triton is not None:
         delta (from the rounded output) nor the exact scale of p (from the fp32 lse).
         The dt shares are written per row (DT, (B*H, Nq)) and summed by the caller
         (deterministic, no atomics, and the same whatever BLOCK_M the autotuner takes).
+
+        With SPLIT, programs along axis 2 take consecutive key ranges of
+        ``keys_per_split`` and write their fp32 sums t dqn to DQ, (splits, B*H, Nq, D),
+        and the four row sums to DT, (splits, 4, B*H, Nq), for ``_bwd_finish_kernel``.
         """
         bh, b, h, t = _program_head(T, H)
+        split = tl.program_id(2)
+        lo = split * keys_per_split
+        hi = tl.minimum(lo + keys_per_split, Nk)
         t2 = t * 1.4426950408889634  # exp2 units
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
@@ -453,11 +519,11 @@ if triton is not None:
         sum_pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
         sum_pdpc = tl.zeros([BLOCK_M], dtype=tl.float32)
         cols = tl.arange(0, BLOCK_N)
-        Kb = K + b * skb + h.to(tl.int64) * skh + cols.to(tl.int64)[None, :] * skn
-        Vb = V + b * svb + h.to(tl.int64) * svh + cols.to(tl.int64)[None, :] * svn
-        RKb = RK + bh.to(tl.int64) * Nk + cols
-        for start in range(0, Nk, BLOCK_N):
-            col_ok = start + cols < Nk
+        Kb = K + b * skb + h.to(tl.int64) * skh + (lo + cols).to(tl.int64)[None, :] * skn
+        Vb = V + b * svb + h.to(tl.int64) * svh + (lo + cols).to(tl.int64)[None, :] * svn
+        RKb = RK + bh.to(tl.int64) * Nk + lo + cols
+        for start in range(lo, hi, BLOCK_N):
+            col_ok = start + cols < hi
             kt = tl.load(Kb + d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             vt = tl.load(Vb + d[:, None] * svd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
             rk = tl.load(RKb, mask=col_ok, other=0.0)
@@ -475,11 +541,19 @@ if triton is not None:
             Kb += BLOCK_N * skn
             Vb += BLOCK_N * svn
             RKb += BLOCK_N
-        dq = _unnormalize_grad(q.to(tl.float32), dqn * t, rq)
-        tl.store(DQ + stats[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
-        sum_p = tl.where(row_ok, sum_p, 1.0)
-        dt = tl.where(row_ok, (sum_pdpc - sum_pdp * sum_pc / sum_p) / sum_p, 0.0)
-        tl.store(DT + stats, dt, mask=row_ok)
+        if SPLIT:
+            bhn = tl.num_programs(1).to(tl.int64) * Nq
+            part = split.to(tl.int64) * bhn + stats
+            tl.store(DQ + part[:, None] * D + d[None, :], dqn * t, mask=qmask)
+            part = 4 * split.to(tl.int64) * bhn + stats
+            tl.store(DT + part, sum_p, mask=row_ok)
+            tl.store(DT + part + bhn, sum_pc, mask=row_ok)
+            tl.store(DT + part + 2 * bhn, sum_pdp, mask=row_ok)
+            tl.store(DT + part + 3 * bhn, sum_pdpc, mask=row_ok)
+        else:
+            dq = _unnormalize_grad(q.to(tl.float32), dqn * t, rq)
+            tl.store(DQ + stats[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+            tl.store(DT + stats, _dt_rows(sum_p, sum_pc, sum_pdp, sum_pdpc, row_ok), mask=row_ok)
 
 
 if triton is not None:
@@ -510,13 +584,18 @@ _P_RANGE = {torch.float32: 120.0, torch.bfloat16: 120.0, torch.float16: 28.0}
 _P_TOP = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 15.0}
 
 
-_SPLIT_ALIGN = 128  # keys per split: a multiple of every BLOCK_N
+_SPLIT_ALIGN = 128  # loop items per split: a multiple of every tile's BLOCK_M and BLOCK_N
 
 
-def _splits(programs: int, nk: int, device: torch.device) -> int:
-    """Key splits so that the grid covers about two waves, each split >= 2 x 128 keys."""
-    want = math.ceil(2 * _triton.sm_count(device) / programs)
-    return max(1, min(want, nk // (2 * _SPLIT_ALIGN)))
+def _split_range(programs: int, n: int, device: torch.device, splits: Optional[int] = None) -> Tuple[int, int]:
+    """(splits, items per split) of a kernel's loop over ``n`` keys or queries: enough
+    splits that ``programs`` x splits cover about two waves of the GPU, each of at least
+    2 x 128 items (``splits`` forces a number), and the last one not empty."""
+    if splits is None:
+        want = math.ceil(2 * _triton.sm_count(device) / programs)
+        splits = max(1, min(want, n // (2 * _SPLIT_ALIGN)))
+    per_split = triton.cdiv(triton.cdiv(n, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    return triton.cdiv(n, per_split), per_split
 
 
 def _inv_norms(x: torch.Tensor, rows: bool = False, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -555,10 +634,7 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
     da, db = _column_blocks(d)
     configs = _fwd_configs_for(d, q.dtype)
     block_m = configs[0].kwargs["BLOCK_M"]
-    if splits is None:
-        splits = _splits(triton.cdiv(nq, block_m) * b * h, nk, q.device)
-    per_split = triton.cdiv(triton.cdiv(nk, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
-    splits = triton.cdiv(nk, per_split)
+    splits, per_split = _split_range(triton.cdiv(nq, block_m) * b * h, nk, q.device, splits)
     kn = _inv_norms(k, rows=True, scale=t32)
     chunk = _FP32_CHUNK if q.dtype == torch.float32 else 0
     q_normalised = d > _Q_IN_REGISTERS or chunk > 0
@@ -583,8 +659,14 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
     return out, lse
 
 
-def _triton_backward(q, k, v, t32, out, lse, dout):
-    """(dq, dk, dv, dt) in the inputs' dtypes (dt fp32, shape (H,))."""
+def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, int]] = None):
+    """(dq, dk, dv, dt) in the inputs' dtypes (dt fp32, shape (H,)).
+
+    The dk/dv kernel runs one program per key block and the dq kernel one per query block;
+    where that leaves the GPU idle (few keys, or few queries), each also splits its loop
+    into ranges (``splits``: (dk/dv's, dq's), for tests) whose fp32 partial sums
+    ``_bwd_finish_kernel`` adds up.
+    """
     b, h, nq, d = q.shape
     nk = k.shape[2]
     dout = dout.contiguous()
@@ -592,20 +674,37 @@ def _triton_backward(q, k, v, t32, out, lse, dout):
     dk = torch.empty((b, h, nk, d), device=q.device, dtype=k.dtype)
     dv = torch.empty((b, h, nk, d), device=q.device, dtype=v.dtype)
     dt = torch.zeros((b * h, nq), device=q.device, dtype=torch.float32)
-    if q.numel() and k.numel():
-        delta = (dout.float() * out.float()).sum(-1)
-        rq, rk = _inv_norms(q), _inv_norms(k)
-        args = (q, k, v, t32, rq, rk, dout, lse, delta)
-        sizes = (nq, nk, d, h, *q.stride(), *k.stride(), *v.stride())
-        constants = dict(PRECISION=_triton.precision(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)))
-        for which, kernel, tuned, outputs, grid in (
-                (0, _bwd_dkdv_kernel, _bwd_dkdv_tuned, (dk, dv), lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * h)),
-                (1, _bwd_dq_kernel, _bwd_dq_tuned, (dq, dt), lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h))):
-            _triton.launch_tuned(kernel, tuned, (d, q.dtype), _bwd_configs_for(d, q.dtype, which), grid, *args,
-                                 *outputs, *sizes, **constants)
-    else:
+    if not (q.numel() and k.numel()):
         dk.zero_()
         dv.zero_()
+        return dq, dk, dv, dt.view(b, h, nq).sum((0, 2))
+    delta = (dout.float() * out.float()).sum(-1)
+    rq, rk = _inv_norms(q), _inv_norms(k)
+    args = (q, k, v, t32, rq, rk, dout, lse, delta)
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    constants = dict(PRECISION=_triton.precision(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)))
+    block_d = constants["BLOCK_D"]
+    for which, kernel, tuned, (n_out, n_loop, block), x, r, (grad, *more) in (
+            (0, _bwd_dkdv_kernel, _bwd_dkdv_tuned, (nk, nq, "BLOCK_N"), k, rk, (dk, dv)),
+            (1, _bwd_dq_kernel, _bwd_dq_tuned, (nq, nk, "BLOCK_M"), q, rq, (dq, dt))):
+        configs = _bwd_configs_for(d, q.dtype, which)
+        widest = max(cfg.kwargs[block] for cfg in configs)  # the fewest programs the autotuner may launch
+        parts, per_split = _split_range(triton.cdiv(n_out, widest) * b * h, n_loop, q.device,
+                                        None if splits is None else splits[which])
+        outputs = (grad, *more)
+        if parts > 1:  # fp32 partials: the dk/dv kernel's t dkn and dv, the dq kernel's t dqn and row sums
+            shapes = ((b * h, n_out, d), (4, b * h, n_out) if which else (b * h, n_out, d))
+            outputs = [torch.empty((parts, *shape), device=q.device, dtype=torch.float32) for shape in shapes]
+        _triton.launch_tuned(kernel, tuned, (d, q.dtype, parts > 1), configs,
+                             lambda meta: (triton.cdiv(n_out, meta[block]), b * h, parts), *args, *outputs,
+                             nq, nk, d, h, per_split, *strides, SPLIT=parts > 1, **constants)
+        if parts > 1:
+            grid = (triton.cdiv(n_out, 16), b * h)
+            _triton.launch(_bwd_finish_kernel, grid, outputs[0], x, r, grad, outputs[1], dt, n_out, d, h, parts,
+                           *x.stride(), UNNORMALISE=True, ROW_SUMS=bool(which), BLOCK_N=16, BLOCK_D=block_d)
+            if not which:  # dv: the plain sum
+                _triton.launch(_bwd_finish_kernel, grid, outputs[1], x, r, dv, outputs[1], dt, n_out, d, h, parts,
+                               *x.stride(), UNNORMALISE=False, ROW_SUMS=False, BLOCK_N=16, BLOCK_D=block_d)
     return dq, dk, dv, dt.view(b, h, nq).sum((0, 2))
 
 
