@@ -62,16 +62,17 @@ _FWD_CONFIGS = {
     (True, True): _configs(16, (16, 4, 1), (32, 8, 1), (32, 4, 1)) + _configs(32, (16, 8, 1)),  # fp32, D > 128
 } if triton else {}
 # Backward tiles (BLOCK_M, BLOCK_N, warps, stages) of the dk/dv and the dq kernel: four BLOCK x D
-# operands and two fp32 accumulators per program, D padded to a power of two. The first of each
-# list is the default (no autotuning) and, for D <= 128, compiles for sm_90a without spilling
-# registers; on a GPU the autotuner picks among them, as for the forward. For 16-bit D <= 128
-# the lists mix tiles whose dots compile to Hopper's warpgroup MMA (the dk/dv kernel's dots
-# have BLOCK_N rows, the dq kernel's BLOCK_M: 64 or more) and tiles with the older mma.sync
-# (fewer rows, fewer registers); every one of them spills nothing at D = 96 for sm_90a.
+# operands and two fp32 accumulators per program, D in the forward's two column blocks (96 =
+# 64 + 32, 384 = 256 + 128: no padding). The first of each list is the default (no autotuning);
+# on a GPU the autotuner picks among them, as for the forward. For 16-bit D <= 128 the lists mix
+# tiles whose dots compile to Hopper's warpgroup MMA (the dk/dv kernel's dots have BLOCK_N rows,
+# the dq kernel's BLOCK_M: 64 or more) and tiles with the older mma.sync (fewer rows, fewer
+# registers). For sm_90a, every tile for D <= 128 and the fp32 dq tile at D = 384 spill nothing;
+# the other D = 384 tiles spill 56-1264 bytes per thread (training only).
 _BWD_CONFIGS = {
-    (False, False): ([(64, 32, 8, 2), (32, 32, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2), (64, 16, 8, 2), (32, 32, 4, 1)],
+    (False, False): ([(64, 64, 8, 2), (32, 32, 8, 2), (16, 128, 8, 2), (64, 16, 8, 2)],
                      [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2),
-                      (128, 16, 8, 2), (32, 32, 4, 1)]),
+                      (128, 16, 8, 2)]),
     (False, True): ([(32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],) * 2,
     (True, False): ([(16, 32, 4, 1), (16, 16, 4, 1), (32, 32, 4, 1)], [(16, 16, 4, 1), (16, 32, 4, 1), (32, 32, 4, 1)]),
     (True, True): ([(16, 16, 4, 1)],) * 2,
@@ -121,13 +122,46 @@ if triton is not None:
         return bh, (bh // H).to(tl.int64), h, tl.load(T + h).to(tl.float32)
 
     @triton.jit
-    def _load_rows(X, b, h, rows, N, sb, sh, sn, sd, D, BLOCK_D: tl.constexpr):
-        """The [len(rows), BLOCK_D] tile of X[b, h, rows, :D], zero-padded; and its mask."""
-        d = tl.arange(0, BLOCK_D)
-        mask = (rows < N)[:, None] & (d < D)[None, :]
-        x = tl.load(X + b * sb + h.to(tl.int64) * sh + rows.to(tl.int64)[:, None] * sn + d[None, :] * sd,
-                    mask=mask, other=0.0)
-        return x, mask
+    def _load_cols(X, rows, ok, sn, sd, D, DA: tl.constexpr, DB: tl.constexpr):
+        """Rows ``rows`` of the (N, D) matrix at X as the column blocks [rows, DA] and
+        [rows, DB] (``_column_blocks``; zeros where not ``ok`` or past D); with DB = 0 the
+        second is the first again (unused)."""
+        x = X + rows.to(tl.int64)[:, None] * sn
+        da = tl.arange(0, DA)
+        x_a = tl.load(x + da[None, :] * sd, mask=ok[:, None] & (da < D)[None, :], other=0.0)
+        if DB > 0:
+            x_b = tl.load(x + (DA + tl.arange(0, DB))[None, :] * sd, mask=ok[:, None], other=0.0)
+        else:
+            x_b = x_a
+        return x_a, x_b
+
+    @triton.jit
+    def _store_cols(X, rows, ok, D, x_a, x_b, DA: tl.constexpr, DB: tl.constexpr):
+        """Store the column blocks x_a, x_b (as from ``_load_cols``) to rows ``rows`` of the
+        contiguous (N, D) matrix at X, in X's dtype."""
+        x = X + rows.to(tl.int64)[:, None] * D
+        da = tl.arange(0, DA)
+        tl.store(x + da[None, :], x_a.to(X.dtype.element_ty), mask=ok[:, None] & (da < D)[None, :])
+        if DB > 0:
+            tl.store(x + (DA + tl.arange(0, DB))[None, :], x_b.to(X.dtype.element_ty), mask=ok[:, None])
+
+    @triton.jit
+    def _dot_d(a_a, a_b, b_a, b_b, PRECISION: tl.constexpr, DB: tl.constexpr):
+        """a @ b^T over D for a and b in column blocks: [rows of a, rows of b] fp32."""
+        c = tl.dot(a_a, tl.trans(b_a), input_precision=PRECISION)
+        if DB > 0:
+            c = tl.dot(a_b, tl.trans(b_b), c, input_precision=PRECISION)
+        return c
+
+    @triton.jit
+    def _scale_rows(x_a, x_b, r, DB: tl.constexpr):
+        """x * r per row for x in column blocks, in fp32 and rounded back to x's dtype."""
+        y_a = (x_a.to(tl.float32) * r[:, None]).to(x_a.dtype)
+        if DB > 0:
+            y_b = (x_b.to(tl.float32) * r[:, None]).to(x_b.dtype)
+        else:
+            y_b = y_a
+        return y_a, y_b
 
     @triton.jit
     def _inv_norm_kernel(X, OUT, T, N, D, H, sxb, sxh, sxn, sxd, eps, ROWS: tl.constexpr,
@@ -369,11 +403,23 @@ if triton is not None:
             tl.store(Ob + cols[None, :] * sod, (acc / l_sum[:, None]).to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _unnormalize_grad(x, dxn, r):
-        """Gradient through ``x * r`` with r = 1 / max(|x|, eps): (dxn - xn (xn . dxn)) r, or dxn r if clamped."""
-        xn = x * r[:, None]
-        radial = tl.where(tl.sqrt(tl.sum(x * x, axis=1)) > 1e-12, tl.sum(xn * dxn, axis=1), 0.0)
-        return (dxn - xn * radial[:, None]) * r[:, None]
+    def _unnormalize_grad(x_a, x_b, g_a, g_b, r, DB: tl.constexpr):
+        """Gradient through ``x * r`` with r = 1 / max(|x|, eps), x and the gradient g in column
+        blocks (fp32): (g - xn (xn . g)) r, or g r where the norm was clamped."""
+        xn_a = x_a * r[:, None]
+        squares = tl.sum(x_a * x_a, axis=1)
+        radial = tl.sum(xn_a * g_a, axis=1)
+        if DB > 0:
+            xn_b = x_b * r[:, None]
+            squares += tl.sum(x_b * x_b, axis=1)
+            radial += tl.sum(xn_b * g_b, axis=1)
+        radial = tl.where(tl.sqrt(squares) > 1e-12, radial, 0.0)
+        out_a = (g_a - xn_a * radial[:, None]) * r[:, None]
+        if DB > 0:
+            out_b = (g_b - xn_b * radial[:, None]) * r[:, None]
+        else:
+            out_b = out_a
+        return out_a, out_b
 
     @triton.jit
     def _dt_rows(sum_p, sum_pc, sum_pdp, sum_pdpc, row_ok):
@@ -396,16 +442,15 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         stats = bh.to(tl.int64) * N + rows
-        d = tl.arange(0, BLOCK_D)
-        mask = row_ok[:, None] & (d < D)[None, :]
         total = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         for s in range(0, SPLITS):
-            total += tl.load(P + (s * bhn + stats)[:, None] * D + d[None, :], mask=mask, other=0.0)
+            total += _load_cols(P + s * bhn * D, stats, row_ok, D, 1, D, BLOCK_D, 0)[0]
         if UNNORMALISE:
-            x, mask = _load_rows(X, (bh // H).to(tl.int64), bh % H, rows, N, sxb, sxh, sxn, sxd, D, BLOCK_D)
+            x = _load_cols(X + (bh // H).to(tl.int64) * sxb + (bh % H).to(tl.int64) * sxh, rows, row_ok,
+                           sxn, sxd, D, BLOCK_D, 0)[0]
             r = tl.load(R + stats, mask=row_ok, other=0.0)
-            total = _unnormalize_grad(x.to(tl.float32), total, r)
-        tl.store(OUT + stats[:, None] * D + d[None, :], total.to(OUT.dtype.element_ty), mask=mask)
+            total = _unnormalize_grad(x.to(tl.float32), x, total, total, r, 0)[0]
+        _store_cols(OUT, stats, row_ok, D, total, total, BLOCK_D, 0)
         if ROW_SUMS:
             sum_p = tl.zeros([BLOCK_N], dtype=tl.float32)
             sum_pc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -420,16 +465,17 @@ if triton is not None:
             tl.store(DT + stats, _dt_rows(sum_p, sum_pc, sum_pdp, sum_pdpc, row_ok), mask=row_ok)
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DK, DV, Nq, Nk, D, H, rows_per_split,
+    def _bwd_dkdv_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DK, DV, Nq, Nk, H, rows_per_split,
                          sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                         PRECISION: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         PRECISION: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
+                         DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dk, dv for BLOCK_N keys of one (b, h), looping over the query blocks of its split.
 
         Recomputes the cosines c^T = (k @ qn^T) rk (q normalised on load, in its
         dtype) and p^T = exp2(c^T t log2 e - lse) from the saved log2-sum-exp, then
         dv += p^T dO, ds^T = p^T (dO v^T - delta), dkn += t ds^T qn, and finally
         maps dkn through k's normalisation. dO and out are contiguous (B, H, Nq, D).
+        Every D-wide operand is held as two column blocks DA + DB, as in the forward.
 
         With SPLIT, programs along axis 2 take consecutive query ranges of
         ``rows_per_split`` and write their fp32 sums t dkn and dv to DK and DV,
@@ -442,47 +488,47 @@ if triton is not None:
         t2 = t * 1.4426950408889634  # exp2 units
         keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = keys < Nk
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        k, kmask = _load_rows(K, b, h, keys, Nk, skb, skh, skn, skd, D, BLOCK_D)
-        v, kmask = _load_rows(V, b, h, keys, Nk, svb, svh, svn, svd, D, BLOCK_D)
+        k_a, k_b = _load_cols(K + b * skb + h.to(tl.int64) * skh, keys, key_ok, skn, skd, D, DA, DB)
+        v_a, v_b = _load_cols(V + b * svb + h.to(tl.int64) * svh, keys, key_ok, svn, svd, D, DA, DB)
         rk = tl.load(RK + bh.to(tl.int64) * Nk + keys, mask=key_ok, other=0.0)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dkn = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        rows = tl.arange(0, BLOCK_M)
-        Qb = Q + b * sqb + h.to(tl.int64) * sqh + (lo + rows).to(tl.int64)[None, :] * sqn
-        DOb = DO + bh.to(tl.int64) * Nq * D + (lo + rows).to(tl.int64)[:, None] * D
-        stats = bh.to(tl.int64) * Nq + lo + rows
+        dv_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
+        dkn_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
+        dv_b = tl.zeros([BLOCK_N, DB if DB > 0 else 16], dtype=tl.float32)
+        dkn_b = tl.zeros([BLOCK_N, DB if DB > 0 else 16], dtype=tl.float32)
+        Qb = Q + b * sqb + h.to(tl.int64) * sqh
+        DOb = DO + bh.to(tl.int64) * Nq * D
         for start in range(lo, hi, BLOCK_M):
-            row_ok = start + rows < hi
-            qt = tl.load(Qb + d[:, None] * sqd, mask=row_ok[None, :] & d_ok[:, None], other=0.0)
-            rq = tl.load(RQ + stats, mask=row_ok, other=0.0)
-            qnt = (qt.to(tl.float32) * rq[None, :]).to(Q.dtype.element_ty)
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < hi
+            stats = bh.to(tl.int64) * Nq + rows
+            q_a, q_b = _load_cols(Qb, rows, row_ok, sqn, sqd, D, DA, DB)
+            qn_a, qn_b = _scale_rows(q_a, q_b, tl.load(RQ + stats, mask=row_ok, other=0.0), DB)
             lse = tl.load(LSE + stats, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
-            do = tl.load(DOb + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            c = tl.dot(k, qnt, input_precision=PRECISION) * rk[:, None]
+            do_a, do_b = _load_cols(DOb, rows, row_ok, D, 1, D, DA, DB)
+            c = _dot_d(k_a, k_b, qn_a, qn_b, PRECISION, DB) * rk[:, None]
             p = tl.math.exp2(c * t2 - lse[None, :])
-            dv = tl.dot(p.to(DO.dtype.element_ty), do, dv, input_precision=PRECISION)
-            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            ds = p * (dp - delta[None, :])
-            dkn = tl.dot(ds.to(Q.dtype.element_ty), tl.trans(qnt), dkn, input_precision=PRECISION)
-            Qb += BLOCK_M * sqn
-            DOb += BLOCK_M * D
-            stats += BLOCK_M
-        out = (split.to(tl.int64) * tl.num_programs(1) + bh) * Nk * D + keys.to(tl.int64)[:, None] * D + d[None, :]
+            p16 = p.to(DO.dtype.element_ty)
+            dv_a = tl.dot(p16, do_a, dv_a, input_precision=PRECISION)
+            if DB > 0:
+                dv_b = tl.dot(p16, do_b, dv_b, input_precision=PRECISION)
+            ds = (p * (_dot_d(v_a, v_b, do_a, do_b, PRECISION, DB) - delta[None, :])).to(Q.dtype.element_ty)
+            dkn_a = tl.dot(ds, qn_a, dkn_a, input_precision=PRECISION)
+            if DB > 0:
+                dkn_b = tl.dot(ds, qn_b, dkn_b, input_precision=PRECISION)
+        out = (split.to(tl.int64) * tl.num_programs(1) + bh) * Nk + keys
         if SPLIT:
-            tl.store(DK + out, dkn * t, mask=kmask)
+            _store_cols(DK, out, key_ok, D, dkn_a * t, dkn_b * t, DA, DB)
         else:
-            dk = _unnormalize_grad(k.to(tl.float32), dkn * t, rk)
-            tl.store(DK + out, dk.to(DK.dtype.element_ty), mask=kmask)
-        tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kmask)
+            dk_a, dk_b = _unnormalize_grad(k_a.to(tl.float32), k_b.to(tl.float32), dkn_a * t, dkn_b * t, rk, DB)
+            _store_cols(DK, out, key_ok, D, dk_a, dk_b, DA, DB)
+        _store_cols(DV, out, key_ok, D, dv_a, dv_b, DA, DB)
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, Nq, Nk, D, H, keys_per_split,
+    def _bwd_dq_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, Nq, Nk, H, keys_per_split,
                        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-                       PRECISION: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       PRECISION: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
+                       DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dq and the rows' shares of dt for BLOCK_M queries of one (b, h), looping over the
         key blocks of its split.
 
@@ -505,54 +551,50 @@ if triton is not None:
         t2 = t * 1.4426950408889634  # exp2 units
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        q, qmask = _load_rows(Q, b, h, rows, Nq, sqb, sqh, sqn, sqd, D, BLOCK_D)
         stats = bh.to(tl.int64) * Nq + rows
+        q_a, q_b = _load_cols(Q + b * sqb + h.to(tl.int64) * sqh, rows, row_ok, sqn, sqd, D, DA, DB)
+        do_a, do_b = _load_cols(DO + bh.to(tl.int64) * Nq * D, rows, row_ok, D, 1, D, DA, DB)
         rq = tl.load(RQ + stats, mask=row_ok, other=0.0)
         lse = tl.load(LSE + stats, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
-        do = tl.load(DO + stats[:, None] * D + d[None, :], mask=qmask, other=0.0)
-        dqn = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        dqn_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+        dqn_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], dtype=tl.float32)
         sum_p = tl.zeros([BLOCK_M], dtype=tl.float32)
         sum_pc = tl.zeros([BLOCK_M], dtype=tl.float32)
         sum_pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
         sum_pdpc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        cols = tl.arange(0, BLOCK_N)
-        Kb = K + b * skb + h.to(tl.int64) * skh + (lo + cols).to(tl.int64)[None, :] * skn
-        Vb = V + b * svb + h.to(tl.int64) * svh + (lo + cols).to(tl.int64)[None, :] * svn
-        RKb = RK + bh.to(tl.int64) * Nk + lo + cols
+        Kb = K + b * skb + h.to(tl.int64) * skh
+        Vb = V + b * svb + h.to(tl.int64) * svh
         for start in range(lo, hi, BLOCK_N):
-            col_ok = start + cols < hi
-            kt = tl.load(Kb + d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            vt = tl.load(Vb + d[:, None] * svd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-            rk = tl.load(RKb, mask=col_ok, other=0.0)
-            knt = (kt.to(tl.float32) * rk[None, :]).to(K.dtype.element_ty)
-            c = tl.dot(q, knt, input_precision=PRECISION) * rq[:, None]
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < hi
+            k_a, k_b = _load_cols(Kb, cols, col_ok, skn, skd, D, DA, DB)
+            v_a, v_b = _load_cols(Vb, cols, col_ok, svn, svd, D, DA, DB)
+            kn_a, kn_b = _scale_rows(k_a, k_b, tl.load(RK + bh.to(tl.int64) * Nk + cols, mask=col_ok, other=0.0), DB)
+            c = _dot_d(q_a, q_b, kn_a, kn_b, PRECISION, DB) * rq[:, None]
             p = tl.math.exp2(c * t2 - lse[:, None] + tl.where(col_ok, 0.0, float("-inf"))[None, :])
-            dp = tl.dot(do, vt, input_precision=PRECISION)
+            dp = _dot_d(do_a, do_b, v_a, v_b, PRECISION, DB)
             ds = p * (dp - delta[:, None])
             pc = p * c
             sum_p += tl.sum(p, axis=1)
             sum_pc += tl.sum(pc, axis=1)
             sum_pdp += tl.sum(p * dp, axis=1)
             sum_pdpc += tl.sum(pc * dp, axis=1)
-            dqn = tl.dot(ds.to(K.dtype.element_ty), tl.trans(knt), dqn, input_precision=PRECISION)
-            Kb += BLOCK_N * skn
-            Vb += BLOCK_N * svn
-            RKb += BLOCK_N
+            ds16 = ds.to(K.dtype.element_ty)
+            dqn_a = tl.dot(ds16, kn_a, dqn_a, input_precision=PRECISION)
+            if DB > 0:
+                dqn_b = tl.dot(ds16, kn_b, dqn_b, input_precision=PRECISION)
         if SPLIT:
             bhn = tl.num_programs(1).to(tl.int64) * Nq
-            part = split.to(tl.int64) * bhn + stats
-            tl.store(DQ + part[:, None] * D + d[None, :], dqn * t, mask=qmask)
-            part = 4 * split.to(tl.int64) * bhn + stats
+            _store_cols(DQ, split * bhn + stats, row_ok, D, dqn_a * t, dqn_b * t, DA, DB)
+            part = 4 * split * bhn + stats
             tl.store(DT + part, sum_p, mask=row_ok)
             tl.store(DT + part + bhn, sum_pc, mask=row_ok)
             tl.store(DT + part + 2 * bhn, sum_pdp, mask=row_ok)
             tl.store(DT + part + 3 * bhn, sum_pdpc, mask=row_ok)
         else:
-            dq = _unnormalize_grad(q.to(tl.float32), dqn * t, rq)
-            tl.store(DQ + stats[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty), mask=qmask)
+            dq_a, dq_b = _unnormalize_grad(q_a.to(tl.float32), q_b.to(tl.float32), dqn_a * t, dqn_b * t, rq, DB)
+            _store_cols(DQ, stats, row_ok, D, dq_a, dq_b, DA, DB)
             tl.store(DT + stats, _dt_rows(sum_p, sum_pc, sum_pdp, sum_pdpc, row_ok), mask=row_ok)
 
 
@@ -564,7 +606,7 @@ if triton is not None:
     _bwd_dkdv_tuned, _bwd_dq_tuned = (
         _triton.autotune(kernel, [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
                                   for lists in _BWD_CONFIGS.values() for bm, bn, w, st in lists[which]], ["D"],
-                         lambda nargs, kw, which=which: _bwd_configs_for(nargs["D"], nargs["Q"].dtype, which))
+                         lambda nargs, kw, which=which: _bwd_configs_for(kw["D"], nargs["Q"].dtype, which))
         for which, kernel in ((0, _bwd_dkdv_kernel), (1, _bwd_dq_kernel)))
 
 
@@ -682,8 +724,9 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
     rq, rk = _inv_norms(q), _inv_norms(k)
     args = (q, k, v, t32, rq, rk, dout, lse, delta)
     strides = (*q.stride(), *k.stride(), *v.stride())
-    constants = dict(PRECISION=_triton.precision(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(d)))
-    block_d = constants["BLOCK_D"]
+    da, db = _column_blocks(d)
+    constants = dict(PRECISION=_triton.precision(q.dtype), D=d, DA=da, DB=db)
+    block_d = max(16, triton.next_power_of_2(d))
     for which, kernel, tuned, (n_out, n_loop, block), x, r, (grad, *more) in (
             (0, _bwd_dkdv_kernel, _bwd_dkdv_tuned, (nk, nq, "BLOCK_N"), k, rk, (dk, dv)),
             (1, _bwd_dq_kernel, _bwd_dq_tuned, (nq, nk, "BLOCK_M"), q, rq, (dq, dt))):
@@ -697,7 +740,7 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
             outputs = [torch.empty((parts, *shape), device=q.device, dtype=torch.float32) for shape in shapes]
         _triton.launch_tuned(kernel, tuned, (d, q.dtype, parts > 1), configs,
                              lambda meta: (triton.cdiv(n_out, meta[block]), b * h, parts), *args, *outputs,
-                             nq, nk, d, h, per_split, *strides, SPLIT=parts > 1, **constants)
+                             nq, nk, h, per_split, *strides, SPLIT=parts > 1, **constants)
         if parts > 1:
             grid = (triton.cdiv(n_out, 16), b * h)
             _triton.launch(_bwd_finish_kernel, grid, outputs[0], x, r, grad, outputs[1], dt, n_out, d, h, parts,
