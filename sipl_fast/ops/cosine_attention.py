@@ -136,14 +136,14 @@ if triton is not None:
         return x_a, x_b
 
     @triton.jit
-    def _store_cols(X, rows, ok, D, x_a, x_b, DA: tl.constexpr, DB: tl.constexpr):
+    def _store_cols(X, rows, ok, sn, sd, D, x_a, x_b, DA: tl.constexpr, DB: tl.constexpr):
         """Store the column blocks x_a, x_b (as from ``_load_cols``) to rows ``rows`` of the
-        contiguous (N, D) matrix at X, in X's dtype."""
-        x = X + rows.to(tl.int64)[:, None] * D
+        (N, D) matrix at X, in X's dtype."""
+        x = X + rows.to(tl.int64)[:, None] * sn
         da = tl.arange(0, DA)
-        tl.store(x + da[None, :], x_a.to(X.dtype.element_ty), mask=ok[:, None] & (da < D)[None, :])
+        tl.store(x + da[None, :] * sd, x_a.to(X.dtype.element_ty), mask=ok[:, None] & (da < D)[None, :])
         if DB > 0:
-            tl.store(x + (DA + tl.arange(0, DB))[None, :], x_b.to(X.dtype.element_ty), mask=ok[:, None])
+            tl.store(x + (DA + tl.arange(0, DB))[None, :] * sd, x_b.to(X.dtype.element_ty), mask=ok[:, None])
 
     @triton.jit
     def _dot_d(a_a, a_b, b_a, b_b, PRECISION: tl.constexpr, DB: tl.constexpr):
@@ -315,27 +315,17 @@ if triton is not None:
         t2 = t * 1.4426950408889634  # exp2 units
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
-        da = tl.arange(0, DA)
-        Qb = Q + b * sqb + h.to(tl.int64) * sqh + rows.to(tl.int64)[:, None] * sqn
-        if DB > 0:
-            db = DA + tl.arange(0, DB)
+        Qb = Q + b * sqb + h.to(tl.int64) * sqh
         if CHUNK > 0:  # q is normalised and contiguous: _attend_block loads it slice by slice
-            q_a = Qb
+            q_a = Qb + rows.to(tl.int64)[:, None] * sqn
             q_b = row_ok[:, None]
         else:
-            q_a = tl.load(Qb + da[None, :] * sqd, mask=row_ok[:, None] & (da[None, :] < D), other=0.0)
-            if DB > 0:
-                q_b = tl.load(Qb + db[None, :] * sqd, mask=row_ok[:, None], other=0.0)
-            else:
-                q_b = q_a  # unused
+            q_a, q_b = _load_cols(Qb, rows, row_ok, sqn, sqd, D, DA, DB)
             if not Q_NORMALISED:
                 sumsq = tl.sum(q_a.to(tl.float32) * q_a.to(tl.float32), axis=1)
                 if DB > 0:
                     sumsq += tl.sum(q_b.to(tl.float32) * q_b.to(tl.float32), axis=1)
-                rq = 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12)
-                q_a = (q_a.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
-                if DB > 0:
-                    q_b = (q_b.to(tl.float32) * rq[:, None]).to(Q.dtype.element_ty)
+                q_a, q_b = _scale_rows(q_a, q_b, 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12), DB)
 
         lo = split * keys_per_split
         hi = tl.minimum(lo + keys_per_split, Nk)
@@ -354,19 +344,12 @@ if triton is not None:
             stat = split.to(tl.int64) * tl.num_programs(1) * Nq + row_offsets
             tl.store(PL + stat, l_i, mask=row_ok)
             tl.store(PM + stat, m_i, mask=row_ok)
-            POb = PO + stat[:, None] * D
-            tl.store(POb + da[None, :], acc_a, mask=row_ok[:, None] & (da[None, :] < D))
-            if DB > 0:
-                tl.store(POb + db[None, :], acc_b, mask=row_ok[:, None])
+            _store_cols(PO, stat, row_ok, D, 1, D, acc_a, acc_b, DA, DB)
         else:
             tl.store(LSE + row_offsets, m_i + tl.math.log2(l_i), mask=row_ok)
-            Ob = O + b * sob + h.to(tl.int64) * soh + rows.to(tl.int64)[:, None] * son
             inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)
-            tl.store(Ob + da[None, :] * sod, (acc_a * inv_l[:, None]).to(O.dtype.element_ty),
-                     mask=row_ok[:, None] & (da[None, :] < D))
-            if DB > 0:
-                tl.store(Ob + db[None, :] * sod, (acc_b * inv_l[:, None]).to(O.dtype.element_ty),
-                         mask=row_ok[:, None])
+            _store_cols(O + b * sob + h.to(tl.int64) * soh, rows, row_ok, son, sod, D,
+                        acc_a * inv_l[:, None], acc_b * inv_l[:, None], DA, DB)
 
 
     @triton.jit
@@ -450,7 +433,7 @@ if triton is not None:
                            sxn, sxd, D, BLOCK_D, 0)[0]
             r = tl.load(R + stats, mask=row_ok, other=0.0)
             total = _unnormalize_grad(x.to(tl.float32), x, total, total, r, 0)[0]
-        _store_cols(OUT, stats, row_ok, D, total, total, BLOCK_D, 0)
+        _store_cols(OUT, stats, row_ok, D, 1, D, total, total, BLOCK_D, 0)
         if ROW_SUMS:
             sum_p = tl.zeros([BLOCK_N], dtype=tl.float32)
             sum_pc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -518,11 +501,11 @@ if triton is not None:
                 dkn_b = tl.dot(ds, qn_b, dkn_b, input_precision=PRECISION)
         out = (split.to(tl.int64) * tl.num_programs(1) + bh) * Nk + keys
         if SPLIT:
-            _store_cols(DK, out, key_ok, D, dkn_a * t, dkn_b * t, DA, DB)
+            _store_cols(DK, out, key_ok, D, 1, D, dkn_a * t, dkn_b * t, DA, DB)
         else:
             dk_a, dk_b = _unnormalize_grad(k_a.to(tl.float32), k_b.to(tl.float32), dkn_a * t, dkn_b * t, rk, DB)
-            _store_cols(DK, out, key_ok, D, dk_a, dk_b, DA, DB)
-        _store_cols(DV, out, key_ok, D, dv_a, dv_b, DA, DB)
+            _store_cols(DK, out, key_ok, D, 1, D, dk_a, dk_b, DA, DB)
+        _store_cols(DV, out, key_ok, D, 1, D, dv_a, dv_b, DA, DB)
 
     @triton.jit
     def _bwd_dq_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, Nq, Nk, H, keys_per_split,
@@ -586,7 +569,7 @@ if triton is not None:
                 dqn_b = tl.dot(ds16, kn_b, dqn_b, input_precision=PRECISION)
         if SPLIT:
             bhn = tl.num_programs(1).to(tl.int64) * Nq
-            _store_cols(DQ, split * bhn + stats, row_ok, D, dqn_a * t, dqn_b * t, DA, DB)
+            _store_cols(DQ, split * bhn + stats, row_ok, D, 1, D, dqn_a * t, dqn_b * t, DA, DB)
             part = 4 * split * bhn + stats
             tl.store(DT + part, sum_p, mask=row_ok)
             tl.store(DT + part + bhn, sum_pc, mask=row_ok)
@@ -594,7 +577,7 @@ if triton is not None:
             tl.store(DT + part + 3 * bhn, sum_pdpc, mask=row_ok)
         else:
             dq_a, dq_b = _unnormalize_grad(q_a.to(tl.float32), q_b.to(tl.float32), dqn_a * t, dqn_b * t, rq, DB)
-            _store_cols(DQ, stats, row_ok, D, dq_a, dq_b, DA, DB)
+            _store_cols(DQ, stats, row_ok, D, 1, D, dq_a, dq_b, DA, DB)
             tl.store(DT + stats, _dt_rows(sum_p, sum_pc, sum_pdp, sum_pdpc, row_ok), mask=row_ok)
 
 
