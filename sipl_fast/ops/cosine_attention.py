@@ -67,13 +67,13 @@ _FWD_CONFIGS = {
 # on a GPU the autotuner picks among them, as for the forward. For 16-bit D <= 128 the lists mix
 # tiles whose dots compile to Hopper's warpgroup MMA (the dk/dv kernel's dots have BLOCK_N rows,
 # the dq kernel's BLOCK_M: 64 or more) and tiles with the older mma.sync (fewer rows, fewer
-# registers). For sm_90a, every tile for D <= 128 and the fp32 dq tile at D = 384 spill nothing;
-# the other D = 384 tiles spill 56-1264 bytes per thread (training only).
+# registers). For sm_90a, every tile spills nothing, but the 16-bit (32, 32) dk/dv tile at
+# D = 384 (16 bytes per thread).
 _BWD_CONFIGS = {
     (False, False): ([(64, 64, 8, 2), (32, 32, 8, 2), (16, 128, 8, 2), (64, 16, 8, 2)],
                      [(32, 64, 8, 2), (32, 32, 8, 2), (16, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2),
                       (128, 16, 8, 2)]),
-    (False, True): ([(32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)],) * 2,
+    (False, True): ([(32, 32, 8, 1), (16, 16, 4, 1)], [(32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 4, 1)]),
     (True, False): ([(16, 32, 4, 1), (16, 16, 4, 1), (32, 32, 4, 1)], [(16, 16, 4, 1), (16, 32, 4, 1), (32, 32, 4, 1)]),
     (True, True): ([(16, 16, 4, 1)],) * 2,
 }
@@ -164,12 +164,12 @@ if triton is not None:
         return y_a, y_b
 
     @triton.jit
-    def _inv_norm_kernel(X, OUT, T, N, D, H, sxb, sxh, sxn, sxd, eps, ROWS: tl.constexpr,
-                         SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _inv_norm_kernel(X, OUT, N, D, H, sxb, sxh, sxn, sxd, eps, ROWS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         """OUT[bh, n] = r = 1 / max(|X[b, h, n, :]|, eps) in fp32 for a block of BLOCK_N rows.
 
-        ROWS: OUT[bh, n, :] = X[b, h, n, :] * r instead, in X's dtype, contiguous (the
-        forward's operands); SCALED: times t_h log2(e) too (its keys, in exp2 units).
+        ROWS: OUT[bh, n, :] = X[b, h, n, :] * r instead, rounded to X's dtype, contiguous
+        (the dot products' operands, the same in the forward and the backward).
         """
         bh = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -181,8 +181,6 @@ if triton is not None:
             x = x.to(tl.float32)
             total += tl.sum(x * x, axis=1)
         r = 1.0 / tl.maximum(tl.sqrt(total), eps)
-        if SCALED:
-            r = r * tl.load(T + bh % H).to(tl.float32) * 1.4426950408889634
         if ROWS:
             out = OUT + (bh.to(tl.int64) * N + rows.to(tl.int64))[:, None] * D
             for d0 in range(0, D, BLOCK_D):
@@ -194,13 +192,17 @@ if triton is not None:
             tl.store(OUT + bh.to(tl.int64) * N + rows, r, mask=rows < N)
 
     @triton.jit
-    def _attend_block(q_a, q_b, KNb, Vb, cols, hi, acc_a, acc_b, l_i, m_i, svn, svd,
+    def _attend_block(q_a, q_b, KNb, Vb, t2, sgn, cols, hi, acc_a, acc_b, l_i, m_i, svn, svd,
                       FIXED: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, CHUNK: tl.constexpr,
-                      D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+                      P_TOP: tl.constexpr, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
         """One key block of ``_fwd_kernel``: keys ``cols`` (masked against ``hi`` if MASKED).
 
         CHUNK > 0: q_a points to the rows of q's normalised copy [BLOCK_M, 1] (q_b is
         their mask), and the logits sum over D in CHUNK-wide slices loaded here.
+
+        The shifted logits c t2 - m are formed as (c - m / t2) t2, m / t2 in cosine units:
+        near the top the difference is exact, where c t2 rounded at |t2| would lose the
+        low digits (about 1e-5 of p at |t| = 200 in fp32).
         """
         da = tl.arange(0, DA)
         db = DA + tl.arange(0, DB if DB > 0 else 16)
@@ -225,14 +227,17 @@ if triton is not None:
             else:
                 kn_b = tl.load(kn_ptrs + db[None, :])
             s = tl.dot(q_b, tl.trans(kn_b), s, input_precision=PRECISION)
-        if MASKED:
-            s += tl.where(cols < hi, 0.0, float("-inf"))[None, :]
-        if FIXED:
-            p = tl.math.exp2(s - m_i[:, None])
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
+        if FIXED:  # the shift: the largest logit there can be, |t2| (cosine sign(t)), less P_TOP
+            p = tl.math.exp2((s - sgn) * t2 + P_TOP)
+            if MASKED:
+                p = tl.where((cols < hi)[None, :], p, 0.0)
+        else:  # m_i: the running maximum of the cosines times sign(t)
+            u = s * sgn
+            if MASKED:
+                u = tl.where((cols < hi)[None, :], u, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(u, axis=1))
+            alpha = tl.math.exp2((m_i - m_new) * (t2 * sgn))
+            p = tl.math.exp2((u - m_new[:, None]) * (t2 * sgn))
             l_i = l_i * alpha
             acc_a = acc_a * alpha[:, None]
             if DB > 0:
@@ -254,28 +259,38 @@ if triton is not None:
         return acc_a, acc_b, l_i, m_i
 
     @triton.jit
-    def _attend(q_a, q_b, KNb, Vb, lo, hi, m0, svn, svd, FIXED: tl.constexpr, PRECISION: tl.constexpr,
-                CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
-                DB: tl.constexpr):
-        """The key loop of ``_fwd_kernel`` over keys lo..hi: (acc_a, acc_b, l, m), p = exp2(s - m).
+    def _attend(q_a, q_b, KNb, Vb, t2, lo, hi, svn, svd, FIXED: tl.constexpr, PRECISION: tl.constexpr,
+                CHUNK: tl.constexpr, P_TOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+        """The key loop of ``_fwd_kernel`` over keys lo..hi: (acc_a, acc_b, l, m) with
+        p = exp2((u - m) |t2|) for u = c sign(t), the cosines signed so that the logits
+        c t2 = u |t2| grow with u, and m in the same units.
 
         Whole blocks run without masks; a last partial block, if any, with them.
-        FIXED: m = m0 throughout (the bounded-logit shift); else the online
-        softmax's running max, starting at m0 = -inf.
+        FIXED: m = 1 throughout (the bounded-logit shift; in fp16 p is lifted by
+        2^P_TOP while it is rounded for the p @ v product); else the online softmax's
+        running max.
         """
+        sgn = tl.where(t2 > 0, 1.0, tl.where(t2 < 0, -1.0, 0.0))
         acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + m0
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         whole = lo + (hi - lo) // BLOCK_N * BLOCK_N
         for start in range(lo, whole, BLOCK_N):
-            acc_a, acc_b, l_i, m_i = _attend_block(q_a, q_b, KNb, Vb, start + tl.arange(0, BLOCK_N), hi,
+            acc_a, acc_b, l_i, m_i = _attend_block(q_a, q_b, KNb, Vb, t2, sgn, start + tl.arange(0, BLOCK_N), hi,
                                                    acc_a, acc_b, l_i, m_i, svn, svd, FIXED, False, PRECISION, CHUNK,
-                                                   D, DA, DB)
+                                                   P_TOP, D, DA, DB)
         if whole < hi:
-            acc_a, acc_b, l_i, m_i = _attend_block(q_a, q_b, KNb, Vb, whole + tl.arange(0, BLOCK_N), hi,
+            acc_a, acc_b, l_i, m_i = _attend_block(q_a, q_b, KNb, Vb, t2, sgn, whole + tl.arange(0, BLOCK_N), hi,
                                                    acc_a, acc_b, l_i, m_i, svn, svd, FIXED, True, PRECISION, CHUNK,
-                                                   D, DA, DB)
+                                                   P_TOP, D, DA, DB)
+        if FIXED:
+            if P_TOP > 0:  # drop the lift: acc and l as if p = exp2((u - 1) |t2|)
+                acc_a = acc_a * tl.math.exp2(-P_TOP)
+                acc_b = acc_b * tl.math.exp2(-P_TOP)
+                l_i = l_i * tl.math.exp2(-P_TOP)
+            m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
         return acc_a, acc_b, l_i, m_i
 
     @triton.jit
@@ -292,11 +307,13 @@ if triton is not None:
         384 = 256 + 128), so no tensor-core work is wasted on padding; other D
         pad DA with masked columns and have DB = 0.
 
-        The keys come normalised and scaled by t log2(e) (``KN``, contiguous, from
-        ``_inv_norm_kernel``) and q is normalised on load (Q_NORMALISED: already
-        normalised, by the same kernel; CHUNK > 0 also has ``_attend_block`` load it
-        in slices), so a key block's logits in exp2 units are one product s = q @ kn^T. Then p = exp2(s - m), rounded
-        to v's dtype, and acc += p @ v, l += rowsum(p). The logits are cosines
+        The keys come normalised (``KN``, contiguous, from ``_inv_norm_kernel``) and q
+        is normalised on load (Q_NORMALISED: already normalised, by the same kernel;
+        CHUNK > 0 also has ``_attend_block`` load it in slices), each rounded to the
+        inputs' dtype, so a key block's cosines are one product c = q @ kn^T (the
+        backward recomputes them from the same operands) and its logits in exp2 units
+        s = c t log2 e. Then p = exp2(s - m), rounded to v's dtype, and acc += p @ v,
+        l += rowsum(p). The logits are cosines
         times t, so they lie in [-|t|, |t|] and the shift m = |t| log2 e - P_TOP
         is fixed: no running max and no rescaling of acc. That is exact unless
         exp2(-2 |t| log2 e) would leave the normal range of the dtype p is cast
@@ -306,8 +323,11 @@ if triton is not None:
 
         With SPLIT, programs along axis 2 take consecutive key ranges and write
         un-normalised (acc, l, m) in fp32 to PO/PL/PM for ``_combine_kernel``;
-        otherwise they write O = acc / l (at O's strides) and the log2-sum-exp
-        LSE = m + log2 l.
+        otherwise they write O = acc / l (at O's strides) and LSE (2, B*H, Nq):
+        the rows' m and log2 l, so that p = exp2((c sign(t) - m) |t| log2 e - log2 l)
+        is the softmax; kept apart, the shifted logits stay accurate in fp32 at any
+        temperature (one log2-sum-exp at |t| log2 e would round at that size), and
+        the backward forms its p as the forward did.
         """
         pid_m = tl.program_id(0)
         split = tl.program_id(2)
@@ -332,11 +352,11 @@ if triton is not None:
         KNb = KN + bh.to(tl.int64) * Nk * D
         Vb = V + b * svb + h.to(tl.int64) * svh
         if 2.0 * tl.abs(t2) <= P_RANGE:
-            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, lo, hi, tl.abs(t2) - P_TOP, svn, svd,
-                                             True, PRECISION, CHUNK, BLOCK_M, BLOCK_N, D, DA, DB)
+            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, t2, lo, hi, svn, svd,
+                                             True, PRECISION, CHUNK, P_TOP, BLOCK_M, BLOCK_N, D, DA, DB)
         else:
-            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, lo, hi, float("-inf"), svn, svd,
-                                             False, PRECISION, CHUNK, BLOCK_M, BLOCK_N, D, DA, DB)
+            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, t2, lo, hi, svn, svd,
+                                             False, PRECISION, CHUNK, P_TOP, BLOCK_M, BLOCK_N, D, DA, DB)
 
         row_offsets = bh.to(tl.int64) * Nq + rows
         l_i = tl.where(row_ok, l_i, 1.0)  # rows past Nq: keep their unstored math finite
@@ -346,21 +366,24 @@ if triton is not None:
             tl.store(PM + stat, m_i, mask=row_ok)
             _store_cols(PO, stat, row_ok, D, 1, D, acc_a, acc_b, DA, DB)
         else:
-            tl.store(LSE + row_offsets, m_i + tl.math.log2(l_i), mask=row_ok)
+            tl.store(LSE + row_offsets, m_i, mask=row_ok)
+            tl.store(LSE + tl.num_programs(1).to(tl.int64) * Nq + row_offsets, tl.math.log2(l_i), mask=row_ok)
             inv_l = tl.where(row_ok, 1.0 / l_i, 0.0)
             _store_cols(O + b * sob + h.to(tl.int64) * soh, rows, row_ok, son, sod, D,
                         acc_a * inv_l[:, None], acc_b * inv_l[:, None], DA, DB)
 
 
     @triton.jit
-    def _combine_kernel(PO, PL, PM, O, LSE, Nq, D, H, SPLITS, sob, soh, son, sod,
+    def _combine_kernel(PO, PL, PM, T, O, LSE, Nq, D, H, SPLITS, sob, soh, son, sod,
                         BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Merge the key splits of ``_fwd_kernel``: O = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
+        """Merge the key splits of ``_fwd_kernel``: with w_s = 2^((m_s - M) |t| log2 e) and M the
+        largest m_s, O = sum_s w_s acc_s / sum_s w_s l_s; LSE as ``_fwd_kernel`` writes it.
 
         Splits are read in order, so the result does not depend on scheduling.
         """
         bh = tl.program_id(1)
         BH = tl.num_programs(1)
+        at2 = tl.abs(tl.load(T + bh % H).to(tl.float32)) * 1.4426950408889634
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         row_offsets = bh.to(tl.int64) * Nq + rows
@@ -371,9 +394,10 @@ if triton is not None:
         for s in range(0, SPLITS):
             stat = s * BH * Nq + row_offsets
             l_sum += tl.load(PL + stat, mask=row_ok, other=0.0) * tl.math.exp2(
-                tl.load(PM + stat, mask=row_ok, other=0.0) - m)
+                (tl.load(PM + stat, mask=row_ok, other=0.0) - m) * at2)
         l_sum = tl.where(row_ok, l_sum, 1.0)
-        tl.store(LSE + row_offsets, m + tl.math.log2(l_sum), mask=row_ok)
+        tl.store(LSE + row_offsets, m, mask=row_ok)
+        tl.store(LSE + BH.to(tl.int64) * Nq + row_offsets, tl.math.log2(l_sum), mask=row_ok)
         Ob = O + (bh // H).to(tl.int64) * sob + (bh % H).to(tl.int64) * soh + rows.to(tl.int64)[:, None] * son
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
@@ -381,7 +405,7 @@ if triton is not None:
             acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
             for s in range(0, SPLITS):
                 stat = s * BH * Nq + row_offsets
-                w = tl.math.exp2(tl.load(PM + stat, mask=row_ok, other=0.0) - m)
+                w = tl.math.exp2((tl.load(PM + stat, mask=row_ok, other=0.0) - m) * at2)
                 acc += tl.load(PO + stat[:, None] * D + cols[None, :], mask=mask, other=0.0) * w[:, None]
             tl.store(Ob + cols[None, :] * sod, (acc / l_sum[:, None]).to(O.dtype.element_ty), mask=mask)
 
@@ -448,17 +472,19 @@ if triton is not None:
             tl.store(DT + stats, _dt_rows(sum_p, sum_pc, sum_pdp, sum_pdpc, row_ok), mask=row_ok)
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DK, DV, Nq, Nk, H, rows_per_split,
-                         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    def _bwd_dkdv_kernel(QN, K, KN, V, T, RK, DO, LSE, DELTA, DK, DV, Nq, Nk, H, rows_per_split,
+                         skb, skh, skn, skd, svb, svh, svn, svd,
                          PRECISION: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
                          DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dk, dv for BLOCK_N keys of one (b, h), looping over the query blocks of its split.
 
-        Recomputes the cosines c^T = (k @ qn^T) rk (q normalised on load, in its
-        dtype) and p^T = exp2(c^T t log2 e - lse) from the saved log2-sum-exp, then
-        dv += p^T dO, ds^T = p^T (dO v^T - delta), dkn += t ds^T qn, and finally
-        maps dkn through k's normalisation. dO and out are contiguous (B, H, Nq, D).
-        Every D-wide operand is held as two column blocks DA + DB, as in the forward.
+        Recomputes the cosines c^T = kn @ qn^T from the forward's operands (QN and KN,
+        q and k normalised and rounded to their dtype, contiguous), so that p^T =
+        exp2((c^T - m sign(t)) t log2 e - log2 l) with the forward's LSE (m, log2 l) is the forward's
+        softmax, then dv += p^T dO, ds^T = p^T (dO v^T - delta), dkn += t ds^T qn, and
+        finally maps dkn through k's normalisation. dO and out are contiguous
+        (B, H, Nq, D). Every D-wide operand is held as two column blocks DA + DB, as in
+        the forward.
 
         With SPLIT, programs along axis 2 take consecutive query ranges of
         ``rows_per_split`` and write their fp32 sums t dkn and dv to DK and DV,
@@ -469,33 +495,33 @@ if triton is not None:
         lo = split * rows_per_split
         hi = tl.minimum(lo + rows_per_split, Nq)
         t2 = t * 1.4426950408889634  # exp2 units
+        sgn = tl.where(t2 > 0, 1.0, tl.where(t2 < 0, -1.0, 0.0))
+        BHN = tl.num_programs(1).to(tl.int64) * Nq
         keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = keys < Nk
-        k_a, k_b = _load_cols(K + b * skb + h.to(tl.int64) * skh, keys, key_ok, skn, skd, D, DA, DB)
+        kn_a, kn_b = _load_cols(KN + bh.to(tl.int64) * Nk * D, keys, key_ok, D, 1, D, DA, DB)
         v_a, v_b = _load_cols(V + b * svb + h.to(tl.int64) * svh, keys, key_ok, svn, svd, D, DA, DB)
-        rk = tl.load(RK + bh.to(tl.int64) * Nk + keys, mask=key_ok, other=0.0)
         dv_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
         dkn_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
         dv_b = tl.zeros([BLOCK_N, DB if DB > 0 else 16], dtype=tl.float32)
         dkn_b = tl.zeros([BLOCK_N, DB if DB > 0 else 16], dtype=tl.float32)
-        Qb = Q + b * sqb + h.to(tl.int64) * sqh
+        QNb = QN + bh.to(tl.int64) * Nq * D
         DOb = DO + bh.to(tl.int64) * Nq * D
         for start in range(lo, hi, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < hi
             stats = bh.to(tl.int64) * Nq + rows
-            q_a, q_b = _load_cols(Qb, rows, row_ok, sqn, sqd, D, DA, DB)
-            qn_a, qn_b = _scale_rows(q_a, q_b, tl.load(RQ + stats, mask=row_ok, other=0.0), DB)
-            lse = tl.load(LSE + stats, mask=row_ok, other=float("inf"))
+            qn_a, qn_b = _load_cols(QNb, rows, row_ok, D, 1, D, DA, DB)
+            top = tl.load(LSE + stats, mask=row_ok, other=0.0) * sgn
+            log2_l = tl.load(LSE + BHN + stats, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
             do_a, do_b = _load_cols(DOb, rows, row_ok, D, 1, D, DA, DB)
-            c = _dot_d(k_a, k_b, qn_a, qn_b, PRECISION, DB) * rk[:, None]
-            p = tl.math.exp2(c * t2 - lse[None, :])
+            p = tl.math.exp2((_dot_d(kn_a, kn_b, qn_a, qn_b, PRECISION, DB) - top[None, :]) * t2 - log2_l[None, :])
             p16 = p.to(DO.dtype.element_ty)
             dv_a = tl.dot(p16, do_a, dv_a, input_precision=PRECISION)
             if DB > 0:
                 dv_b = tl.dot(p16, do_b, dv_b, input_precision=PRECISION)
-            ds = (p * (_dot_d(v_a, v_b, do_a, do_b, PRECISION, DB) - delta[None, :])).to(Q.dtype.element_ty)
+            ds = (p * (_dot_d(v_a, v_b, do_a, do_b, PRECISION, DB) - delta[None, :])).to(QN.dtype.element_ty)
             dkn_a = tl.dot(ds, qn_a, dkn_a, input_precision=PRECISION)
             if DB > 0:
                 dkn_b = tl.dot(ds, qn_b, dkn_b, input_precision=PRECISION)
@@ -503,23 +529,26 @@ if triton is not None:
         if SPLIT:
             _store_cols(DK, out, key_ok, D, 1, D, dkn_a * t, dkn_b * t, DA, DB)
         else:
+            k_a, k_b = _load_cols(K + b * skb + h.to(tl.int64) * skh, keys, key_ok, skn, skd, D, DA, DB)
+            rk = tl.load(RK + bh.to(tl.int64) * Nk + keys, mask=key_ok, other=0.0)
             dk_a, dk_b = _unnormalize_grad(k_a.to(tl.float32), k_b.to(tl.float32), dkn_a * t, dkn_b * t, rk, DB)
             _store_cols(DK, out, key_ok, D, 1, D, dk_a, dk_b, DA, DB)
         _store_cols(DV, out, key_ok, D, 1, D, dv_a, dv_b, DA, DB)
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, Nq, Nk, H, keys_per_split,
-                       sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    def _bwd_dq_kernel(Q, QN, KN, V, T, RQ, DO, LSE, DELTA, DQ, DT, Nq, Nk, H, keys_per_split,
+                       sqb, sqh, sqn, sqd, svb, svh, svn, svd,
                        PRECISION: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
                        DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dq and the rows' shares of dt for BLOCK_M queries of one (b, h), looping over the
         key blocks of its split.
 
-        ds = p (dO v^T - delta) is the gradient of the logits t c; dqn = t ds kn
-        goes through q's normalisation. dt = sum_ij ds c is a sum over all rows, so
+        The cosines c = qn @ kn^T come from the forward's operands, as in
+        ``_bwd_dkdv_kernel``; ds = p (dO v^T - delta) is the gradient of the logits
+        t c; dqn = t ds kn goes through q's normalisation. dt = sum_ij ds c is a sum over all rows, so
         its per-row error must not be biased: it is formed from row sums of p, p c,
         p dp and p dp c as E[dp c] - E[dp] E[c] under p / sum(p). That takes neither
-        delta (from the rounded output) nor the exact scale of p (from the fp32 lse).
+        delta (from the rounded output) nor the exact scale of p (from the fp32 LSE).
         The dt shares are written per row (DT, (B*H, Nq)) and summed by the caller
         (deterministic, no atomics, and the same whatever BLOCK_M the autotuner takes).
 
@@ -532,13 +561,14 @@ if triton is not None:
         lo = split * keys_per_split
         hi = tl.minimum(lo + keys_per_split, Nk)
         t2 = t * 1.4426950408889634  # exp2 units
+        sgn = tl.where(t2 > 0, 1.0, tl.where(t2 < 0, -1.0, 0.0))
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         stats = bh.to(tl.int64) * Nq + rows
-        q_a, q_b = _load_cols(Q + b * sqb + h.to(tl.int64) * sqh, rows, row_ok, sqn, sqd, D, DA, DB)
+        qn_a, qn_b = _load_cols(QN + bh.to(tl.int64) * Nq * D, rows, row_ok, D, 1, D, DA, DB)
         do_a, do_b = _load_cols(DO + bh.to(tl.int64) * Nq * D, rows, row_ok, D, 1, D, DA, DB)
-        rq = tl.load(RQ + stats, mask=row_ok, other=0.0)
-        lse = tl.load(LSE + stats, mask=row_ok, other=float("inf"))
+        top = tl.load(LSE + stats, mask=row_ok, other=0.0) * sgn
+        log2_l = tl.load(LSE + tl.num_programs(1).to(tl.int64) * Nq + stats, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
         dqn_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
         dqn_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], dtype=tl.float32)
@@ -546,16 +576,15 @@ if triton is not None:
         sum_pc = tl.zeros([BLOCK_M], dtype=tl.float32)
         sum_pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
         sum_pdpc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        Kb = K + b * skb + h.to(tl.int64) * skh
+        KNb = KN + bh.to(tl.int64) * Nk * D
         Vb = V + b * svb + h.to(tl.int64) * svh
         for start in range(lo, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < hi
-            k_a, k_b = _load_cols(Kb, cols, col_ok, skn, skd, D, DA, DB)
+            kn_a, kn_b = _load_cols(KNb, cols, col_ok, D, 1, D, DA, DB)
             v_a, v_b = _load_cols(Vb, cols, col_ok, svn, svd, D, DA, DB)
-            kn_a, kn_b = _scale_rows(k_a, k_b, tl.load(RK + bh.to(tl.int64) * Nk + cols, mask=col_ok, other=0.0), DB)
-            c = _dot_d(q_a, q_b, kn_a, kn_b, PRECISION, DB) * rq[:, None]
-            p = tl.math.exp2(c * t2 - lse[:, None] + tl.where(col_ok, 0.0, float("-inf"))[None, :])
+            c = _dot_d(qn_a, qn_b, kn_a, kn_b, PRECISION, DB)
+            p = tl.math.exp2((c - top[:, None]) * t2 - log2_l[:, None] + tl.where(col_ok, 0.0, float("-inf"))[None, :])
             dp = _dot_d(do_a, do_b, v_a, v_b, PRECISION, DB)
             ds = p * (dp - delta[:, None])
             pc = p * c
@@ -563,7 +592,7 @@ if triton is not None:
             sum_pc += tl.sum(pc, axis=1)
             sum_pdp += tl.sum(p * dp, axis=1)
             sum_pdpc += tl.sum(pc * dp, axis=1)
-            ds16 = ds.to(K.dtype.element_ty)
+            ds16 = ds.to(KN.dtype.element_ty)
             dqn_a = tl.dot(ds16, kn_a, dqn_a, input_precision=PRECISION)
             if DB > 0:
                 dqn_b = tl.dot(ds16, kn_b, dqn_b, input_precision=PRECISION)
@@ -576,6 +605,8 @@ if triton is not None:
             tl.store(DT + part + 2 * bhn, sum_pdp, mask=row_ok)
             tl.store(DT + part + 3 * bhn, sum_pdpc, mask=row_ok)
         else:
+            q_a, q_b = _load_cols(Q + b * sqb + h.to(tl.int64) * sqh, rows, row_ok, sqn, sqd, D, DA, DB)
+            rq = tl.load(RQ + stats, mask=row_ok, other=0.0)
             dq_a, dq_b = _unnormalize_grad(q_a.to(tl.float32), q_b.to(tl.float32), dqn_a * t, dqn_b * t, rq, DB)
             _store_cols(DQ, stats, row_ok, D, 1, D, dq_a, dq_b, DA, DB)
             tl.store(DT + stats, _dt_rows(sum_p, sum_pc, sum_pdp, sum_pdpc, row_ok), mask=row_ok)
@@ -589,7 +620,7 @@ if triton is not None:
     _bwd_dkdv_tuned, _bwd_dq_tuned = (
         _triton.autotune(kernel, [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=st)
                                   for lists in _BWD_CONFIGS.values() for bm, bn, w, st in lists[which]], ["D"],
-                         lambda nargs, kw, which=which: _bwd_configs_for(kw["D"], nargs["Q"].dtype, which))
+                         lambda nargs, kw, which=which: _bwd_configs_for(kw["D"], nargs["V"].dtype, which))
         for which, kernel in ((0, _bwd_dkdv_kernel), (1, _bwd_dq_kernel)))
 
 
@@ -623,16 +654,15 @@ def _split_range(programs: int, n: int, device: torch.device, splits: Optional[i
     return triton.cdiv(n, per_split), per_split
 
 
-def _inv_norms(x: torch.Tensor, rows: bool = False, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _inv_norms(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
     """(B, H, N) fp32 inverse row norms of x; with ``rows``, instead the rows normalised,
-    (B, H, N, D) contiguous in x's dtype, and with ``scale`` (H,) fp32 also scaled by
-    scale_h log2(e)."""
+    (B, H, N, D) contiguous in x's dtype."""
     b, h, n, d = x.shape
     out = torch.empty((b, h, n, d) if rows else (b, h, n), device=x.device,
                       dtype=x.dtype if rows else torch.float32)
     if out.numel():
-        _triton.launch(_inv_norm_kernel, (triton.cdiv(n, 64), b * h), x, out, out if scale is None else scale,
-                       n, d, h, *x.stride(), EPS, ROWS=rows, SCALED=scale is not None, BLOCK_N=64,
+        _triton.launch(_inv_norm_kernel, (triton.cdiv(n, 64), b * h), x, out,
+                       n, d, h, *x.stride(), EPS, ROWS=rows, BLOCK_N=64,
                        BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
     return out
 
@@ -644,8 +674,8 @@ def _like(q: torch.Tensor) -> torch.Tensor:
 
 
 def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: bool = False):
-    """(out, lse): out (B, H, Nq, D) in q's dtype and layout (``_like``), lse (B, H, Nq) fp32
-    log2-sum-exp.
+    """(out, lse): out (B, H, Nq, D) in q's dtype and layout (``_like``), lse (2, B, H, Nq) fp32,
+    each row's softmax as ``_fwd_kernel`` writes it.
 
     ``splits`` forces the number of key splits; ``online_only`` disables the fixed-shift
     softmax (both for tests and benchmarks).
@@ -653,14 +683,14 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
     b, h, nq, d = q.shape
     nk = k.shape[2]
     out = _like(q)
-    lse = torch.empty((b, h, nq), device=q.device, dtype=torch.float32)
+    lse = torch.empty((2, b, h, nq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
     da, db = _column_blocks(d)
     configs = _fwd_configs_for(d, q.dtype)
     block_m = configs[0].kwargs["BLOCK_M"]
     splits, per_split = _split_range(triton.cdiv(nq, block_m) * b * h, nk, q.device, splits)
-    kn = _inv_norms(k, rows=True, scale=t32)
+    kn = _inv_norms(k, rows=True)
     chunk = _FP32_CHUNK if q.dtype == torch.float32 else 0
     q_normalised = d > _Q_IN_REGISTERS or chunk > 0
     if q_normalised:
@@ -679,7 +709,7 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
                          lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args, **constants)
     if splits > 1:
         block_d = min(128, max(16, triton.next_power_of_2(d)))
-        _triton.launch(_combine_kernel, (triton.cdiv(nq, 32), b * h), po, pl, pm, out, lse, nq, d, h, splits,
+        _triton.launch(_combine_kernel, (triton.cdiv(nq, 32), b * h), po, pl, pm, t32, out, lse, nq, d, h, splits,
                        *out.stride(), BLOCK_M=32, BLOCK_D=block_d)
     return out, lse
 
@@ -705,14 +735,13 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
         return dq, dk, dv, dt.view(b, h, nq).sum((0, 2))
     delta = (dout.float() * out.float()).sum(-1)
     rq, rk = _inv_norms(q), _inv_norms(k)
-    args = (q, k, v, t32, rq, rk, dout, lse, delta)
-    strides = (*q.stride(), *k.stride(), *v.stride())
+    qn, kn = _inv_norms(q, rows=True), _inv_norms(k, rows=True)  # the forward's operands
     da, db = _column_blocks(d)
     constants = dict(PRECISION=_triton.precision(q.dtype), D=d, DA=da, DB=db)
     block_d = max(16, triton.next_power_of_2(d))
-    for which, kernel, tuned, (n_out, n_loop, block), x, r, (grad, *more) in (
-            (0, _bwd_dkdv_kernel, _bwd_dkdv_tuned, (nk, nq, "BLOCK_N"), k, rk, (dk, dv)),
-            (1, _bwd_dq_kernel, _bwd_dq_tuned, (nq, nk, "BLOCK_M"), q, rq, (dq, dt))):
+    for which, kernel, tuned, (n_out, n_loop, block), x, r, inputs, (grad, *more) in (
+            (0, _bwd_dkdv_kernel, _bwd_dkdv_tuned, (nk, nq, "BLOCK_N"), k, rk, (qn, k, kn, v, t32, rk), (dk, dv)),
+            (1, _bwd_dq_kernel, _bwd_dq_tuned, (nq, nk, "BLOCK_M"), q, rq, (q, qn, kn, v, t32, rq), (dq, dt))):
         configs = _bwd_configs_for(d, q.dtype, which)
         widest = max(cfg.kwargs[block] for cfg in configs)  # the fewest programs the autotuner may launch
         parts, per_split = _split_range(triton.cdiv(n_out, widest) * b * h, n_loop, q.device,
@@ -722,8 +751,8 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
             shapes = ((b * h, n_out, d), (4, b * h, n_out) if which else (b * h, n_out, d))
             outputs = [torch.empty((parts, *shape), device=q.device, dtype=torch.float32) for shape in shapes]
         _triton.launch_tuned(kernel, tuned, (d, q.dtype, parts > 1), configs,
-                             lambda meta: (triton.cdiv(n_out, meta[block]), b * h, parts), *args, *outputs,
-                             nq, nk, h, per_split, *strides, SPLIT=parts > 1, **constants)
+                             lambda meta: (triton.cdiv(n_out, meta[block]), b * h, parts), *inputs, dout, lse, delta,
+                             *outputs, nq, nk, h, per_split, *x.stride(), *v.stride(), SPLIT=parts > 1, **constants)
         if parts > 1:
             grid = (triton.cdiv(n_out, 16), b * h)
             _triton.launch(_bwd_finish_kernel, grid, outputs[0], x, r, grad, outputs[1], dt, n_out, d, h, parts,
@@ -738,14 +767,15 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
 @torch.library.custom_op("sipl_fast::cosine_attention_triton", mutates_args=())
 def cosine_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             temperature: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: (out (B, H, Nq, D) in q's layout, lse (B, H, Nq) fp32); temperature (H,)."""
+    """Triton forward: (out (B, H, Nq, D) in q's layout, lse (2, B, H, Nq) fp32, ``_fwd_kernel``'s
+    LSE); temperature (H,)."""
     return _triton_forward(q, k, v, temperature.float().contiguous())
 
 
 @cosine_attention_triton.register_fake
 def _(q, k, v, temperature):
     b, h, nq, d = q.shape
-    return _like(q), q.new_empty((b, h, nq), dtype=torch.float32)
+    return _like(q), q.new_empty((2, b, h, nq), dtype=torch.float32)
 
 
 @torch.library.custom_op("sipl_fast::cosine_attention_triton_bwd", mutates_args=())
