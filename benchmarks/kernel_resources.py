@@ -10,7 +10,7 @@ triton), plus the attention's backward at D = 96 and 384, records every launch, 
 tile its launcher may choose (an autotuner's every config, a fallback list's every entry) and
 reads ``ptxas -v`` for sm_90a. ``first``: the tile taken without autotuning
 (``SIPL_FAST_TRITON_AUTOTUNE=0``, the interpreter) or the first a fallback list tries.
-Usage: ``python benchmarks/kernel_resources.py [--dtypes fp16,fp32] [--quick]``; JSON and
+Usage: ``python benchmarks/kernel_resources.py [--dtypes fp16,bf16,fp32] [--quick]``; JSON and
 markdown under ``benchmarks/results/kernel_resources*``.
 """
 from __future__ import annotations
