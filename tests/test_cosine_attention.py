@@ -181,7 +181,11 @@ def grads(fn, dtype, q, k, v, t, dout):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [(2, 2, 77, 45, 96, [0.1, 5.0]), (1, 2, 41, 67, 24, [50.0, -3.0]),
-                                  (1, 1, 37, 29, 384, [12.0])], ids=lambda c: "x".join(map(str, c[:5])))
+                                  (1, 1, 37, 29, 384, [12.0]),
+                                  # peaked softmaxes over few keys: in fp16, dq and dk failed while the
+                                  # backward recomputed the cosines from other roundings than the forward's
+                                  (1, 2, 120, 9, 24, [50.0, -20.0])],
+                         ids=lambda c: "x".join(map(str, c[:5])))
 def test_backward_matches_autograd(dtype, case):
     *shape, temps = case
     q, k, v, t = inputs(*shape, temps)
