@@ -364,7 +364,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--variants", default="naive,sdpa,triton,cuda",
                         help=f"comma list of {', '.join(VARIANTS)} (torch is the op's reference backend)")
     parser.add_argument("--no-backward", action="store_true", help="skip the fwd+bwd rows")
-    parser.add_argument("--backward-shapes", help="fwd+bwd rows only for these shapes (same syntax as --shapes)")
+    parser.add_argument("--backward-shapes", help="fwd+bwd rows only for these shapes (same syntax as --shapes; "
+                                                  "default: every shape on a GPU, the first on the CPU)")
     parser.add_argument("--min-time", type=float, help="seconds of repeats per cell (default 0.25 on a GPU)")
     args = parser.parse_args(argv)
 
@@ -373,7 +374,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.cuda.set_device(device)
     try:
         shapes = parse_shapes(args.shapes, args.quick, device)
-        backward_shapes = shapes if args.backward_shapes is None else parse_shapes(args.backward_shapes, False, device)
+        if args.backward_shapes is not None:
+            backward_shapes = parse_shapes(args.backward_shapes, False, device)
+        else:  # Triton's interpreter takes ~25 s per fwd+bwd at 300 x 1000: on the CPU, the smallest only
+            backward_shapes = shapes if device.type == "cuda" else shapes[:1]
     except argparse.ArgumentTypeError as e:
         parser.error(str(e))
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
