@@ -122,6 +122,13 @@ if triton is not None:
         return bh, (bh // H).to(tl.int64), h, tl.load(T + h).to(tl.float32)
 
     @triton.jit
+    def _logit_scale(t):
+        """(t log2 e, sign(t)): the logits c t in exp2 units are c t2; sign(t) orients the cosines
+        (u = c sign(t) grows with the logit)."""
+        t2 = t * 1.4426950408889634
+        return t2, tl.where(t2 > 0, 1.0, tl.where(t2 < 0, -1.0, 0.0))
+
+    @triton.jit
     def _load_cols(X, rows, ok, sn, sd, D, DA: tl.constexpr, DB: tl.constexpr):
         """Rows ``rows`` of the (N, D) matrix at X as the column blocks [rows, DA] and
         [rows, DB] (``_column_blocks``; zeros where not ``ok`` or past D); with DB = 0 the
@@ -164,13 +171,11 @@ if triton is not None:
         return y_a, y_b
 
     @triton.jit
-    def _inv_norm_kernel(X, OUT, N, D, H, sxb, sxh, sxn, sxd, eps, ROWS: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """OUT[bh, n] = r = 1 / max(|X[b, h, n, :]|, eps) in fp32 for a block of BLOCK_N rows.
-
-        ROWS: OUT[bh, n, :] = X[b, h, n, :] * r instead, rounded to X's dtype, contiguous
-        (the dot products' operands, the same in the forward and the backward).
-        """
+    def _normalise_kernel(X, OUT, R, N, D, H, sxb, sxh, sxn, sxd, eps, NORMS: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """OUT[bh, n, :] = X[b, h, n, :] * r, r = 1 / max(|X[b, h, n, :]|, eps), rounded to X's
+        dtype, contiguous (the dot products' operands, the same in the forward and the
+        backward), for a block of BLOCK_N rows; NORMS: also R[bh, n] = r in fp32."""
         bh = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         base = X + (bh // H).to(tl.int64) * sxb + (bh % H).to(tl.int64) * sxh + rows.to(tl.int64)[:, None] * sxn
@@ -181,15 +186,14 @@ if triton is not None:
             x = x.to(tl.float32)
             total += tl.sum(x * x, axis=1)
         r = 1.0 / tl.maximum(tl.sqrt(total), eps)
-        if ROWS:
-            out = OUT + (bh.to(tl.int64) * N + rows.to(tl.int64))[:, None] * D
-            for d0 in range(0, D, BLOCK_D):
-                cols = d0 + tl.arange(0, BLOCK_D)
-                mask = (rows[:, None] < N) & (cols[None, :] < D)
-                x = tl.load(base + cols[None, :] * sxd, mask=mask, other=0.0)
-                tl.store(out + cols[None, :], (x.to(tl.float32) * r[:, None]).to(OUT.dtype.element_ty), mask=mask)
-        else:
-            tl.store(OUT + bh.to(tl.int64) * N + rows, r, mask=rows < N)
+        out = OUT + (bh.to(tl.int64) * N + rows.to(tl.int64))[:, None] * D
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mask = (rows[:, None] < N) & (cols[None, :] < D)
+            x = tl.load(base + cols[None, :] * sxd, mask=mask, other=0.0)
+            tl.store(out + cols[None, :], (x.to(tl.float32) * r[:, None]).to(OUT.dtype.element_ty), mask=mask)
+        if NORMS:
+            tl.store(R + bh.to(tl.int64) * N + rows, r, mask=rows < N)
 
     @triton.jit
     def _attend_block(q_a, q_b, KNb, Vb, t2, sgn, cols, hi, acc_a, acc_b, l_i, m_i, svn, svd,
@@ -259,7 +263,7 @@ if triton is not None:
         return acc_a, acc_b, l_i, m_i
 
     @triton.jit
-    def _attend(q_a, q_b, KNb, Vb, t2, lo, hi, svn, svd, FIXED: tl.constexpr, PRECISION: tl.constexpr,
+    def _attend(q_a, q_b, KNb, Vb, t2, sgn, lo, hi, svn, svd, FIXED: tl.constexpr, PRECISION: tl.constexpr,
                 CHUNK: tl.constexpr, P_TOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
         """The key loop of ``_fwd_kernel`` over keys lo..hi: (acc_a, acc_b, l, m) with
@@ -271,7 +275,6 @@ if triton is not None:
         2^P_TOP while it is rounded for the p @ v product); else the online softmax's
         running max.
         """
-        sgn = tl.where(t2 > 0, 1.0, tl.where(t2 < 0, -1.0, 0.0))
         acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -307,7 +310,7 @@ if triton is not None:
         384 = 256 + 128), so no tensor-core work is wasted on padding; other D
         pad DA with masked columns and have DB = 0.
 
-        The keys come normalised (``KN``, contiguous, from ``_inv_norm_kernel``) and q
+        The keys come normalised (``KN``, contiguous, from ``_normalise_kernel``) and q
         is normalised on load (Q_NORMALISED: already normalised, by the same kernel;
         CHUNK > 0 also has ``_attend_block`` load it in slices), each rounded to the
         inputs' dtype, so a key block's cosines are one product c = q @ kn^T (the
@@ -332,7 +335,7 @@ if triton is not None:
         pid_m = tl.program_id(0)
         split = tl.program_id(2)
         bh, b, h, t = _program_head(T, H)
-        t2 = t * 1.4426950408889634  # exp2 units
+        t2, sgn = _logit_scale(t)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         Qb = Q + b * sqb + h.to(tl.int64) * sqh
@@ -352,10 +355,10 @@ if triton is not None:
         KNb = KN + bh.to(tl.int64) * Nk * D
         Vb = V + b * svb + h.to(tl.int64) * svh
         if 2.0 * tl.abs(t2) <= P_RANGE:
-            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, t2, lo, hi, svn, svd,
+            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, t2, sgn, lo, hi, svn, svd,
                                              True, PRECISION, CHUNK, P_TOP, BLOCK_M, BLOCK_N, D, DA, DB)
         else:
-            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, t2, lo, hi, svn, svd,
+            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, t2, sgn, lo, hi, svn, svd,
                                              False, PRECISION, CHUNK, P_TOP, BLOCK_M, BLOCK_N, D, DA, DB)
 
         row_offsets = bh.to(tl.int64) * Nq + rows
@@ -383,7 +386,8 @@ if triton is not None:
         """
         bh = tl.program_id(1)
         BH = tl.num_programs(1)
-        at2 = tl.abs(tl.load(T + bh % H).to(tl.float32)) * 1.4426950408889634
+        t2, sgn = _logit_scale(tl.load(T + bh % H).to(tl.float32))
+        at2 = t2 * sgn
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         row_offsets = bh.to(tl.int64) * Nq + rows
@@ -494,8 +498,7 @@ if triton is not None:
         split = tl.program_id(2)
         lo = split * rows_per_split
         hi = tl.minimum(lo + rows_per_split, Nq)
-        t2 = t * 1.4426950408889634  # exp2 units
-        sgn = tl.where(t2 > 0, 1.0, tl.where(t2 < 0, -1.0, 0.0))
+        t2, sgn = _logit_scale(t)
         BHN = tl.num_programs(1).to(tl.int64) * Nq
         keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = keys < Nk
@@ -560,8 +563,7 @@ if triton is not None:
         split = tl.program_id(2)
         lo = split * keys_per_split
         hi = tl.minimum(lo + keys_per_split, Nk)
-        t2 = t * 1.4426950408889634  # exp2 units
-        sgn = tl.where(t2 > 0, 1.0, tl.where(t2 < 0, -1.0, 0.0))
+        t2, sgn = _logit_scale(t)
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         stats = bh.to(tl.int64) * Nq + rows
@@ -654,17 +656,17 @@ def _split_range(programs: int, n: int, device: torch.device, splits: Optional[i
     return triton.cdiv(n, per_split), per_split
 
 
-def _inv_norms(x: torch.Tensor, rows: bool = False) -> torch.Tensor:
-    """(B, H, N) fp32 inverse row norms of x; with ``rows``, instead the rows normalised,
-    (B, H, N, D) contiguous in x's dtype."""
+def _normalised(x: torch.Tensor, norms: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(x's rows normalised, (B, H, N, D) contiguous in x's dtype; with ``norms`` their
+    inverse norms (B, H, N) fp32, else None), in one pass over x."""
     b, h, n, d = x.shape
-    out = torch.empty((b, h, n, d) if rows else (b, h, n), device=x.device,
-                      dtype=x.dtype if rows else torch.float32)
+    out = torch.empty((b, h, n, d), device=x.device, dtype=x.dtype)
+    r = torch.empty((b, h, n), device=x.device, dtype=torch.float32) if norms else None
     if out.numel():
-        _triton.launch(_inv_norm_kernel, (triton.cdiv(n, 64), b * h), x, out,
-                       n, d, h, *x.stride(), EPS, ROWS=rows, BLOCK_N=64,
+        _triton.launch(_normalise_kernel, (triton.cdiv(n, 64), b * h), x, out, out if r is None else r,
+                       n, d, h, *x.stride(), EPS, NORMS=norms, BLOCK_N=64,
                        BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
-    return out
+    return out, r
 
 
 def _like(q: torch.Tensor) -> torch.Tensor:
@@ -690,11 +692,11 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
     configs = _fwd_configs_for(d, q.dtype)
     block_m = configs[0].kwargs["BLOCK_M"]
     splits, per_split = _split_range(triton.cdiv(nq, block_m) * b * h, nk, q.device, splits)
-    kn = _inv_norms(k, rows=True)
+    kn = _normalised(k)[0]
     chunk = _FP32_CHUNK if q.dtype == torch.float32 else 0
     q_normalised = d > _Q_IN_REGISTERS or chunk > 0
     if q_normalised:
-        q = _inv_norms(q, rows=True)
+        q = _normalised(q)[0]
     if splits > 1:
         po = torch.empty((splits, b * h, nq, d), device=q.device, dtype=torch.float32)
         pl = torch.empty((splits, b * h, nq), device=q.device, dtype=torch.float32)
@@ -734,8 +736,7 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
         dv.zero_()
         return dq, dk, dv, dt.view(b, h, nq).sum((0, 2))
     delta = (dout.float() * out.float()).sum(-1)
-    rq, rk = _inv_norms(q), _inv_norms(k)
-    qn, kn = _inv_norms(q, rows=True), _inv_norms(k, rows=True)  # the forward's operands
+    (qn, rq), (kn, rk) = _normalised(q, norms=True), _normalised(k, norms=True)  # the forward's operands
     da, db = _column_blocks(d)
     constants = dict(PRECISION=_triton.precision(q.dtype), D=d, DA=da, DB=db)
     block_d = max(16, triton.next_power_of_2(d))
