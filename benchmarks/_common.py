@@ -6,9 +6,11 @@ speed is never asserted in tests.
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -23,8 +25,12 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, min_time_s: float = 0.2) -> float:
-    """Median wall time of ``fn`` in milliseconds (CUDA events on a GPU)."""
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, min_time_s: float = 0.2,
+            graph: bool = False) -> float:
+    """Median time of ``fn`` in milliseconds: wall time per call (CUDA events on a GPU, host
+    launch overhead included), or with ``graph`` on a GPU the device time of the calls replayed
+    as one CUDA graph (``sipl_fast.ops.graph_ms``; kernels compared without launch overhead, as
+    a captured model runs them), falling back to wall time where ``fn`` cannot be captured."""
     for _ in range(warmup):
         fn()
     times: List[float] = []
@@ -42,7 +48,17 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, min
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
-    return times[len(times) // 2]
+    wall = times[len(times) // 2]
+    if not graph or device.type != "cuda":
+        return wall
+    from sipl_fast.ops import graph_ms
+
+    calls = max(1, min(100, round(2.0 / wall)))  # about 2 ms of work per replay
+    ms = graph_ms(fn, calls=calls, replays=max(5, min(50, round(1e3 * min_time_s / (wall * calls)))))
+    if ms is None:
+        print(f"(cannot be captured in a CUDA graph: wall time, {fn})", file=sys.stderr)
+        return wall
+    return ms
 
 
 def environment(device: torch.device) -> Dict[str, str]:
@@ -122,8 +138,9 @@ def op_variants(op: str, reference: Callable, args: tuple, wanted, device: torch
     table = {"eager-fp32": (torch.float32, lambda: reference(*args)),
              "eager-bf16": (torch.bfloat16, lambda: reference(*low)),
              "compile-bf16": (torch.bfloat16, lambda: compiled(*low))}
+    own = importlib.import_module(f"sipl_fast.ops.{op}").BACKENDS  # the backends this op has
     for name, info in ops.available_backends().items():
-        if name != "torch" and info["available"]:
+        if name != "torch" and name in own and info["available"]:
             table[f"{name}-bf16"] = (torch.bfloat16, lambda b=name: fn(*low, backend=b))
     return {name: table[name] for name in table if wanted == "all" or name in wanted}
 
@@ -133,17 +150,18 @@ def copy_bandwidth(device: torch.device) -> float:
     n = (256 << 20) if device.type == "cuda" else (8 << 20)
     src = torch.empty(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / 1e9 / (time_ms(lambda: dst.copy_(src), device) / 1e3)
+    return 2 * src.numel() * 4 / 1e9 / (time_ms(lambda: dst.copy_(src), device, graph=True) / 1e3)
 
 
 def run_cases(cases: List[Case], device: torch.device, bandwidth: float) -> List[dict]:
-    """Time every variant of every case: ms, GB/s, % of ``bandwidth``, and speedups over
-    eager bf16 and over torch.compile (where those ran)."""
+    """Time every variant of every case (device time: the kernels, as a captured model runs
+    them): ms, GB/s, % of ``bandwidth``, and speedups over eager bf16 and over torch.compile
+    (where those ran)."""
     rows = []
     for case in cases:
         row = {"op": case.op, "shape": case.shape, "calls/pass": case.count}
         for name, (dtype, fn) in case.variants.items():
-            ms = time_ms(fn, device)
+            ms = time_ms(fn, device, graph=True)
             gbs = case.elements * torch.finfo(dtype).bits / 8 / 1e9 / (ms / 1e3) if case.elements else None
             row[f"{name} ms"] = ms
             if gbs is not None:
@@ -163,7 +181,8 @@ def report_cases(name: str, rows: List[dict], device: torch.device, bandwidth: f
     columns = ["op", "shape", "calls/pass"]
     for row in rows:
         columns += [k for k in row if k not in columns]
-    env = {**environment(device), "copy bandwidth": f"{bandwidth:.0f} GB/s"}
+    env = {**environment(device), "copy bandwidth": f"{bandwidth:.0f} GB/s",
+           "timing": "device time of CUDA-graph replays on a GPU (no launch overhead)"}
 
     def plot(plt):
         names = [c[: -len(" vs eager-bf16")] for c in columns if c.endswith(" vs eager-bf16")]

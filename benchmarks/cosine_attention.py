@@ -11,7 +11,8 @@ a per-head temperature t). Baselines timed in the same run, on the same inputs:
 - ``triton``, ``cuda`` (and ``torch``, the op's reference, with ``--variants``): the op's
   backends; one that raises ``BackendError`` is reported ``n/a``, not a failure.
 
-Per cell: median ms, TFLOP/s (4*B*H*Nq*Nk*D per forward; fwd+bwd counts 3.5 times that, the
+Per cell: median ms (forward: device time of CUDA-graph replays, no launch overhead; fwd+bwd:
+wall time per call), TFLOP/s (4*B*H*Nq*Nk*D per forward; fwd+bwd counts 3.5 times that, the
 FlashAttention convention), peak extra memory on a GPU (above inputs and outputs), and before
 timing a correctness check (``max|diff|`` against naive, or against sdpa where naive is out
 of memory) so a wrong kernel shows in the table. A ``fwd+bwd`` row per shape times autograd
@@ -226,13 +227,15 @@ def bench_shape(shape: ShapeT, variants: Sequence[str], dtype, device, timing, b
 
     # forward: naive first (the reference), then every SDPA backend, then the op's backends
     row, notes = {**base, "pass": "forward"}, {}
-    cell = Cell(row, device, flops, timing, notes)
+    forward_timing = {**timing, "graph": True}  # device time (graph replays); fwd+bwd: wall time
+    cell = Cell(row, device, flops, forward_timing, notes)
     ref, row["ref"] = None, "none"
     if "naive" in variants:
         ref = cell.run("naive", lambda: naive(q, k, v, t), keep=True)
         row["ref"] = "naive" if ref is not None else "none"
     if "sdpa" in variants:
-        best = fastest_sdpa(row, base, device, flops, timing, notes, lambda: sdpa(q, k, v, t), ref, "sdpa max|diff|")
+        best = fastest_sdpa(row, base, device, flops, forward_timing, notes, lambda: sdpa(q, k, v, t), ref,
+                            "sdpa max|diff|")
         if best is not None and ref is None:  # naive ran out of memory: check the kernels against the fastest SDPA
             with sdpa_candidates(device)[best]():
                 ref, _ = attempt(lambda: sdpa(q, k, v, t), device, notes, "sdpa ref", (RuntimeError,))
@@ -413,6 +416,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         env["cudnn"] = str(torch.backends.cudnn.version())
     env.update({"backends": backends_line(), "shapes": "Nq x Nk, head dim d, heads h, batch 1",
                 "ratios": "'X vs Y' = Y ms / X ms (> 1: X is faster)",
+                "timing": "forward: device time of CUDA-graph replays on a GPU; fwd+bwd: wall time per call",
                 "errors": "max|diff| vs ref (forward); grad err = max over q, k, v, t of max|diff| / max|ref grad|"})
 
     def plot(plt):

@@ -6,7 +6,8 @@ One run, the same model and inputs, variants:
   under bf16 autocast (what running the published code costs: with PyTorch's default
   precision settings, so TF32 convolutions, where ``restore`` alone computes in IEEE fp32);
 - ``compile-bf16``: ``torch.compile`` of the reference model, bf16 autocast;
-- ``fast-fp32``, ``fast-bf16``: FastSIPL with CUDA graphs, ``fast-bf16-eager`` without.
+- ``fast-fp32``, ``fast-bf16``: FastSIPL with CUDA graphs, ``fast-bf16-cl`` with channels-last
+  memory, ``fast-bf16-eager`` without graphs.
 
 Per cell: median ms of the whole loop (``--iterations``, default 2), effective TFLOP/s (the
 published model costs 7.18 TFLOP per 2-iteration loop at 512x512, scaled with pixels, batch and
@@ -30,7 +31,7 @@ import torch
 from _common import environment, report, time_ms
 from sipl_fast import SIPL, SIPLConfig, FastSIPL, loops, ops, restore
 
-VARIANTS = ("eager-fp32", "eager-bf16", "compile-bf16", "fast-fp32", "fast-bf16", "fast-bf16-eager")
+VARIANTS = ("eager-fp32", "eager-bf16", "compile-bf16", "fast-fp32", "fast-bf16", "fast-bf16-cl", "fast-bf16-eager")
 GPU_SIZES = "256,256b4,512,1024,2048,3840x2160"
 # Published model, one 512x512 image, as the published loop computes it: 7.18 TFLOP for 2
 # iterations, each a dictionary pass, an encoder pass and a privileged pass (2 x 1.59 + 0.41).
@@ -57,7 +58,7 @@ def variant(name: str, model: SIPL, iterations: int, device: torch.device) -> Ca
                 return restore(net, x, iterations)
         return run
     dtype = torch.bfloat16 if "bf16" in name else torch.float32
-    fast = FastSIPL(model, dtype=dtype, cuda_graphs=not name.endswith("eager"))
+    fast = FastSIPL(model, dtype=dtype, cuda_graphs=not name.endswith("eager"), channels_last=name.endswith("-cl"))
     return lambda x: fast(x, iterations)
 
 
@@ -93,6 +94,7 @@ def main(argv=None) -> None:
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a tiny model and small images (the CPU default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tag", default="", help="suffix of the result files' names (runs that must not overwrite)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     quick = args.quick or device.type == "cpu"
@@ -146,7 +148,7 @@ def main(argv=None) -> None:
         ax1.set_title(f"SIPL loop, {args.iterations} iterations, {env['device']}")
         return fig
 
-    report(f"fast_sipl{'_quick' if quick else ''}_{device.type}", rows, columns, env, plot)
+    report(f"fast_sipl{'_quick' if quick else ''}_{device.type}{args.tag}", rows, columns, env, plot)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,19 @@
 #
 #   benchmarks/gpu_check.sh [pytest targets...]
 #
+# One device call holds 600 s at most, about what the benchmarks take: a session with 15 minutes
+# runs them in one call, then the tests in a second one at once (the machine stays warm 30 s).
+# A call returns 8 files at most, so each call writes to a folder and archives it:
+#   OUT=/tmp/r benchmarks/gpu_check.sh; tar czf $OUT/r.tgz -C /tmp r        # benchmarks first
+#   BENCHMARKS= TEST_SECONDS=200 OUT=/tmp/t benchmarks/gpu_check.sh; cp /tmp/t/gpu_check.log $OUT
+#
 # Everything goes under $OUT (default benchmarks/results/gpu_check): gpu_check.log (install,
-# tests, benchmark output) and each benchmark's .json/.md/.png. Time limits per stage come from
-# TEST_SECONDS and BENCH_SECONDS, so a slow stage cannot eat the next one's time, and no stage
-# runs past DEADLINE_SECONDS from the start (default 560: one device call may run 600 s);
-# BENCHMARKS lists "script|arguments" entries run in order, the most needed first; the scripts in
+# benchmark and test output) and each benchmark's .json/.md/.png. The benchmarks run first
+# (they need the GPU to themselves), the tests after them with the time that is left. Time
+# limits per stage come from TEST_SECONDS and BENCH_SECONDS (or a benchmark entry's own), so a
+# slow stage cannot eat the next one's time, and no stage runs past DEADLINE_SECONDS from the
+# start (default 560: one device call may run 600 s); BENCHMARKS lists
+# "script|arguments[|seconds]" entries run in order, the most needed first; the scripts in
 # COLD_TRITON_CACHE run with an empty Triton cache, so their first-call times include compiling
 # every kernel, as on a fresh machine.
 set -uo pipefail
@@ -24,7 +32,7 @@ TESTS=("$@")
                                   tests/test_engine.py tests/test_cosine_attention.py tests/test_layer_norm2d.py)
 # backbone: first the target shapes with torch.compile, then every shape without it (compiling
 # each shape takes seconds); last the GDFN tails, fused against two passes
-BENCHMARKS=${BENCHMARKS:-"cosine_attention|--variants naive,sdpa,triton,cuda --backward-shapes 0;backbone|--headline;fast_sipl|--sizes 256,512,2048,3840x2160 --variants eager-fp32,eager-bf16,fast-bf16;backbone|--variants eager-bf16,triton-bf16,cuda-bf16,fastest-bf16;gated_dwconv_gelu|--variants eager-bf16,triton-bf16,triton-2pass-bf16,cuda-bf16"}
+BENCHMARKS=${BENCHMARKS-"cosine_attention|--variants naive,sdpa,triton,cuda --backward-shapes 0|120;fast_sipl|--sizes 256,512 --variants eager-fp32,eager-bf16,fast-bf16,fast-bf16-cl|150;fast_sipl_profile|--sizes 512|60;backbone|--headline|100;fast_sipl|--sizes 2048,3840x2160 --variants fast-bf16 --tag _large|100;gated_dwconv_gelu|--variants eager-bf16,triton-bf16,cuda-bf16|60"}
 COLD_TRITON_CACHE=${COLD_TRITON_CACHE:-fast_sipl}
 DEADLINE=${DEADLINE_SECONDS:-560}
 
@@ -42,18 +50,14 @@ stage "install"
   python -c "import sipl_fast.ops as o; print(o.available_backends())"
 } >>"$LOG" 2>&1
 
-stage "tests: ${TESTS[*]}"
-# Tests compile many small kernel variants: skip the Triton autotuner there (first config).
-seconds=$(limit "${TEST_SECONDS:-220}")
-[ "$seconds" -gt 0 ] && SIPL_FAST_TRITON_AUTOTUNE=0 timeout "$seconds" python -m pytest -q -p no:cacheprovider -rs \
-  "${TESTS[@]}" >>"$LOG" 2>&1
-echo "tests exit code $?" | tee -a "$LOG"
-
 IFS=';' read -ra entries <<<"$BENCHMARKS"
 for entry in "${entries[@]}"; do
   script=${entry%%|*}
-  args=${entry#*|}
-  seconds=$(limit "${BENCH_SECONDS:-150}")
+  rest=${entry#*|}
+  args=${rest%%|*}
+  own=${BENCH_SECONDS:-150}
+  [[ "$rest" == *"|"* ]] && own=${rest#*|}
+  seconds=$(limit "$own")
   if [ "$seconds" -eq 0 ]; then echo "=== skipped (deadline): $script $args" | tee -a "$LOG"; continue; fi
   stage "benchmark $script $args"
   cache=${TRITON_CACHE_DIR:-}
@@ -62,4 +66,15 @@ for entry in "${entries[@]}"; do
   TRITON_CACHE_DIR=${cache:-$HOME/.triton/cache} timeout "$seconds" python "benchmarks/$script.py" $args >>"$LOG" 2>&1
   echo "benchmark $script exit code $?" | tee -a "$LOG"
 done
+stage "tests: ${TESTS[*]}"
+# Tests compile many small kernel variants: skip the Triton autotuner there (first config), and
+# spread them over TEST_WORKERS processes where pytest-xdist is installed. At the limit, SIGINT
+# makes pytest print its summary (the failures' names) and exit; KILL 30 s later if it does not.
+workers=()
+python -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
+seconds=$(limit "${TEST_SECONDS:-220}")
+[ "$seconds" -gt 60 ] && seconds=$((seconds - 30))
+[ "$seconds" -gt 0 ] && SIPL_FAST_TRITON_AUTOTUNE=0 timeout -s INT -k 30 "$seconds" python -m pytest -q -p no:cacheprovider -rfEs \
+  "${workers[@]}" "${TESTS[@]}" >>"$LOG" 2>&1
+echo "tests exit code $?" | tee -a "$LOG"
 stage "done"

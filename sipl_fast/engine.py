@@ -32,7 +32,8 @@ returns. Every change is an exact rewrite of the published computation:
   everything in fp32;
 - **the fastest kernels** of ``sipl_fast.ops`` (``backend="auto"``): on a GPU the first run of
   a shape times every backend of each op call and keeps the fastest (``ops.measured_choices()``
-  reports the choices); or one named backend;
+  reports the choices): with CUDA graphs by the device time of the calls replayed as a graph,
+  since a fused kernel's single launch saves nothing there; or one named backend;
 - **warm-up**: a shape's first run on a GPU starts with a dry pass of the loop in which the
   Triton kernels compile side by side on every CPU core instead of running
   (``ops.compiling_only``), not one after another as the first launches reach them;
@@ -214,12 +215,14 @@ class FastSIPL:
     run) or one of "torch", "triton", "cuda" for every op; or ``{op: backend}`` for some ops
     (see ``sipl_fast.ops.OPS``; the others choose automatically);
     ``cuda_graphs``: capture and replay on a GPU; ``max_graphs``: graphs kept (least recently
-    used dropped); ``tile``/``tile_overlap``: tiled restoration in pixels (None: whole image).
+    used dropped); ``tile``/``tile_overlap``: tiled restoration in pixels (None: whole image);
+    ``channels_last``: convolution weights and the input in channels-last memory (cuDNN's
+    NHWC kernels, e.g. for the depthwise convolutions; the fused ops take either layout).
     """
 
     def __init__(self, model: SIPL, dtype: torch.dtype = torch.bfloat16, backend: Union[str, Mapping[str, str]] = "auto",
                  cuda_graphs: bool = True, max_graphs: int = 4, tile: Optional[int] = None,
-                 tile_overlap: int = 32):
+                 tile_overlap: int = 32, channels_last: bool = False):
         if not isinstance(model, SIPL):
             raise ValueError(f"FastSIPL: expected a sipl_fast.SIPL model, got {type(model).__name__}")
         if dtype not in DTYPES:
@@ -247,12 +250,16 @@ class FastSIPL:
         else:
             self._scope = measure if backend == "auto" else backend
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._device_time = self.cuda_graphs  # how "auto" measures (see _context)
         self.max_graphs = max_graphs
         self.model = net = copy.deepcopy(model).eval().requires_grad_(False)
         if param.dtype != torch.float32:  # weights in fp32 (the fused 1x1 convolutions: see engine_blocks)
             net.float()
         net.__class__ = _EngineSIPL
         engine_blocks(net, dtype)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        for conv in (m for m in net.modules() if isinstance(m, torch.nn.Conv2d)):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=self.memory_format)
         net.dictionary_kv = {}
         if net.config.proxy_fusion:
             with self._context():
@@ -272,13 +279,15 @@ class FastSIPL:
     # -- the loop ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def _context(self):
-        """no_grad, the backend, and autocast in the engine's dtype (for float32 instead IEEE fp32,
-        as ``restore`` computes). Autocast's weight-cast cache stays off: a CUDA graph must not keep
-        casts made outside it."""
+        """no_grad, the backend (measured by device time where graphs replay the loop: launch
+        overhead then costs nothing), and autocast in the engine's dtype (for float32 instead
+        IEEE fp32, as ``restore`` computes). Autocast's weight-cast cache stays off: a CUDA
+        graph must not keep casts made outside it."""
         fp32 = self.dtype == torch.float32
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=not fp32, cache_enabled=False)
         exact = ieee_fp32() if fp32 else contextlib.nullcontext()
-        with torch.no_grad(), ops.backend_scope(self._scope), autocast, exact:
+        with torch.no_grad(), ops.backend_scope(self._scope), ops.measuring_device_time(self._device_time), \
+                autocast, exact:
             yield
 
     def _loop(self, img: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -301,6 +310,7 @@ class FastSIPL:
         """The loop on one padded batch: a replayed CUDA graph where possible, else eager. A
         shape's first run on a GPU starts with a dry pass that compiles every Triton kernel
         of the loop at once (``ops.compiling_only``)."""
+        img = img.contiguous(memory_format=self.memory_format)
         key = (tuple(img.shape), img.dtype, iterations)
         if self.device.type == "cuda" and key not in self._compiled:
             self._compiled.add(key)
@@ -357,4 +367,4 @@ class FastSIPL:
             return self._run(pad_to_multiple(part), iterations)[..., :ph, :pw]
 
         out = run(x) if self.tile is None else tiled(run, x, self.tile, self.tile_overlap)
-        return out.to(lq.device, lq.dtype)
+        return out.to(lq.device, lq.dtype).contiguous()

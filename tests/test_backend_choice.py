@@ -144,3 +144,33 @@ def test_tuned_tiles_say_what_each_autotuner_chose(monkeypatch):
     assert launched == [tuner] and ops.tuned_tiles() == {}  # nothing chosen yet
     tuner.cache[(4, "torch.float32")] = tiles[1]
     assert ops.tuned_tiles() == {"kernel": {"(4, 'torch.float32')": str(tiles[1])}}
+
+
+def test_device_time_decides_inside_measuring_device_time(monkeypatch):
+    """Wall time favours few launches; device time (graph replays) what the GPU spends. Inside
+    ``measuring_device_time`` the latter decides, and a candidate that cannot be captured (None)
+    makes every candidate compare by wall time. The two modes keep separate choices."""
+    times = {False: {"cuda": 1.0, "torch": 2.0}, True: {"cuda": 3.0, "torch": 2.0}}
+    backends = fake_backends({"cuda": 0.0, "torch": 0.0}, [])
+    for b in backends.values():
+        b.fn.__name__ = b.name
+    monkeypatch.setattr(_backend, "_seconds", lambda fn, args, kwargs, device_time: times[device_time][fn.__name__])
+    x = torch.zeros(2)
+    assert choose("op", backends, ("cuda", "torch"), "fastest", x).name == "cuda"
+    with ops.measuring_device_time():
+        assert choose("op", backends, ("cuda", "torch"), "fastest", x).name == "torch"
+    times[True]["cuda"] = None
+    with ops.measuring_device_time():
+        assert choose("op", backends, ("cuda", "torch"), "fastest", torch.zeros(3)).name == "cuda"
+    assert ops.measured_choices() == {"op": {"cuda": 2, "torch": 1}}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graph_ms_times_captured_calls_and_refuses_host_syncs():
+    a = torch.randn(512, 512, device="cuda")
+    a @ a
+    ms = _backend.graph_ms(lambda: a @ a, calls=3, replays=3)
+    assert ms is not None and ms > 0
+    (a.sum()).item()
+    assert _backend.graph_ms(lambda: (a.sum()).item()) is None
+    assert (a @ a).isfinite().all()  # the device works after the refused capture

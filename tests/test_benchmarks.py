@@ -93,6 +93,27 @@ def test_fast_sipl_smoke(tmp_path):
     assert all(isinstance(r["fast-fp32 ms"], float) and r["fast-fp32 speedup"] > 0 for r in rows)
 
 
+def test_fast_sipl_profile_smoke(tmp_path):
+    """The profile of one loop: the table of the busiest kernels (CPU ops here) per size."""
+    proc = run_bench("fast_sipl_profile.py", "--sizes", "16", "--iterations", "1", "--rows", "5", results=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "fast_sipl_profile_cpu.md").read_text()
+    assert "## 1x16x16" in text and "measured backends" in text and "Self CPU" in text
+
+
+def test_op_variants_take_only_the_ops_own_backends(monkeypatch):
+    """A backend available for some ops is no variant of an op without it (conv1x1 has no CUDA C++)."""
+    import torch
+    from sipl_fast import ops
+
+    common = load_script("_common", monkeypatch)
+    monkeypatch.setattr(ops, "available_backends", lambda: {n: {"available": True} for n in ("torch", "triton", "cuda")})
+    args = (torch.randn(1, 4, 3, 3), torch.randn(2, 4))
+    variants = common.op_variants("conv1x1", lambda *a: None, args, "all", torch.device("cpu"), None)
+    assert "triton-bf16" in variants and "cuda-bf16" not in variants
+    assert "cuda-bf16" in common.op_variants("layer_norm2d", lambda *a: None, args, "all", torch.device("cpu"), None)
+
+
 @pytest.mark.parametrize("script", ["layer_norm2d", "conv1x1", "channel_attention", "gated_dwconv_gelu"])
 def test_op_scripts_quick_cpu(script, tmp_path, monkeypatch):
     """Each one-op script: the quick shapes, eager fp32 and bf16, GB/s against the copy bandwidth."""

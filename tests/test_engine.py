@@ -37,6 +37,13 @@ def test_fp32_engine_equals_restore(model, iterations, size):
     assert err(out, restore(model, x, iterations)) <= 1e-4
 
 
+def test_channels_last_engine_equals_restore(model):
+    """Weights and input in channels-last memory: the same loop (fp32 within 1e-4), NCHW output."""
+    x = images(2, 19, 23)
+    out = FastSIPL(model, dtype=torch.float32, channels_last=True)(x, 2)
+    assert out.is_contiguous() and err(out, restore(model, x, 2)) <= 1e-4
+
+
 def test_bf16_engine_error_is_that_of_autocast(model):
     x = images(2, 24, 21)
     ref = restore(model, x, 2)

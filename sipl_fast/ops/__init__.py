@@ -15,7 +15,7 @@ from typing import Dict
 
 import torch
 
-from ._backend import FASTEST, BackendError, backend_scope, measured_choices
+from ._backend import FASTEST, BackendError, backend_scope, graph_ms, measured_choices, measuring_device_time
 from ._triton import compiling_only, tuned_tiles
 from .channel_attention import channel_attention
 from .conv1x1 import conv1x1
@@ -28,7 +28,7 @@ OPS = ("channel_attention", "conv1x1", "cosine_attention", "gated_dwconv_gelu", 
 
 __all__ = ["FASTEST", "OPS", "BackendError", "available_backends", "backend_scope", "channel_attention",
            "compiling_only", "conv1x1", "cosine_attention", "cosine_attention_torch", "gated_dwconv_gelu",
-           "layer_norm2d", "measured_choices", "tuned_tiles"]
+           "graph_ms", "layer_norm2d", "measured_choices", "measuring_device_time", "tuned_tiles"]
 
 
 def _triton_status() -> dict:

@@ -17,6 +17,9 @@ Each op lists its backends in order of preference, the pure-PyTorch reference
   signature not measured before takes the automatic choice there), nor in a dry pass
   (``_triton.compiling_only``: the automatic choice, after compiling the Triton kernels
   that measuring may take). FastSIPL chooses this way during its warm-up.
+  Measuring compares wall time per call (host launch overhead included: what eager code
+  pays), or, inside :func:`measuring_device_time`, device time of the calls replayed as a
+  CUDA graph (what a captured graph pays; FastSIPL with CUDA graphs measures so).
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ import torch
 from . import _triton
 
 __all__ = ["FASTEST", "KERNEL_DTYPES", "BackendError", "Backend", "backend_scope", "choose", "cuda_problem",
-           "forward_only_problem", "measured_choices", "needs_grad", "result_dtype"]
+           "forward_only_problem", "graph_ms", "measured_choices", "measuring_device_time", "needs_grad",
+           "result_dtype"]
 
 #: The backend name that measures (see the module docstring).
 FASTEST = "fastest"
@@ -135,12 +139,66 @@ def _signature(op: str, args, kwargs) -> tuple:
     return (op, torch.is_grad_enabled(), tuple(one(a) for a in args), tuple((k, one(v)) for k, v in sorted(kwargs.items())))
 
 
-def _seconds(fn: Callable, args, kwargs) -> float:
+_device_time: contextvars.ContextVar[bool] = contextvars.ContextVar("sipl_fast_device_time", default=False)
+
+
+@contextlib.contextmanager
+def measuring_device_time(on: bool = True):
+    """Inside the block, ``"fastest"`` compares the device time of CUDA-graph replays (no host
+    launch overhead: what a captured graph costs) instead of wall time per call."""
+    token = _device_time.set(on)
+    try:
+        yield
+    finally:
+        _device_time.reset(token)
+
+
+def graph_ms(fn: Callable[[], object], calls: int = 1, replays: int = 5) -> Optional[float]:
+    """Device milliseconds per call of ``fn``, host launch overhead excluded: ``calls`` calls
+    captured into one CUDA graph, the median of ``replays`` timed replays over ``calls``. None
+    where ``fn`` cannot be captured (it synchronises with the host, say, or runs out of
+    memory). ``fn`` must have run once before (compiled, autotuned). Captures on a side stream
+    with ``capture_begin``/``capture_end``: ``torch.cuda.graph`` would also collect garbage
+    and empty the allocator's cache at every measurement."""
+    current = torch.cuda.current_stream()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(current)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.stream(stream):
+            graph.capture_begin()
+            try:
+                for _ in range(calls):
+                    fn()
+            finally:
+                graph.capture_end()
+    except Exception:  # noqa: BLE001 - whatever breaks the capture: the caller times otherwise
+        torch.cuda.synchronize()
+        return None
+    current.wait_stream(stream)
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _seconds(fn: Callable, args, kwargs, device_time: bool) -> Optional[float]:
     """Time of one call of ``fn`` (after one untimed call that compiles and autotunes), over a
-    few calls; infinite if the device runs out of memory."""
+    few calls: with ``device_time`` on a GPU the device time of a CUDA-graph replay (None if
+    the calls cannot be captured), else wall time; infinite if the device runs out of memory."""
     device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
     try:
         fn(*args, **kwargs)
+        if device.type == "cuda" and device_time:
+            ms = graph_ms(lambda: fn(*args, **kwargs), calls=_REPEATS, replays=_REPEATS)
+            return None if ms is None else ms / 1e3
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -163,12 +221,15 @@ def _fastest(op: str, candidates, args, kwargs) -> Backend:
             if c.name == "triton":
                 c.fn(*args, **kwargs)
         return candidates[0]
-    key = _signature(op, args, kwargs)
+    device_time = _device_time.get()
+    key = _signature(op, args, kwargs) + (device_time,)
     name = _measured.get(key)
     if name is None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return candidates[0]
-        times = {c.name: _seconds(c.fn, args, kwargs) for c in candidates}
+        times = {c.name: _seconds(c.fn, args, kwargs, device_time) for c in candidates}
+        if None in times.values():  # a candidate cannot be captured: compare them all by wall time
+            times = {c.name: _seconds(c.fn, args, kwargs, False) for c in candidates}
         name = _measured[key] = min(times, key=times.get)
     return next(c for c in candidates if c.name == name)
 
