@@ -127,11 +127,28 @@ def test_triton_int64_offsets_for_huge_images(monkeypatch):
     assert max_err(out, ref) <= tolerance(torch.float32, (x, w, b, r), True, ref)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
+@pytest.mark.parametrize("cout", [40, 70])
+def test_every_gpu_tile_is_right_in_the_interpreter(cout, monkeypatch):
+    """Each 16-bit tile the GPU's autotuner may choose, run by the interpreter in fp16 on odd
+    channel and pixel counts (partial tiles on every axis), normalise, bias and residual."""
+    block_m = 64 if cout <= 64 else 128
+    x, w, b, r = inputs(2, 37, cout, 13, 11, seed=3)
+    ref = independent(x, w, b, r, True)
+    bound = tolerance(torch.float16, (x, w, b, r), True, ref)
+    for cfg in module._CONFIGS[block_m, False]:
+        monkeypatch.setattr(module, "_INTERPRETER_CONFIGS", [cfg])
+        monkeypatch.setattr(_triton, "_fitting", {})
+        out = conv1x1(*to(torch.float16, x, w, b, r), True, backend="triton")
+        assert max_err(out, ref) <= bound, cfg
+
+
 def test_triton_grid_fits_cuda_limits_on_large_images(monkeypatch):
     """A 4096x2048 image has 131072 pixel blocks of 64: more than CUDA allows on a grid's
     second axis. Every GPU tile's grid is checked (the launch is recorded, not run)."""
     grids = []
     monkeypatch.setattr(_triton, "launch_fitting", lambda kernel, key, configs, grid, *a, **k: grids.append(grid))
+    monkeypatch.setattr(_triton, "launch_tuned", lambda kernel, tuned, key, configs, grid, *a, **k: grids.append(grid))
     conv1x1(torch.empty(1, 8, 4096, 2048, dtype=torch.float16, device=DEVICE), torch.empty(96, 8, device=DEVICE),
             backend="triton")
     assert len(grids) == 1

@@ -81,7 +81,8 @@ def err(a, b):
     ((1, 70, 9, 40), "dual", False, None),   # h = 35: a partial 32-channel chunk
     ((3, 6, 1, 1), "dual", True, None),      # one pixel: the halo is all padding
     ((2, 66, 17, 33), "gdfn", False, 3),     # 3 blocks walk many work items (the grid-stride loop)
-], ids=["odd", "dual-chunk", "1x1", "grid3"])
+    ((1, 4, 131, 35), "dual", True, None),   # NCHW tiles 64 rows tall: three rows of tiles, seams between
+], ids=["odd", "dual-chunk", "1x1", "grid3", "tall"])
 def test_gated_dwconv_gelu_device_code(gated, dtype, layout, shape, mode, has_bias, grid):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(dtype)

@@ -113,15 +113,23 @@ if triton is not None:
 
 
 # (BLOCK_N, BLOCK_K, warps, stages) per (BLOCK_M, fp32): pixels along the fast axis of NCHW, one
-# accumulator of BLOCK_M x BLOCK_N fp32 values spread over the warps. The kernel is memory-bound:
-# these tiles compile without register spills for sm_90a and leave room for several programs per
-# SM (fp32, whose exact products run without tensor cores, needs smaller ones).
-_CONFIGS = {(64, False): _triton.configs((64, 32, 4, 3), (64, 32, 4, 2), (64, 32, 4, 1)),
-            (128, False): _triton.configs((64, 32, 8, 3), (64, 32, 8, 2), (64, 32, 8, 1)),
+# accumulator of BLOCK_M x BLOCK_N fp32 values spread over the warps. The kernel is memory-bound;
+# on a GPU the autotuner picks per shape (the first without autotuning): the small tiles leave
+# room for several programs per SM, the wide ones (up to 256 pixels) make each program's loads
+# longer. Every one compiles for sm_90a without register spills (16-bit: warpgroup MMA, 42 to
+# 254 registers a thread); fp32, whose exact products run without tensor cores, takes smaller ones.
+_WIDE_TILES = ((128, 32, 8, 3), (256, 32, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3))
+_CONFIGS = {(64, False): _triton.configs((64, 32, 4, 3), (64, 32, 4, 2), *_WIDE_TILES),
+            (128, False): _triton.configs((64, 32, 8, 3), (64, 32, 8, 2), *_WIDE_TILES),
             (64, True): _triton.configs((32, 16, 4, 2), (32, 16, 4, 1)),
             (128, True): _triton.configs((32, 16, 8, 2), (32, 16, 8, 1))} if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
 _INTERPRETER_CONFIGS = _triton.configs((256, 32, 4, 1)) if triton else []
+if triton is not None:
+    _conv1x1_tuned = _triton.autotune(
+        _conv1x1_kernel, [c for group in _CONFIGS.values() for c in group],
+        ["Cin", "Cout", "HW", "NORMALIZE", "HAS_RESIDUAL"],
+        lambda nargs, kw: _CONFIGS[kw["BLOCK_M"], nargs["X"].dtype == torch.float32])
 
 
 @torch.library.custom_op("sipl_fast::conv1x1_triton", mutates_args=())
@@ -140,7 +148,7 @@ def conv1x1_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     block_m = 64 if cout <= 64 else 128
     wide = _layout.wide(x, r, out)
     configs = _CONFIGS[block_m, x.dtype == torch.float32] if x.is_cuda else _INTERPRETER_CONFIGS
-    _triton.launch_fitting(_conv1x1_kernel, (block_m, x.dtype, wide, x.is_cuda), configs,
+    _triton.launch_tuned(_conv1x1_kernel, _conv1x1_tuned, (block_m, x.dtype, wide, x.is_cuda), configs,
                            lambda meta: (triton.cdiv(cout, block_m) * triton.cdiv(h * w, meta["BLOCK_N"]), b),
                            x, wt, b32 if b32 is not None else wt, r if r is not None else x, out, cin, cout, h * w,
                            *_layout.strides(x), *_layout.strides(r if r is not None else x), *_layout.strides(out),
