@@ -1,10 +1,14 @@
-"""Where one FastSIPL loop spends its GPU time: the top kernels by device time.
+"""Where one FastSIPL loop spends its GPU time: the top kernels by device time, per backend.
 
-Runs the engine's loop without CUDA graphs (so the profiler sees each kernel by name), after a
-first call with graphs that compiles, autotunes and measures the backends as FastSIPL does
-(by device time); prints the backends the measurement chose and the profiler's table of kernels sorted by total device time, and writes the table to
+For each ``--backends`` entry (``auto``: FastSIPL's measured choice; or one backend for every
+op), runs the engine's loop without CUDA graphs (so the profiler sees each kernel by name),
+after a first call with graphs that compiles, autotunes and measures the backends as FastSIPL
+does (by device time). Prints and writes, per size and backend, the backends the measurement
+chose and the profiler's table of kernels sorted by total device time, and a summary of the
+loop's total device time per size and backend, to
 ``benchmarks/results/fast_sipl_profile_<device>.md``.
-Usage: ``python benchmarks/fast_sipl_profile.py [--sizes 256,512] [--dtype bfloat16] [--quick]``.
+Usage: ``python benchmarks/fast_sipl_profile.py [--sizes 256,512] [--backends auto,torch]
+[--dtype bfloat16] [--channels-last] [--quick]``.
 """
 from __future__ import annotations
 
@@ -18,40 +22,66 @@ from fast_sipl import QUICK_CONFIG, parse_size
 from sipl_fast import SIPL, SIPLConfig, FastSIPL, ops
 
 
+def profiled_ms(fast: FastSIPL, x: torch.Tensor, iterations: int, rows: int):
+    """(the loop's total self device ms (CPU ms on the CPU), the profiler's table of ``rows`` rows)."""
+    device = x.device
+    graphs = fast.cuda_graphs  # on a GPU
+    fast(x, iterations)  # compile, autotune, measure the backends, capture
+    fast.cuda_graphs = False  # the same choices, run eagerly (a replayed graph hides its kernels' names)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        with profile(activities=activities) as prof:
+            fast(x, iterations)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    finally:
+        fast.cuda_graphs = graphs
+    events = prof.key_averages()
+    if device.type == "cuda":
+        sort = "self_cuda_time_total"
+        total = sum(getattr(e, "self_device_time_total", None) or e.self_cuda_time_total for e in events)
+    else:
+        sort, total = "self_cpu_time_total", sum(e.self_cpu_time_total for e in events)
+    return total / 1e3, events.table(sort_by=sort, row_limit=rows, max_name_column_width=90)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="256,512")
+    parser.add_argument("--backends", default="auto", help="comma list of auto, torch, triton, cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--iterations", type=int, default=2)
-    parser.add_argument("--rows", type=int, default=30, help="kernels listed per size")
+    parser.add_argument("--channels-last", action="store_true", help="FastSIPL(channels_last=True)")
+    parser.add_argument("--rows", type=int, default=30, help="kernels listed per size and backend")
     parser.add_argument("--quick", action="store_true", help="a tiny model (the CPU default)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     quick = args.quick or device.type == "cpu"
     torch.manual_seed(0)
     model = SIPL(SIPLConfig(**QUICK_CONFIG) if quick else SIPLConfig()).to(device).eval()
-    fast = FastSIPL(model, dtype=getattr(torch, args.dtype))
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    text = f"# fast_sipl_profile\n\n{environment(device)}, dtype {args.dtype}, iterations {args.iterations}\n"
+    unit = "device" if device.type == "cuda" else "CPU"
+    text = (f"# fast_sipl_profile\n\n{environment(device)}, dtype {args.dtype}, iterations {args.iterations}, "
+            f"channels-last {args.channels_last}\n")
+    summary = f"\n## Total self {unit} ms of one loop\n\n| size | " + " | ".join(args.backends.split(",")) + " |\n"
+    summary += "|---" * (1 + len(args.backends.split(","))) + "|\n"
     for size in args.sizes.split(","):
         b, h, w = parse_size(size)
         x = torch.rand(b, 3, h, w, device=device)
-        graphs = fast.cuda_graphs  # on a GPU
-        fast(x, args.iterations)  # compile, autotune, measure the backends, capture
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        fast.cuda_graphs = False  # the same choices, run eagerly (a replayed graph hides its kernels' names)
-        with profile(activities=activities) as prof:
-            fast(x, args.iterations)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        fast.cuda_graphs = graphs
-        table = prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=90)
-        text += f"\n## {b}x{h}x{w}\n\nmeasured backends: {ops.measured_choices()}\n\n```\n{table}\n```\n"
-        print(text.split(f"## {b}x{h}x{w}")[-1], flush=True)
+        totals = []
+        for backend in args.backends.split(","):
+            fast = FastSIPL(model, dtype=getattr(torch, args.dtype), backend=backend, channels_last=args.channels_last)
+            ms, table = profiled_ms(fast, x, args.iterations, args.rows)
+            totals.append(f"{ms:.2f}")
+            section = (f"\n## {b}x{h}x{w}, backend {backend}: {ms:.2f} ms\n\n"
+                       f"measured backends: {ops.measured_choices()}\n\n```\n{table}\n```\n")
+            print(section, flush=True)
+            text += section
+            del fast
+        summary += f"| {b}x{h}x{w} | " + " | ".join(totals) + " |\n"
+    print(summary)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"fast_sipl_profile_{device.type}.md").write_text(text)
+    suffix = "_cl" if args.channels_last else ""
+    (RESULTS / f"fast_sipl_profile_{device.type}{suffix}.md").write_text(text + summary)
 
 
 if __name__ == "__main__":

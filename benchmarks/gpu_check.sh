@@ -32,7 +32,7 @@ TESTS=("$@")
                                   tests/test_engine.py tests/test_cosine_attention.py tests/test_layer_norm2d.py)
 # backbone: first the target shapes with torch.compile, then every shape without it (compiling
 # each shape takes seconds); last the GDFN tails, fused against two passes
-BENCHMARKS=${BENCHMARKS-"cosine_attention|--variants naive,sdpa,triton,cuda --backward-shapes 0|120;fast_sipl|--sizes 256,512 --variants eager-fp32,eager-bf16,fast-bf16,fast-bf16-cl|150;fast_sipl_profile|--sizes 512|60;backbone|--headline|100;fast_sipl|--sizes 2048,3840x2160 --variants fast-bf16 --tag _large|100;gated_dwconv_gelu|--variants eager-bf16,triton-bf16,cuda-bf16|60"}
+BENCHMARKS=${BENCHMARKS-"cosine_attention|--variants naive,sdpa,triton,cuda --backward-shapes 0|120;fast_sipl|--sizes 256,512 --variants eager-fp32,eager-bf16,fast-bf16,fast-bf16-cl|150;fast_sipl_profile|--sizes 512 --backends auto,torch,triton|90;backbone|--headline|100;fast_sipl|--sizes 2048,3840x2160 --variants fast-bf16 --tag _large|100;gated_dwconv_gelu|--variants eager-bf16,triton-bf16,cuda-bf16|60"}
 COLD_TRITON_CACHE=${COLD_TRITON_CACHE:-fast_sipl}
 DEADLINE=${DEADLINE_SECONDS:-560}
 
