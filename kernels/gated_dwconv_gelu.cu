@@ -51,8 +51,9 @@
 //   row. 1. The 10 x 10 pixel halo of channels c and c+h is loaded into shared
 //   memory s[2][100][32] (fp32, 25.6 KB): warp ty loads halo pixels ty, ty+8,
 //   ...; each load is 32 consecutive channels of one pixel (coalesced; 128 B
-//   for fp32, 64 B for 16-bit types). 2. Thread (tx, ty) computes output row
-//   ty of the tile, 8 pixels left to right with a sliding 3 x 3 register
+//   for fp32, 64 B for 16-bit types); a thread's 26 loads go to registers
+//   first, so that they are in flight together. 2. Thread (tx, ty) computes
+//   output row ty of the tile, 8 pixels left to right with a sliding 3 x 3 register
 //   window per channel (3 new smem reads per channel per pixel; a warp reads
 //   32 consecutive floats: conflict-free), and a warp stores 32 consecutive
 //   channels of one pixel (coalesced). Lanes with c >= h (h not a multiple of
@@ -254,23 +255,30 @@ __device__ __forceinline__ void fwd_nhwc(const typename S::T* __restrict__ x,
     const i64 c = chunk * kNhwcChunk + tx;  // this lane's output channel
     const bool cvalid = c < h;
 
-    // 1. halo pixels (rows y0-1 .. y0+TH, columns x0-1 .. x0+TW), channels c and c+h.
+    // 1. halo pixels (rows y0-1 .. y0+TH, columns x0-1 .. x0+TW), channels c and c+h:
+    //    all 26 loads of a thread into registers first, then to shared memory (in flight
+    //    together; loaded and stored one pair at a time they waited for memory 13 times).
+    constexpr int kLoads = (kNhwcHaloPix + kThreadsY - 1) / kThreadsY;  // 13
+    typename S::T v1[kLoads], v2[kLoads];
 #pragma unroll
-    for (int p0 = 0; p0 < kNhwcHaloPix; p0 += kThreadsY) {
-      const int p = p0 + ty;
+    for (int k = 0; k < kLoads; ++k) {
+      const int p = k * kThreadsY + ty;
+      const int r = p / kNhwcHaloW;
+      const i64 gy = y0 - 1 + r;
+      const i64 gx = x0 - 1 + (p - r * kNhwcHaloW);
+      v1[k] = v2[k] = typename S::T{};  // +0 in every storage type
+      if (cvalid && p < kNhwcHaloPix && gy >= 0 && gy < H && gx >= 0 && gx < W) {
+        const i64 o = ((b * H + gy) * W + gx) * c2 + c;
+        v1[k] = x[o];
+        v2[k] = x[o + h];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kLoads; ++k) {
+      const int p = k * kThreadsY + ty;
       if (p < kNhwcHaloPix) {
-        const int r = p / kNhwcHaloW;
-        const int col = p - r * kNhwcHaloW;
-        const i64 gy = y0 - 1 + r;
-        const i64 gx = x0 - 1 + col;
-        float v1 = 0.0f, v2 = 0.0f;
-        if (cvalid && gy >= 0 && gy < H && gx >= 0 && gx < W) {
-          const i64 o = ((b * H + gy) * W + gx) * c2 + c;
-          v1 = S::load(x[o]);
-          v2 = S::load(x[o + h]);
-        }
-        s[0][p][tx] = v1;
-        s[1][p][tx] = v2;
+        s[0][p][tx] = S::load(v1[k]);
+        s[1][p][tx] = S::load(v2[k]);
       }
     }
     float w1[9], w2[9];
