@@ -58,8 +58,8 @@ if triton is not None:
     @triton.jit
     def _conv1x1_kernel(X, Wt, BIAS, R, O, Cin, Cout, HW, sxb, sxc, sxp, srb, src, srp, sob, soc, sop, eps,
                         NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                        WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        WIDE: tl.constexpr, CIN_P: tl.constexpr, ONE_SWEEP: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
         """Output channels m.. at pixels n.. of image b, for program (n block * m blocks + m block, b).
 
         The output-channel blocks of one pixel block are neighbouring programs, so the x tile
@@ -69,8 +69,10 @@ if triton is not None:
         then the biased variance of the deviations (two-pass, in fp32, as ``layer_norm2d``
         computes it); the product sweep normalises each [BLOCK_K, BLOCK_N] tile, rounds it to
         x's dtype (what a separate norm would store) and multiplies it with the
-        [BLOCK_M, BLOCK_K] weight tile on tensor cores, fp32 accumulation. Bias and residual
-        are added in fp32 before the one store.
+        [BLOCK_M, BLOCK_K] weight tile on tensor cores, fp32 accumulation. With ``ONE_SWEEP``
+        (a tile choice, for Cin <= CIN_P, Cin padded to a power of two) the whole [CIN_P,
+        BLOCK_N] tile is loaded once and normalised in registers: x read once instead of three
+        times. Bias and residual are added in fp32 before the one store.
         """
         blocks_m = tl.cdiv(Cout, BLOCK_M)
         rows = (tl.program_id(0) % blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -78,32 +80,43 @@ if triton is not None:
         in_image = pixels < HW
         b = tl.program_id(1).to(tl.int64)
         x_img = X + b * sxb
-        if NORMALIZE:
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, Cin, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                mask = (ks < Cin)[:, None] & in_image[None, :]
-                total += tl.sum(tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32),
-                                axis=0)
-            mean = total / Cin
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, Cin, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                mask = (ks < Cin)[:, None] & in_image[None, :]
-                xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
-                d = tl.where(mask, xt - mean[None, :], 0.0)
-                total += tl.sum(d * d, axis=0)
-            rstd = 1.0 / tl.sqrt(total / Cin + eps)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, Cin, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
+        if NORMALIZE and ONE_SWEEP:
+            ks = tl.arange(0, CIN_P)
             mask = (ks < Cin)[:, None] & in_image[None, :]
-            xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0)
-            if NORMALIZE:
-                xt = tl.where(mask, (xt.to(tl.float32) - mean[None, :]) * rstd[None, :], 0.0).to(X.dtype.element_ty)
+            xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, xt - (tl.sum(xt, axis=0) / Cin)[None, :], 0.0)
+            xn = (d * (1.0 / tl.sqrt(tl.sum(d * d, axis=0) / Cin + eps))[None, :]).to(X.dtype.element_ty)
             w = tl.load(Wt + rows[:, None] * Cin + ks[None, :], mask=(rows < Cout)[:, None] & (ks < Cin)[None, :],
                         other=0.0)
-            acc = tl.dot(w, xt, acc, input_precision=PRECISION)
+            acc = tl.dot(w, xn, acc, input_precision=PRECISION)
+        else:
+            if NORMALIZE:
+                total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for k0 in range(0, Cin, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    mask = (ks < Cin)[:, None] & in_image[None, :]
+                    xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0)
+                    total += tl.sum(xt.to(tl.float32), axis=0)
+                mean = total / Cin
+                total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for k0 in range(0, Cin, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    mask = (ks < Cin)[:, None] & in_image[None, :]
+                    xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
+                    d = tl.where(mask, xt - mean[None, :], 0.0)
+                    total += tl.sum(d * d, axis=0)
+                rstd = 1.0 / tl.sqrt(total / Cin + eps)
+            for k0 in range(0, Cin, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                mask = (ks < Cin)[:, None] & in_image[None, :]
+                xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0)
+                if NORMALIZE:
+                    xt = tl.where(mask, (xt.to(tl.float32) - mean[None, :]) * rstd[None, :], 0.0)
+                    xt = xt.to(X.dtype.element_ty)
+                w = tl.load(Wt + rows[:, None] * Cin + ks[None, :], mask=(rows < Cout)[:, None] & (ks < Cin)[None, :],
+                            other=0.0)
+                acc = tl.dot(w, xt, acc, input_precision=PRECISION)
         out_mask = (rows < Cout)[:, None] & in_image[None, :]
         if HAS_BIAS:
             acc += tl.load(BIAS + rows, mask=rows < Cout, other=0.0)[:, None]
@@ -112,24 +125,40 @@ if triton is not None:
         tl.store(tile(O + b * sob, rows, pixels, soc, sop, WIDE), acc.to(O.dtype.element_ty), mask=out_mask)
 
 
-# (BLOCK_N, BLOCK_K, warps, stages) per (BLOCK_M, fp32): pixels along the fast axis of NCHW, one
-# accumulator of BLOCK_M x BLOCK_N fp32 values spread over the warps. The kernel is memory-bound;
-# on a GPU the autotuner picks per shape (the first without autotuning): the small tiles leave
-# room for several programs per SM, the wide ones (up to 256 pixels) make each program's loads
-# longer. Every one compiles for sm_90a without register spills (16-bit: warpgroup MMA, 42 to
-# 254 registers a thread); fp32, whose exact products run without tensor cores, takes smaller ones.
-_WIDE_TILES = ((128, 32, 8, 3), (256, 32, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3))
-_CONFIGS = {(64, False): _triton.configs((64, 32, 4, 3), (64, 32, 4, 2), *_WIDE_TILES),
-            (128, False): _triton.configs((64, 32, 8, 3), (64, 32, 8, 2), *_WIDE_TILES),
-            (64, True): _triton.configs((32, 16, 4, 2), (32, 16, 4, 1)),
-            (128, True): _triton.configs((32, 16, 8, 2), (32, 16, 8, 1))} if triton else {}
+# (BLOCK_N, BLOCK_K, warps, stages[, one sweep]) per (BLOCK_M, fp32): pixels along the fast axis
+# of NCHW, one accumulator of BLOCK_M x BLOCK_N fp32 values spread over the warps. The kernel is
+# memory-bound; on a GPU the autotuner picks per shape (the first without autotuning): the small
+# tiles leave room for several programs per SM, the wide ones (up to 256 pixels) make each
+# program's loads longer, and the one-sweep tiles (normalising calls with Cin <= 128 only) read
+# x once. Every one compiles for sm_90a without register spills (16-bit: warpgroup MMA);
+# fp32, whose exact products run without tensor cores, takes smaller ones.
+def _tiles(*shapes) -> list:
+    return [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, ONE_SWEEP=bool(one[:1] and one[0])), num_warps=w, num_stages=st)
+            for n, k, w, st, *one in shapes]
+
+
+_WIDE_TILES = ((128, 32, 8, 3), (256, 32, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3), (64, 32, 8, 2, True),
+               (128, 32, 8, 2, True))
+_CONFIGS = {(64, False): _tiles((64, 32, 4, 3), (64, 32, 4, 2), *_WIDE_TILES),
+            (128, False): _tiles((64, 32, 8, 3), (64, 32, 8, 2), *_WIDE_TILES),
+            (64, True): _tiles((32, 16, 4, 2), (32, 16, 4, 1)),
+            (128, True): _tiles((32, 16, 8, 2), (32, 16, 8, 1))} if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
-_INTERPRETER_CONFIGS = _triton.configs((256, 32, 4, 1)) if triton else []
+_INTERPRETER_CONFIGS = _tiles((256, 32, 4, 1)) if triton else []
+ONE_SWEEP_MAX_CIN = 128  # one-sweep tiles hold [Cin padded to a power of two, BLOCK_N] values
+
+
+def _configs_for(kw: dict, fp32: bool) -> list:
+    """The autotuner's candidates for a call: one-sweep tiles only where they apply."""
+    one_sweep = kw["NORMALIZE"] and kw["CIN_P"] <= ONE_SWEEP_MAX_CIN
+    return [c for c in _CONFIGS[kw["BLOCK_M"], fp32] if one_sweep or not c.kwargs["ONE_SWEEP"]]
+
+
 if triton is not None:
     _conv1x1_tuned = _triton.autotune(
         _conv1x1_kernel, [c for group in _CONFIGS.values() for c in group],
         ["Cin", "Cout", "HW", "NORMALIZE", "HAS_RESIDUAL"],
-        lambda nargs, kw: _CONFIGS[kw["BLOCK_M"], nargs["X"].dtype == torch.float32])
+        lambda nargs, kw: _configs_for(kw, nargs["X"].dtype == torch.float32))
 
 
 @torch.library.custom_op("sipl_fast::conv1x1_triton", mutates_args=())
@@ -147,13 +176,16 @@ def conv1x1_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     r = None if residual is None else _layout.pixels(residual)
     block_m = 64 if cout <= 64 else 128
     wide = _layout.wide(x, r, out)
-    configs = _CONFIGS[block_m, x.dtype == torch.float32] if x.is_cuda else _INTERPRETER_CONFIGS
-    _triton.launch_tuned(_conv1x1_kernel, _conv1x1_tuned, (block_m, x.dtype, wide, x.is_cuda), configs,
-                           lambda meta: (triton.cdiv(cout, block_m) * triton.cdiv(h * w, meta["BLOCK_N"]), b),
-                           x, wt, b32 if b32 is not None else wt, r if r is not None else x, out, cin, cout, h * w,
-                           *_layout.strides(x), *_layout.strides(r if r is not None else x), *_layout.strides(out),
-                           float(eps), NORMALIZE=normalize, HAS_BIAS=b32 is not None, HAS_RESIDUAL=r is not None,
-                           WIDE=wide, BLOCK_M=block_m, PRECISION=_triton.precision(x.dtype))
+    # Cin padded for the one-sweep tiles (a constant 16 where they cannot apply: no extra compiles)
+    cin_p = triton.next_power_of_2(max(cin, 16)) if normalize and cin <= ONE_SWEEP_MAX_CIN else 16
+    flags = dict(NORMALIZE=normalize, BLOCK_M=block_m, CIN_P=cin_p)
+    configs = _configs_for(flags, x.dtype == torch.float32) if x.is_cuda else _INTERPRETER_CONFIGS
+    _triton.launch_tuned(_conv1x1_kernel, _conv1x1_tuned, (block_m, x.dtype, wide, x.is_cuda, normalize, cin_p),
+                         configs, lambda meta: (triton.cdiv(cout, block_m) * triton.cdiv(h * w, meta["BLOCK_N"]), b),
+                         x, wt, b32 if b32 is not None else wt, r if r is not None else x, out, cin, cout, h * w,
+                         *_layout.strides(x), *_layout.strides(r if r is not None else x), *_layout.strides(out),
+                         float(eps), **flags, HAS_BIAS=b32 is not None, HAS_RESIDUAL=r is not None, WIDE=wide,
+                         PRECISION=_triton.precision(x.dtype))
     return out
 
 
