@@ -137,8 +137,7 @@ def _tiles(*shapes) -> list:
             for n, k, w, st, *one in shapes]
 
 
-_WIDE_TILES = ((128, 32, 8, 3), (256, 32, 8, 2), (128, 64, 8, 2), (128, 32, 4, 3), (64, 32, 8, 2, True),
-               (128, 32, 8, 2, True))
+_WIDE_TILES = ((128, 32, 8, 3), (256, 32, 8, 2), (64, 32, 8, 2, True), (128, 32, 8, 2, True))
 _CONFIGS = {(64, False): _tiles((64, 32, 4, 3), (64, 32, 4, 2), *_WIDE_TILES),
             (128, False): _tiles((64, 32, 8, 3), (64, 32, 8, 2), *_WIDE_TILES),
             (64, True): _tiles((32, 16, 4, 2), (32, 16, 4, 1)),
