@@ -130,6 +130,37 @@ __device__ __forceinline__ void load_taps(const float* __restrict__ weight, i64 
   for (int t = 0; t < 9; ++t) w[t] = p[t];
 }
 
+// The halo of one work item into shared memory: halo element i = first + k * step (k < kLoads,
+// i < count) is halo row i / kHaloW, column i % kHaloW, image pixel (y0 - 1 + row, x0 - 1 +
+// column), of the two input channels at x1 and x2 (element offset(y, x)); zero outside the
+// image or where !valid. All 2 * kLoads loads go to registers before the first
+// store(i, v1, v2), so that they are in flight together: the kernel waits on memory latency.
+template <typename S, int kLoads, int kHaloW, typename Offset, typename Store>
+__device__ __forceinline__ void load_halo(const typename S::T* __restrict__ x1,
+                                          const typename S::T* __restrict__ x2, int first,
+                                          int step, int count, bool valid, i64 y0, i64 x0, i64 H,
+                                          i64 W, Offset offset, Store store) {
+  typename S::T v1[kLoads], v2[kLoads];
+#pragma unroll
+  for (int k = 0; k < kLoads; ++k) {
+    const int i = first + k * step;
+    const int r = i / kHaloW;
+    const i64 gy = y0 - 1 + r;
+    const i64 gx = x0 - 1 + (i - r * kHaloW);
+    v1[k] = v2[k] = typename S::T{};  // +0 in every storage type
+    if (valid && i < count && gy >= 0 && gy < H && gx >= 0 && gx < W) {
+      const i64 o = offset(gy, gx);
+      v1[k] = x1[o];
+      v2[k] = x2[o];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kLoads; ++k) {
+    const int i = first + k * step;
+    if (i < count) store(i, S::load(v1[k]), S::load(v2[k]));
+  }
+}
+
 // ---------------------------------------------------------------- NCHW
 template <typename S>
 __device__ __forceinline__ void fwd_nchw(const typename S::T* __restrict__ x,
@@ -156,31 +187,15 @@ __device__ __forceinline__ void fwd_nchw(const typename S::T* __restrict__ x,
     const typename S::T* x1 = x + (b * 2 * h + c) * hw;    // input channel c of image b
     const typename S::T* x2 = x1 + h * hw;                 // input channel c + h
 
-    // 1. halo (rows y0-1 .. y0+TH, columns x0-1 .. x0+TW) -> registers -> shared memory.
+    // 1. halo (rows y0-1 .. y0+TH, columns x0-1 .. x0+TW) -> shared memory, 9 loads per channel.
     constexpr int kHalo = kNchwHaloH * kNchwHaloW;
-    constexpr int kLoads = (kHalo + kThreads - 1) / kThreads;  // 9 per channel
-    typename S::T v1[kLoads], v2[kLoads];
-#pragma unroll
-    for (int k = 0; k < kLoads; ++k) {
-      const int i = k * kThreads + tid;
-      const int r = i / kNchwHaloW;
-      const i64 gy = y0 - 1 + r;
-      const i64 gx = x0 - 1 + (i - r * kNchwHaloW);
-      v1[k] = v2[k] = typename S::T{};  // +0 in every storage type
-      if (i < kHalo && gy >= 0 && gy < H && gx >= 0 && gx < W) {
-        v1[k] = x1[gy * W + gx];
-        v2[k] = x2[gy * W + gx];
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kLoads; ++k) {
-      const int i = k * kThreads + tid;
-      if (i < kHalo) {
-        const int r = i / kNchwHaloW;
-        s[0][r][i - r * kNchwHaloW] = S::load(v1[k]);
-        s[1][r][i - r * kNchwHaloW] = S::load(v2[k]);
-      }
-    }
+    load_halo<S, (kHalo + kThreads - 1) / kThreads, kNchwHaloW>(
+        x1, x2, tid, kThreads, kHalo, true, y0, x0, H, W, [&](i64 gy, i64 gx) { return gy * W + gx; },
+        [&](int i, float v1, float v2) {
+          const int r = i / kNchwHaloW;
+          s[0][r][i - r * kNchwHaloW] = v1;
+          s[1][r][i - r * kNchwHaloW] = v2;
+        });
     float w1[9], w2[9];
     load_taps(weight, c, w1);
     load_taps(weight, c + h, w2);
@@ -255,32 +270,15 @@ __device__ __forceinline__ void fwd_nhwc(const typename S::T* __restrict__ x,
     const i64 c = chunk * kNhwcChunk + tx;  // this lane's output channel
     const bool cvalid = c < h;
 
-    // 1. halo pixels (rows y0-1 .. y0+TH, columns x0-1 .. x0+TW), channels c and c+h:
-    //    all 26 loads of a thread into registers first, then to shared memory (in flight
-    //    together; loaded and stored one pair at a time they waited for memory 13 times).
-    constexpr int kLoads = (kNhwcHaloPix + kThreadsY - 1) / kThreadsY;  // 13
-    typename S::T v1[kLoads], v2[kLoads];
-#pragma unroll
-    for (int k = 0; k < kLoads; ++k) {
-      const int p = k * kThreadsY + ty;
-      const int r = p / kNhwcHaloW;
-      const i64 gy = y0 - 1 + r;
-      const i64 gx = x0 - 1 + (p - r * kNhwcHaloW);
-      v1[k] = v2[k] = typename S::T{};  // +0 in every storage type
-      if (cvalid && p < kNhwcHaloPix && gy >= 0 && gy < H && gx >= 0 && gx < W) {
-        const i64 o = ((b * H + gy) * W + gx) * c2 + c;
-        v1[k] = x[o];
-        v2[k] = x[o + h];
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < kLoads; ++k) {
-      const int p = k * kThreadsY + ty;
-      if (p < kNhwcHaloPix) {
-        s[0][p][tx] = S::load(v1[k]);
-        s[1][p][tx] = S::load(v2[k]);
-      }
-    }
+    // 1. halo pixels (rows y0-1 .. y0+TH, columns x0-1 .. x0+TW), channels c and c+h: 13
+    //    loads per channel (loaded and stored one pair at a time, they waited for memory 13 times).
+    load_halo<S, (kNhwcHaloPix + kThreadsY - 1) / kThreadsY, kNhwcHaloW>(
+        x, x + h, ty, kThreadsY, kNhwcHaloPix, cvalid, y0, x0, H, W,
+        [&](i64 gy, i64 gx) { return ((b * H + gy) * W + gx) * c2 + c; },
+        [&](int p, float v1, float v2) {
+          s[0][p][tx] = v1;
+          s[1][p][tx] = v2;
+        });
     float w1[9], w2[9];
     float b1 = 0.0f, b2 = 0.0f;
     if (cvalid) {
