@@ -162,6 +162,25 @@ def test_triton_convolves_q_k_v_on_the_fly(case, dtype):
     assert max_err(out, ref) <= (max(1e-5, 2 * naive) if dtype == torch.float32 else 2 * naive)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
+def test_every_gpu_tile_of_the_convolving_gram_pass_in_the_interpreter(monkeypatch):
+    """Each (channel block, pixel block) the GPU's autotuner may choose for the Gram pass that
+    convolves q and k, run by the interpreter in fp16 (C = 96: one or two channel blocks)."""
+    from sipl_fast.ops import _triton
+
+    q, k, v, w, dw_bias = dwconv_inputs(2, 1, 96, 5, 11)
+    t = torch.tensor([2.5], dtype=torch.float64)
+    args = (q, k, v, t, None, None, None, w, dw_bias)
+    ref = reference(*args, 11)
+    bound = 2 * max_err(reference(*to(torch.float16, *args), 11), ref)
+    for cfg in module._DW_GRAM_CONFIGS:
+        monkeypatch.setattr(module, "_INTERPRETER_DW_GRAM", [cfg])
+        monkeypatch.setattr(_triton, "_fitting", {})
+        out = channel_attention(*to(torch.float16, q, k, v), t.float(), None, None, None, *to(torch.float32, w, dw_bias),
+                                11, backend="triton")
+        assert max_err(out, ref) <= bound, cfg
+
+
 def test_triton_reads_strided_views_and_zero_rows():
     """The model's q, k, v are channel chunks of one qkv tensor: no copies needed."""
     qkv = torch.randn(2, 3 * 2 * 24, 7, 11, dtype=torch.float64)

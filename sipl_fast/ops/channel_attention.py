@@ -200,15 +200,24 @@ _MIN_SLICE = 2048  # pixels per slice of the Gram pass: bounds the partials at C
 
 
 # (BLOCK_N, [BLOCK_K,] warps, stages), chosen to compile without register spills for sm_90a.
-# Gram: BLOCK_C = 128 (C = 96, 176) with BLOCK_N = 64 spills ~600 bytes per thread, 32 does not;
-# convolving q and k on the fly (``dw``) needs BLOCK_C = 64 and BLOCK_N = 16. Apply: with the
-# residual add, 128-wide tiles spill; 64 (R <= 128) and 32 (R = 256) do not, convolving or not.
-_GRAM_CONFIGS = {False: _triton.configs((32, 8, 3), (32, 8, 2), (32, 8, 1), (16, 4, 1)),
-                 True: _triton.configs((16, 8, 2), (16, 8, 1))} if triton else {}
+# Gram: BLOCK_C = 128 (C = 96, 176) with BLOCK_N = 64 spills ~600 bytes per thread, 32 does not.
+# Apply: with the residual add, 128-wide tiles spill; 64 (R <= 128) and 32 (R = 256) do not,
+# convolving or not.
+_GRAM_CONFIGS = _triton.configs((32, 8, 3), (32, 8, 2), (32, 8, 1), (16, 4, 1)) if triton else []
 _APPLY_CONFIGS = {False: _triton.configs((64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 1)),
                   True: _triton.configs((32, 32, 8, 2), (32, 16, 8, 1))} if triton else {}
+# The Gram pass that convolves q and k on the fly (``dw``) picks its channel block too, on a GPU
+# by the autotuner (the first without autotuning): every program convolves BLOCK_C rows of q and
+# of k, so for C = 96 a 64-row block convolves each row twice (and 32 padding rows), a 128-row
+# one once, with one program a slice. (BLOCK_C, BLOCK_N, warps, stages), all spill-free for
+# sm_90a (16-bit: 141 to 246 registers a thread).
+_DW_GRAM_CONFIGS = [triton.Config(dict(BLOCK_C=c, BLOCK_N=n), num_warps=w, num_stages=st)
+                    for c, n, w, st in ((64, 16, 8, 2), (128, 16, 8, 2), (64, 64, 8, 2))] if triton else []
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
 _INTERPRETER_GRAM, _INTERPRETER_APPLY = (_triton.configs((64, 4, 1)), _triton.configs((128, 32, 4, 1))) if triton else ([], [])
+_INTERPRETER_DW_GRAM = [triton.Config(dict(BLOCK_C=64, BLOCK_N=64), num_warps=4, num_stages=1)] if triton else []
+if triton is not None:
+    _dw_gram_tuned = _triton.autotune(_gram_kernel, _DW_GRAM_CONFIGS, ["C", "N", "H"], lambda nargs, kw: _DW_GRAM_CONFIGS)
 
 
 def _block(n: int, cap: int) -> int:
@@ -220,9 +229,10 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Opt
     """A (B*H, C, C) fp32: the softmax of the scaled cosine similarities of q's and k's rows
     (convolved first with ``dw = (weights (3, H*C, 9), biases (3, H*C) or None, width)``)."""
     b, h, c, n = q.shape
-    block_c = _block(c, 128 if dw is None else 64)
+    # Slices of N: enough programs for about one wave (counting the channel tiles of one slice,
+    # with dw those of the widest channel block), each slice >= _MIN_SLICE pixels.
+    block_c = _block(c, 128)
     tiles = triton.cdiv(c, block_c)
-    # Slices of N: enough programs for about one wave, each slice >= _MIN_SLICE pixels.
     slices = max(1, min(triton.cdiv(_triton.sm_count(q.device), tiles * tiles * b * h), n // _MIN_SLICE))
     per_split = triton.cdiv(triton.cdiv(n, slices), _GRAM_BLOCK_N) * _GRAM_BLOCK_N
     slices = max(1, triton.cdiv(n, per_split))
@@ -232,13 +242,18 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Opt
     sk = torch.empty_like(sq)
     w, bias, width = dw or (g, None, 1)
     bias = bias if bias is not None else w
-    configs = _GRAM_CONFIGS[dw is not None] if q.is_cuda else _INTERPRETER_GRAM
-    _triton.launch_fitting(_gram_kernel, (block_c, q.dtype, dw is not None, q.is_cuda), configs,
-                           lambda meta: (tiles * tiles, slices, b * h),
-                           q, k, g, sq, sk, w[0], w[1 if dw else 0], bias[0], bias[1 if dw else 0], c, n, per_split, h,
-                           width, *q.stride(), *k.stride(), DWCONV=dw is not None,
-                           HAS_DW_BIAS=dw is not None and dw[1] is not None, BLOCK_C=block_c,
-                           PRECISION=_triton.precision(q.dtype))
+    args = (q, k, g, sq, sk, w[0], w[1 if dw else 0], bias[0], bias[1 if dw else 0], c, n, per_split, h, width,
+            *q.stride(), *k.stride())
+    flags = dict(DWCONV=dw is not None, HAS_DW_BIAS=dw is not None and dw[1] is not None,
+                 PRECISION=_triton.precision(q.dtype))
+    if dw is None:
+        _triton.launch_fitting(_gram_kernel, (block_c, q.dtype, False, q.is_cuda),
+                               _GRAM_CONFIGS if q.is_cuda else _INTERPRETER_GRAM,
+                               lambda meta: (tiles * tiles, slices, b * h), *args, **flags, BLOCK_C=block_c)
+    else:
+        _triton.launch_tuned(_gram_kernel, _dw_gram_tuned, (q.dtype, True, q.is_cuda),
+                             _DW_GRAM_CONFIGS if q.is_cuda else _INTERPRETER_DW_GRAM,
+                             lambda meta: (triton.cdiv(c, meta["BLOCK_C"]) ** 2, slices, b * h), *args, **flags)
     a = torch.empty((b * h, c, c), **f32)
     block_cc = max(16, triton.next_power_of_2(c))
     block_r = max(1, min(16, 4096 // block_cc))
