@@ -125,6 +125,22 @@ def test_kernel_matches_the_reference(case, mode, dtype, backend):
     assert max_err(out, ref) <= tolerance(dtype, x, w, mode, bias, ref)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_every_gpu_tile_of_the_gate_in_the_interpreter(layout, monkeypatch):
+    """Each tile the GPU's autotuner may choose for the gate alone, in its layout, run by the
+    interpreter in fp16 on partial tiles of channels and pixels, with bias, dual mode."""
+    x, w, bias = rounded(torch.float16, *inputs(2, 37, 9, 11, bias=True))
+    ref = independent(x, w, "dual", bias)
+    bound = tolerance(torch.float16, x, w, "dual", bias, ref)
+    xl = x.to(DEVICE, torch.float16).contiguous(memory_format=layout)
+    for cfg in module._GATE_CONFIGS[layout == torch.contiguous_format]:
+        monkeypatch.setattr(module, "_INTERPRETER_GATE", [cfg])
+        monkeypatch.setattr(_triton, "_fitting", {})
+        out = gated_dwconv_gelu(xl, *to(torch.float16, w), "dual", *to(torch.float16, bias), backend="triton")
+        assert max_err(out, ref) <= bound, cfg
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 20, 9, 11), (3, 5, 1, 1), (1, 33, 6, 1)])
@@ -220,6 +236,7 @@ def test_triton_projection_int64_offsets_and_grid_limits(monkeypatch):
     assert max_err(out, ref) <= project_tolerance(torch.float32, args, "dual", ref)
     grids = []
     monkeypatch.setattr(_triton, "launch_fitting", lambda kernel, key, configs, grid, *a, **k: grids.append(grid))
+    monkeypatch.setattr(_triton, "launch_tuned", lambda kernel, tuned, key, configs, grid, *a, **k: grids.append(grid))
     gated_dwconv_gelu(torch.empty(1, 16, 4096, 2048, dtype=torch.float16, device=DEVICE),
                       torch.empty(16, 1, 3, 3, device=DEVICE), "gdfn", None, torch.empty(96, 8, device=DEVICE),
                       backend="triton")

@@ -153,6 +153,19 @@ if triton is not None:
         lambda nargs, kw: _PROJECT_CONFIGS[nargs["X"].dtype == torch.float32])
 
 
+# (BLOCK_C, BLOCK_P, warps) of the gate alone, per layout (NCHW: True): NCHW tiles are wide in
+# pixels (coalesced along them), NHWC tiles wide in channels. On a GPU the autotuner picks per
+# shape (the first without autotuning).
+_GATE_CONFIGS = {layout: [triton.Config(dict(BLOCK_C=c, BLOCK_P=p), num_warps=w, num_stages=1) for c, p, w in tiles]
+                 for layout, tiles in ((True, ((4, 256, 4), (2, 512, 4), (8, 256, 8), (4, 512, 8))),
+                                       (False, ((64, 16, 8), (32, 32, 8), (64, 32, 8))))} if triton else {}
+# The interpreter runs programs one by one: large tiles, few programs.
+_INTERPRETER_GATE = [triton.Config(dict(BLOCK_C=32, BLOCK_P=512), num_warps=4, num_stages=1)] if triton else []
+if triton is not None:
+    _gate_tuned = _triton.autotune(_gated_dwconv_gelu_kernel, [c for group in _GATE_CONFIGS.values() for c in group],
+                                   ["h", "H", "W", "sxp"], lambda nargs, kw: _GATE_CONFIGS[nargs["sxp"] == 1])
+
+
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.float().reshape(-1).contiguous()
 
@@ -197,13 +210,13 @@ def gated_dwconv_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
     if out.numel() == 0:
         return out
     sxb, sxc, sxp = _layout.strides(x)
-    # NCHW: 4 channels x 256 pixels, coalesced along pixels, 4 warps; NHWC: 64 channels x 16
-    # pixels, 8 warps. The interpreter runs programs one by one: large tiles, few programs.
-    block_c, block_p, warps = (32, 512, 4) if not x.is_cuda else (4, 256, 4) if sxp == 1 else (64, 16, 8)
-    grid = (triton.cdiv(hh * ww, block_p), triton.cdiv(h, block_c), b)
-    _triton.launch(_gated_dwconv_gelu_kernel, grid, x, w32, b32 if b32 is not None else w32, out, h, hh, ww,
-                   sxb, sxc, sxp, *_layout.strides(out), DUAL=dual, HAS_BIAS=b32 is not None,
-                   WIDE=_layout.wide(x, out), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=warps)
+    wide = _layout.wide(x, out)
+    configs = _GATE_CONFIGS[sxp == 1] if x.is_cuda else _INTERPRETER_GATE
+    grid = lambda meta: (triton.cdiv(hh * ww, meta["BLOCK_P"]), triton.cdiv(h, meta["BLOCK_C"]), b)  # noqa: E731
+    _triton.launch_tuned(_gated_dwconv_gelu_kernel, _gate_tuned, (x.dtype, sxp == 1, dual, b32 is not None, wide),
+                         configs, grid,
+                         x, w32, b32 if b32 is not None else w32, out, h, hh, ww, sxb, sxc, sxp,
+                         *_layout.strides(out), DUAL=dual, HAS_BIAS=b32 is not None, WIDE=wide)
     return out
 
 
