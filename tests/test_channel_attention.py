@@ -181,6 +181,27 @@ def test_every_gpu_tile_of_the_convolving_gram_pass_in_the_interpreter(monkeypat
         assert max_err(out, ref) <= bound, cfg
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
+@pytest.mark.parametrize("c", [96, 176], ids=["R96", "R176"])
+def test_every_gpu_tile_of_the_product_in_the_interpreter(c, monkeypatch):
+    """Each tile the GPU's autotuner may choose for the product with v (channel blocks of 128
+    and 256 rows), convolving v and adding the residual, run by the interpreter in fp16."""
+    from sipl_fast.ops import _triton
+
+    q, k, v, w, dw_bias = dwconv_inputs(1, 1, c, 3, 13)
+    t = torch.tensor([1.5], dtype=torch.float64)
+    res = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    args = (q, k, v, t, None, None, res, w, dw_bias)
+    ref = reference(*args, 13)
+    bound = 2 * max_err(reference(*to(torch.float16, *args), 13), ref)
+    for cfg in module._APPLY_CONFIGS[c > 128]:
+        monkeypatch.setattr(module, "_INTERPRETER_APPLY", [cfg])
+        monkeypatch.setattr(_triton, "_fitting", {})
+        out = channel_attention(*to(torch.float16, q, k, v), t.float(), None, None, *to(torch.float16, res),
+                                *to(torch.float32, w, dw_bias), 13, backend="triton")
+        assert max_err(out, ref) <= bound, cfg
+
+
 def test_triton_reads_strided_views_and_zero_rows():
     """The model's q, k, v are channel chunks of one qkv tensor: no copies needed."""
     qkv = torch.randn(2, 3 * 2 * 24, 7, 11, dtype=torch.float64)

@@ -216,8 +216,11 @@ _DW_GRAM_CONFIGS = [triton.Config(dict(BLOCK_C=c, BLOCK_N=n), num_warps=w, num_s
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
 _INTERPRETER_GRAM, _INTERPRETER_APPLY = (_triton.configs((64, 4, 1)), _triton.configs((128, 32, 4, 1))) if triton else ([], [])
 _INTERPRETER_DW_GRAM = [triton.Config(dict(BLOCK_C=64, BLOCK_N=64), num_warps=4, num_stages=1)] if triton else []
-if triton is not None:
+if triton is not None:  # on a GPU, the convolving Gram pass and the product are autotuned per shape
     _dw_gram_tuned = _triton.autotune(_gram_kernel, _DW_GRAM_CONFIGS, ["C", "N", "H"], lambda nargs, kw: _DW_GRAM_CONFIGS)
+    _apply_tuned = _triton.autotune(_apply_kernel, [c for group in _APPLY_CONFIGS.values() for c in group],
+                                    ["R", "K", "N", "HG", "DWCONV"],
+                                    lambda nargs, kw: _APPLY_CONFIGS[kw["BLOCK_R"] > 128])
 
 
 def _block(n: int, cap: int) -> int:
@@ -271,14 +274,15 @@ def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], resid
     block_r = _block(r, 256)
     res = residual if residual is not None else out
     w, dw_bias, width = dw or (m, None, 1)
-    _triton.launch_fitting(_apply_kernel, (block_r, v.dtype, bias is not None, residual is not None, dw is not None,
-                                           v.is_cuda), _APPLY_CONFIGS[block_r > 128] if v.is_cuda else _INTERPRETER_APPLY,
-                           lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r), b * hg),
-                           m, v, bias if bias is not None else m, res, out, w[2 if dw else 0],
-                           dw_bias[2] if dw_bias is not None else m, r, kk, n, hg, width, *v.stride(), *res.stride(),
-                           *out.stride(), HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                           DWCONV=dw is not None, HAS_DW_BIAS=dw_bias is not None, BLOCK_R=block_r,
-                           PRECISION=_triton.precision(v.dtype))
+    _triton.launch_tuned(_apply_kernel, _apply_tuned, (block_r, v.dtype, bias is not None, residual is not None,
+                                                       dw is not None, v.is_cuda),
+                         _APPLY_CONFIGS[block_r > 128] if v.is_cuda else _INTERPRETER_APPLY,
+                         lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r), b * hg),
+                         m, v, bias if bias is not None else m, res, out, w[2 if dw else 0],
+                         dw_bias[2] if dw_bias is not None else m, r, kk, n, hg, width, *v.stride(), *res.stride(),
+                         *out.stride(), HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                         DWCONV=dw is not None, HAS_DW_BIAS=dw_bias is not None, BLOCK_R=block_r,
+                         PRECISION=_triton.precision(v.dtype))
 
 
 def _output_shape(q: torch.Tensor, proj_weight: Optional[torch.Tensor]):
