@@ -29,13 +29,16 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, min
             graph: bool = False) -> float:
     """Median time of ``fn`` in milliseconds: wall time per call (CUDA events on a GPU, host
     launch overhead included), or with ``graph`` on a GPU the device time of the calls replayed
-    as one CUDA graph (``sipl_fast.ops.graph_ms``; kernels compared without launch overhead, as
-    a captured model runs them), falling back to wall time where ``fn`` cannot be captured."""
+    as one CUDA graph (``sipl_fast.ops.graph_ms``, replayed for about ``min_time_s``; kernels
+    compared without launch overhead, as a captured model runs them), falling back to wall time
+    where ``fn`` cannot be captured."""
     for _ in range(warmup):
         fn()
+    graph = graph and device.type == "cuda"
     times: List[float] = []
     start_all = time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start_all < min_time_s and len(times) < 200):
+    # with ``graph``, five wall-timed calls size the graph (and stand in where it cannot be captured)
+    while len(times) < 5 or (not graph and time.perf_counter() - start_all < min_time_s and len(times) < 200):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -49,7 +52,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, min
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     wall = times[len(times) // 2]
-    if not graph or device.type != "cuda":
+    if not graph:
         return wall
     from sipl_fast.ops import graph_ms
 

@@ -60,15 +60,16 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = SIPL(SIPLConfig(**QUICK_CONFIG) if quick else SIPLConfig()).to(device).eval()
     unit = "device" if device.type == "cuda" else "CPU"
+    backends = args.backends.split(",")
     text = (f"# fast_sipl_profile\n\n{environment(device)}, dtype {args.dtype}, iterations {args.iterations}, "
             f"channels-last {args.channels_last}\n")
-    summary = f"\n## Total self {unit} ms of one loop\n\n| size | " + " | ".join(args.backends.split(",")) + " |\n"
-    summary += "|---" * (1 + len(args.backends.split(","))) + "|\n"
+    summary = f"\n## Total self {unit} ms of one loop\n\n| size | " + " | ".join(backends) + " |\n"
+    summary += "|---" * (1 + len(backends)) + "|\n"
     for size in args.sizes.split(","):
         b, h, w = parse_size(size)
         x = torch.rand(b, 3, h, w, device=device)
         totals = []
-        for backend in args.backends.split(","):
+        for backend in backends:
             fast = FastSIPL(model, dtype=getattr(torch, args.dtype), backend=backend, channels_last=args.channels_last)
             ms, table = profiled_ms(fast, x, args.iterations, args.rows)
             totals.append(f"{ms:.2f}")

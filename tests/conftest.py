@@ -52,3 +52,14 @@ def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> SIPL:
 @pytest.fixture
 def tiny():
     return tiny_model()
+
+
+def interpreter_tiles(monkeypatch, module, name: str, configs):
+    """Each of ``configs`` (a GPU launcher's tiles) in turn as ``module.<name>``, the tile list
+    that the interpreter's launches take, with the launchers' remembered choices cleared."""
+    from sipl_fast.ops import _triton
+
+    for cfg in configs:
+        monkeypatch.setattr(module, name, [cfg])
+        monkeypatch.setattr(_triton, "_fitting", {})
+        yield cfg

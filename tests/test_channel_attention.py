@@ -15,6 +15,7 @@ from sipl_fast.ops import BackendError, channel_attention
 from sipl_fast.ops._backend import choose
 
 from conftest import cosine_attention_f64 as independent  # channels are the tokens, pixels the features
+from conftest import interpreter_tiles
 
 module = importlib.import_module("sipl_fast.ops.channel_attention")  # the package attribute is the function
 reference = module.channel_attention_torch
@@ -166,16 +167,12 @@ def test_triton_convolves_q_k_v_on_the_fly(case, dtype):
 def test_every_gpu_tile_of_the_convolving_gram_pass_in_the_interpreter(monkeypatch):
     """Each (channel block, pixel block) the GPU's autotuner may choose for the Gram pass that
     convolves q and k, run by the interpreter in fp16 (C = 96: one or two channel blocks)."""
-    from sipl_fast.ops import _triton
-
     q, k, v, w, dw_bias = dwconv_inputs(2, 1, 96, 5, 11)
     t = torch.tensor([2.5], dtype=torch.float64)
     args = (q, k, v, t, None, None, None, w, dw_bias)
     ref = reference(*args, 11)
     bound = 2 * max_err(reference(*to(torch.float16, *args), 11), ref)
-    for cfg in module._DW_GRAM_CONFIGS:
-        monkeypatch.setattr(module, "_INTERPRETER_DW_GRAM", [cfg])
-        monkeypatch.setattr(_triton, "_fitting", {})
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_DW_GRAM", module._DW_GRAM_CONFIGS):
         out = channel_attention(*to(torch.float16, q, k, v), t.float(), None, None, None, *to(torch.float32, w, dw_bias),
                                 11, backend="triton")
         assert max_err(out, ref) <= bound, cfg
@@ -186,17 +183,13 @@ def test_every_gpu_tile_of_the_convolving_gram_pass_in_the_interpreter(monkeypat
 def test_every_gpu_tile_of_the_product_in_the_interpreter(c, monkeypatch):
     """Each tile the GPU's autotuner may choose for the product with v (channel blocks of 128
     and 256 rows), convolving v and adding the residual, run by the interpreter in fp16."""
-    from sipl_fast.ops import _triton
-
     q, k, v, w, dw_bias = dwconv_inputs(1, 1, c, 3, 13)
     t = torch.tensor([1.5], dtype=torch.float64)
     res = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     args = (q, k, v, t, None, None, res, w, dw_bias)
     ref = reference(*args, 13)
     bound = 2 * max_err(reference(*to(torch.float16, *args), 13), ref)
-    for cfg in module._APPLY_CONFIGS[c > 128]:
-        monkeypatch.setattr(module, "_INTERPRETER_APPLY", [cfg])
-        monkeypatch.setattr(_triton, "_fitting", {})
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_APPLY", module._APPLY_CONFIGS[c > 128]):
         out = channel_attention(*to(torch.float16, q, k, v), t.float(), None, None, *to(torch.float16, res),
                                 *to(torch.float32, w, dw_bias), 13, backend="triton")
         assert max_err(out, ref) <= bound, cfg

@@ -15,6 +15,8 @@ from sipl_fast.ops import BackendError, conv1x1
 from sipl_fast.ops import _layout, _triton
 from sipl_fast.ops._backend import choose
 
+from conftest import interpreter_tiles
+
 module = importlib.import_module("sipl_fast.ops.conv1x1")  # the package attribute is the function
 reference = module.conv1x1_torch
 
@@ -136,9 +138,7 @@ def test_every_gpu_tile_is_right_in_the_interpreter(cout, monkeypatch):
     x, w, b, r = inputs(2, 37, cout, 13, 11, seed=3)
     ref = independent(x, w, b, r, True)
     bound = tolerance(torch.float16, (x, w, b, r), True, ref)
-    for cfg in module._CONFIGS[block_m, False]:
-        monkeypatch.setattr(module, "_INTERPRETER_CONFIGS", [cfg])
-        monkeypatch.setattr(_triton, "_fitting", {})
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_CONFIGS", module._CONFIGS[block_m, False]):
         out = conv1x1(*to(torch.float16, x, w, b, r), True, backend="triton")
         assert max_err(out, ref) <= bound, cfg
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from sipl_fast.ops import BackendError, _layout, _triton, gated_dwconv_gelu
 from sipl_fast.ops._backend import choose
 
+from conftest import interpreter_tiles
+
 module = importlib.import_module("sipl_fast.ops.gated_dwconv_gelu")  # the package attribute is the function
 reference = module.gated_dwconv_gelu_torch
 
@@ -134,9 +136,8 @@ def test_every_gpu_tile_of_the_gate_in_the_interpreter(layout, monkeypatch):
     ref = independent(x, w, "dual", bias)
     bound = tolerance(torch.float16, x, w, "dual", bias, ref)
     xl = x.to(DEVICE, torch.float16).contiguous(memory_format=layout)
-    for cfg in module._GATE_CONFIGS[layout == torch.contiguous_format]:
-        monkeypatch.setattr(module, "_INTERPRETER_GATE", [cfg])
-        monkeypatch.setattr(_triton, "_fitting", {})
+    tiles = module._GATE_CONFIGS[layout == torch.contiguous_format]
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_GATE", tiles):
         out = gated_dwconv_gelu(xl, *to(torch.float16, w), "dual", *to(torch.float16, bias), backend="triton")
         assert max_err(out, ref) <= bound, cfg
 

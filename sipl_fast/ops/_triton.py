@@ -87,11 +87,11 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def configs(*shapes) -> list:
-    """triton.Config list from (BLOCK_N, [BLOCK_K,] warps, stages) tuples, first choice first
-    (the image ops' launchers list later ones that need less shared memory)."""
-    return [triton.Config(dict(zip(("BLOCK_N", "BLOCK_K"), sizes)), num_warps=w, num_stages=s)
-            for *sizes, w, s in shapes]
+def configs(*shapes, names=("BLOCK_N", "BLOCK_K"), **meta) -> list:
+    """triton.Config list from (size, [size,] warps, stages) tuples, the sizes named by ``names``,
+    each with the fixed meta-parameters ``meta`` too; first choice first (the image ops'
+    launchers list later ones that need less shared memory)."""
+    return [triton.Config({**dict(zip(names, sizes)), **meta}, num_warps=w, num_stages=s) for *sizes, w, s in shapes]
 
 
 #: CUDA's largest grid: 2**31 - 1 programs along axis 0, 65535 along axes 1 and 2.
@@ -203,12 +203,12 @@ def launch_tuned(kernel, tuned, key, configs, grid, *args, **constants) -> None:
 _tuners: list = []  # every autotuner made by autotune()
 
 
-def autotune(kernel, configs, key, prune):
+def autotune(kernel, configs, key, prune=None):
     """``triton.autotune`` of ``kernel`` over ``configs`` per ``key``, pruned per call to
-    ``prune(nargs, kw)``, timed by :func:`autotune_bench`; remembered for :func:`tuned_tiles`."""
-    tuner = triton.autotune(configs=configs, key=key, do_bench=autotune_bench,
-                            prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: prune(nargs, kw)},
-                            )(kernel)
+    ``prune(nargs, kw)`` if given, timed by :func:`autotune_bench`; remembered for
+    :func:`tuned_tiles`."""
+    pruning = {"early_config_prune": lambda configs, nargs, **kw: prune(nargs, kw)} if prune else None
+    tuner = triton.autotune(configs=configs, key=key, do_bench=autotune_bench, prune_configs_by=pruning)(kernel)
     _tuners.append(tuner)
     return tuner
 

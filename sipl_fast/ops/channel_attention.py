@@ -211,13 +211,13 @@ _APPLY_CONFIGS = {False: _triton.configs((64, 16, 8, 2), (32, 32, 8, 2), (32, 16
 # of k, so for C = 96 a 64-row block convolves each row twice (and 32 padding rows), a 128-row
 # one once, with one program a slice. (BLOCK_C, BLOCK_N, warps, stages), all spill-free for
 # sm_90a (16-bit: 141 to 246 registers a thread).
-_DW_GRAM_CONFIGS = [triton.Config(dict(BLOCK_C=c, BLOCK_N=n), num_warps=w, num_stages=st)
-                    for c, n, w, st in ((64, 16, 8, 2), (128, 16, 8, 2), (64, 64, 8, 2))] if triton else []
+_DW_GRAM_CONFIGS = _triton.configs((64, 16, 8, 2), (128, 16, 8, 2), (64, 64, 8, 2),
+                                   names=("BLOCK_C", "BLOCK_N")) if triton else []
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
 _INTERPRETER_GRAM, _INTERPRETER_APPLY = (_triton.configs((64, 4, 1)), _triton.configs((128, 32, 4, 1))) if triton else ([], [])
-_INTERPRETER_DW_GRAM = [triton.Config(dict(BLOCK_C=64, BLOCK_N=64), num_warps=4, num_stages=1)] if triton else []
+_INTERPRETER_DW_GRAM = _triton.configs((64, 64, 4, 1), names=("BLOCK_C", "BLOCK_N")) if triton else []
 if triton is not None:  # on a GPU, the convolving Gram pass and the product are autotuned per shape
-    _dw_gram_tuned = _triton.autotune(_gram_kernel, _DW_GRAM_CONFIGS, ["C", "N", "H"], lambda nargs, kw: _DW_GRAM_CONFIGS)
+    _dw_gram_tuned = _triton.autotune(_gram_kernel, _DW_GRAM_CONFIGS, ["C", "N", "H"])
     _apply_tuned = _triton.autotune(_apply_kernel, [c for group in _APPLY_CONFIGS.values() for c in group],
                                     ["R", "K", "N", "HG", "DWCONV"],
                                     lambda nargs, kw: _APPLY_CONFIGS[kw["BLOCK_R"] > 128])

@@ -125,25 +125,21 @@ if triton is not None:
         tl.store(tile(O + b * sob, rows, pixels, soc, sop, WIDE), acc.to(O.dtype.element_ty), mask=out_mask)
 
 
-# (BLOCK_N, BLOCK_K, warps, stages[, one sweep]) per (BLOCK_M, fp32): pixels along the fast axis
-# of NCHW, one accumulator of BLOCK_M x BLOCK_N fp32 values spread over the warps. The kernel is
-# memory-bound; on a GPU the autotuner picks per shape (the first without autotuning): the small
-# tiles leave room for several programs per SM, the wide ones (up to 256 pixels) make each
-# program's loads longer, and the one-sweep tiles (normalising calls with Cin <= 128 only) read
-# x once. Every one compiles for sm_90a without register spills (16-bit: warpgroup MMA);
-# fp32, whose exact products run without tensor cores, takes smaller ones.
-def _tiles(*shapes) -> list:
-    return [triton.Config(dict(BLOCK_N=n, BLOCK_K=k, ONE_SWEEP=bool(one[:1] and one[0])), num_warps=w, num_stages=st)
-            for n, k, w, st, *one in shapes]
-
-
-_WIDE_TILES = ((128, 32, 8, 3), (256, 32, 8, 2), (64, 32, 8, 2, True), (128, 32, 8, 2, True))
-_CONFIGS = {(64, False): _tiles((64, 32, 4, 3), (64, 32, 4, 2), *_WIDE_TILES),
-            (128, False): _tiles((64, 32, 8, 3), (64, 32, 8, 2), *_WIDE_TILES),
-            (64, True): _tiles((32, 16, 4, 2), (32, 16, 4, 1)),
-            (128, True): _tiles((32, 16, 8, 2), (32, 16, 8, 1))} if triton else {}
+# (BLOCK_N, BLOCK_K, warps, stages) per (BLOCK_M, fp32): pixels along the fast axis of NCHW, one
+# accumulator of BLOCK_M x BLOCK_N fp32 values spread over the warps. The kernel is memory-bound;
+# on a GPU the autotuner picks per shape (the first without autotuning): the small tiles leave
+# room for several programs per SM, the wide ones (up to 256 pixels) make each program's loads
+# longer, and the ONE_SWEEP tiles (normalising calls with Cin <= 128 only) read x once. Every one
+# compiles for sm_90a without register spills (16-bit: warpgroup MMA); fp32, whose exact
+# products run without tensor cores, takes smaller ones.
+_WIDE_TILES = (_triton.configs((128, 32, 8, 3), (256, 32, 8, 2), ONE_SWEEP=False)
+               + _triton.configs((64, 32, 8, 2), (128, 32, 8, 2), ONE_SWEEP=True)) if triton else []
+_CONFIGS = {(64, False): _triton.configs((64, 32, 4, 3), (64, 32, 4, 2), ONE_SWEEP=False) + _WIDE_TILES,
+            (128, False): _triton.configs((64, 32, 8, 3), (64, 32, 8, 2), ONE_SWEEP=False) + _WIDE_TILES,
+            (64, True): _triton.configs((32, 16, 4, 2), (32, 16, 4, 1), ONE_SWEEP=False),
+            (128, True): _triton.configs((32, 16, 8, 2), (32, 16, 8, 1), ONE_SWEEP=False)} if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
-_INTERPRETER_CONFIGS = _tiles((256, 32, 4, 1)) if triton else []
+_INTERPRETER_CONFIGS = _triton.configs((256, 32, 4, 1), ONE_SWEEP=False) if triton else []
 ONE_SWEEP_MAX_CIN = 128  # one-sweep tiles hold [Cin padded to a power of two, BLOCK_N] values
 
 

@@ -156,11 +156,12 @@ if triton is not None:
 # (BLOCK_C, BLOCK_P, warps) of the gate alone, per layout (NCHW: True): NCHW tiles are wide in
 # pixels (coalesced along them), NHWC tiles wide in channels. On a GPU the autotuner picks per
 # shape (the first without autotuning).
-_GATE_CONFIGS = {layout: [triton.Config(dict(BLOCK_C=c, BLOCK_P=p), num_warps=w, num_stages=1) for c, p, w in tiles]
-                 for layout, tiles in ((True, ((4, 256, 4), (2, 512, 4), (8, 256, 8), (4, 512, 8))),
-                                       (False, ((64, 16, 8), (32, 32, 8), (64, 32, 8))))} if triton else {}
+_GATE_CONFIGS = {True: _triton.configs((4, 256, 4, 1), (2, 512, 4, 1), (8, 256, 8, 1), (4, 512, 8, 1),
+                                        names=("BLOCK_C", "BLOCK_P")),
+                 False: _triton.configs((64, 16, 8, 1), (32, 32, 8, 1), (64, 32, 8, 1),
+                                        names=("BLOCK_C", "BLOCK_P"))} if triton else {}
 # The interpreter runs programs one by one: large tiles, few programs.
-_INTERPRETER_GATE = [triton.Config(dict(BLOCK_C=32, BLOCK_P=512), num_warps=4, num_stages=1)] if triton else []
+_INTERPRETER_GATE = _triton.configs((32, 512, 4, 1), names=("BLOCK_C", "BLOCK_P")) if triton else []
 if triton is not None:
     _gate_tuned = _triton.autotune(_gated_dwconv_gelu_kernel, [c for group in _GATE_CONFIGS.values() for c in group],
                                    ["h", "H", "W", "sxp"], lambda nargs, kw: _GATE_CONFIGS[nargs["sxp"] == 1])
