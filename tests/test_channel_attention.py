@@ -207,6 +207,27 @@ def test_triton_reads_strided_views_and_zero_rows():
     assert empty.shape == (2, 2, 24, 0)
 
 
+@pytest.mark.parametrize("project", [False, True])
+def test_triton_output_keeps_channels_last(project):
+    """q, k, v chunked from a channels-last qkv image give a channels-innermost output (what
+    FastSIPL views as an NHWC image again), equal to the NCHW one; NCHW gives NCHW."""
+    b, heads, c, height, width = 2, 2, 24, 5, 7
+    q, k, v, w, dw_bias = dwconv_inputs(b, heads, c, height, width)
+    qkv = torch.cat([t.reshape(b, heads * c, height, width) for t in (q, k, v)], dim=1).float().to(DEVICE)
+    t = torch.tensor([1.5, 0.2], device=DEVICE)
+    proj = torch.randn(16, heads * c, device=DEVICE) / c if project else None
+    outs = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        chunks = (x.reshape(b, heads, c, -1) for x in qkv.contiguous(memory_format=fmt).chunk(3, dim=1))
+        outs.append(channel_attention(*chunks, t, proj, None, None, *to(torch.float32, w, dw_bias), width,
+                                      backend="triton"))
+    nchw, nhwc = outs
+    assert nchw.is_contiguous() and nhwc.stride(-2 if project else 2) == 1 and not nhwc.is_contiguous()
+    if project:
+        assert nhwc.view(b, 16, height, width).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc, nchw, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ choice and errors
 def test_auto_uses_torch_on_cpu_and_triton_refuses_gradients_and_interpreter_bf16():
     q, k, v, t = to(torch.float32, *inputs(1, 1, 16, 20, [1.0]))

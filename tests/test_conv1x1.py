@@ -130,17 +130,34 @@ def test_triton_int64_offsets_for_huge_images(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
-@pytest.mark.parametrize("cout", [40, 70])
-def test_every_gpu_tile_is_right_in_the_interpreter(cout, monkeypatch):
-    """Each 16-bit tile the GPU's autotuner may choose, run by the interpreter in fp16 on odd
-    channel and pixel counts (partial tiles on every axis), normalise, bias and residual."""
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("cin, cout", [(37, 40), (37, 70), (37, 150), (131, 150)])
+def test_every_gpu_tile_is_right_in_the_interpreter(cin, cout, normalize, monkeypatch):
+    """Each 16-bit tile the GPU's autotuner may offer for the call, run by the interpreter in
+    fp16 on odd channel and pixel counts (partial tiles on every axis), bias and residual:
+    Cout = 150 takes two output-channel blocks (the one-sweep tiles loop over them), Cin = 131
+    no one-sweep tile."""
     block_m = 64 if cout <= 64 else 128
-    x, w, b, r = inputs(2, 37, cout, 13, 11, seed=3)
-    ref = independent(x, w, b, r, True)
-    bound = tolerance(torch.float16, (x, w, b, r), True, ref)
-    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_CONFIGS", module._CONFIGS[block_m, False]):
-        out = conv1x1(*to(torch.float16, x, w, b, r), True, backend="triton")
+    x, w, b, r = inputs(2, cin, cout, 13, 11, seed=3)
+    ref = independent(x, w, b, r, normalize)
+    bound = tolerance(torch.float16, (x, w, b, r), normalize, ref)
+    tiles = module._configs_for(cin, block_m, False)
+    assert any(c.kwargs["ONE_SWEEP"] for c in tiles) == (cin <= module.ONE_SWEEP_MAX_CIN)
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_CONFIGS", tiles):
+        out = conv1x1(*to(torch.float16, x, w, b, r), normalize, backend="triton")
         assert max_err(out, ref) <= bound, cfg
+
+
+@pytest.mark.parametrize("cin", [96, 128, 129, 192])
+def test_the_autotuner_offers_one_sweep_tiles_only_where_cin_fits(cin):
+    """The autotuner's own pruning (what a GPU run takes), not only the launcher's list: a
+    one-sweep tile reads CIN_P channels, which must cover Cin."""
+    tuner = module._conv1x1_tuned
+    for block_m, fp32 in ((64, False), (128, False), (128, True)):
+        x = torch.empty(1, dtype=torch.float32 if fp32 else torch.float16)
+        offered = tuner.early_config_prune(tuner.configs, {"Cin": cin, "X": x}, BLOCK_M=block_m, NORMALIZE=True)
+        assert offered == module._configs_for(cin, block_m, fp32)
+        assert any(c.kwargs["ONE_SWEEP"] for c in offered) == (cin <= 128 and not fp32)
 
 
 def test_triton_grid_fits_cuda_limits_on_large_images(monkeypatch):

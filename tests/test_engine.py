@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_model
 from sipl_fast import FastSIPL, ops, restore, save_model
-from sipl_fast.model import CrossBlock, TransformerBlock
+from sipl_fast.model import CrossBlock, FeedForward, TransformerBlock
 from sipl_fast.tiling import tiled
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -139,11 +139,34 @@ def test_layer_norm_affine_is_folded_into_the_next_convolution(model):
     assert err(fast(x, 2), restore(model, x, 2)) <= 1e-4
 
 
-def test_triton_backend_of_every_op_serves_the_whole_model(model):
-    """fp32 through the Triton kernels (the interpreter on a CPU) matches the reference loop."""
+@pytest.mark.parametrize("dual", [False, True])
+def test_padding_the_hidden_width_changes_nothing(dual):
+    """The GDFN with zero channels added to its hidden width: aligned, the same output."""
+    engine = importlib.import_module("sipl_fast.engine")
+    ffn = FeedForward(24, 2.66, bias=True, dual_gate=dual).double()  # hidden 63
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(p.numel()))
+    x = torch.randn(2, 24, 9, 7, dtype=torch.float64)
+    before = ffn(x)
+    engine._pad_hidden(ffn)
+    assert ffn.project_out.in_channels == 64 and ffn.project_in.weight.shape[0] == ffn.dwconv.groups == 128
+    assert torch.equal(ffn(x), before)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_triton_backend_of_every_op_serves_the_whole_model(model, channels_last, monkeypatch):
+    """fp32 through the Triton kernels (the interpreter on a CPU) matches the reference loop.
+    Channels-last (here in bands of rows too), every block's output stays channels-last."""
     x = images(2, 19, 23)
-    assert err(FastSIPL(model, dtype=torch.float32, backend="triton", cuda_graphs=False)(x, 1),
-               restore(model, x, 1)) <= 1e-4
+    fast = FastSIPL(model, dtype=torch.float32, backend="triton", cuda_graphs=False, channels_last=channels_last)
+    layouts = []
+    if channels_last:
+        monkeypatch.setattr(importlib.import_module("sipl_fast.engine"), "BAND_BYTES", 200000)
+        for block in (m for m in fast.model.modules() if isinstance(m, (TransformerBlock, CrossBlock))):
+            block.register_forward_hook(lambda m, i, out: layouts.append(out.stride(1) == 1))
+    assert err(fast(x, 1), restore(model, x, 1)) <= 1e-4
+    if channels_last:
+        assert len(layouts) > 20 and all(layouts)
 
 
 def test_fp16_engine_through_the_triton_kernels(model):

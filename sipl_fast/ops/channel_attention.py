@@ -290,14 +290,30 @@ def _output_shape(q: torch.Tensor, proj_weight: Optional[torch.Tensor]):
     return (b, h, c, n) if proj_weight is None else (b, proj_weight.shape[0], n)
 
 
+def _empty_output(q: torch.Tensor, v: torch.Tensor, proj_weight: Optional[torch.Tensor],
+                  residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """The uninitialised output, dense in v's layout: channels innermost where v's are (the
+    channel chunks of a channels-last qkv image, so that the block's output stays NHWC), else
+    pixels innermost."""
+    shape, dtype = _output_shape(q, proj_weight), result_dtype(v, residual)
+    if not (v.shape[2] > 1 and v.shape[3] > 1 and v.stride(2) == 1):
+        return v.new_empty(shape, dtype=dtype)
+    if proj_weight is None:  # (B, H, C, N) stored as (B, N, H, C)
+        b, h, c, n = shape
+        return v.new_empty((b, n, h, c), dtype=dtype).permute(0, 2, 3, 1)
+    b, c_out, n = shape  # (B, C_out, N) stored as (B, N, C_out)
+    return v.new_empty((b, n, c_out), dtype=dtype).transpose(1, 2)
+
+
 @torch.library.custom_op("sipl_fast::channel_attention_triton", mutates_args=())
 def channel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
                              proj_weight: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
                              residual: Optional[torch.Tensor] = None, dw_weight: Optional[torch.Tensor] = None,
                              dw_bias: Optional[torch.Tensor] = None, width: int = 0) -> torch.Tensor:
-    """Triton forward: (B, H, C, N), or (B, C_out, N) with ``project_out`` folded in; contiguous."""
+    """Triton forward: (B, H, C, N), or (B, C_out, N) with ``project_out`` folded in; dense in v's
+    layout (``_empty_output``)."""
     b, h, c, n = q.shape
-    out = torch.empty(_output_shape(q, proj_weight), device=q.device, dtype=result_dtype(v, residual))
+    out = _empty_output(q, v, proj_weight, residual)
     if out.numel() == 0:
         return out
     dw = None
@@ -319,7 +335,7 @@ def channel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 @channel_attention_triton.register_fake
 def _(q, k, v, temperature, proj_weight=None, proj_bias=None, residual=None, dw_weight=None, dw_bias=None, width=0):
-    return q.new_empty(_output_shape(q, proj_weight), dtype=result_dtype(v, residual))
+    return _empty_output(q, v, proj_weight, residual)
 
 
 # ----------------------------------------------------------------------------- backend choice

@@ -56,41 +56,62 @@ if triton is not None:
     from ._triton import tile
 
     @triton.jit
+    def _finish(acc, rows, pixels, in_image, b, Cout, BIAS, R, O, srb, src, srp, sob, soc, sop,
+                HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, WIDE: tl.constexpr):
+        """Store the [rows, pixels] tile ``acc`` of image b, bias and residual added in fp32."""
+        out_mask = (rows < Cout)[:, None] & in_image[None, :]
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rows, mask=rows < Cout, other=0.0)[:, None]
+        if HAS_RESIDUAL:
+            acc += tl.load(tile(R + b * srb, rows, pixels, src, srp, WIDE), mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(tile(O + b * sob, rows, pixels, soc, sop, WIDE), acc.to(O.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
     def _conv1x1_kernel(X, Wt, BIAS, R, O, Cin, Cout, HW, sxb, sxc, sxp, srb, src, srp, sob, soc, sop, eps,
                         NORMALIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                         WIDE: tl.constexpr, CIN_P: tl.constexpr, ONE_SWEEP: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-        """Output channels m.. at pixels n.. of image b, for program (n block * m blocks + m block, b).
+        """Output channels at pixels n.. of image b: all of them with ``ONE_SWEEP``, program
+        (n block, b); else channels m.., program (n block * m blocks + m block, b).
 
-        The output-channel blocks of one pixel block are neighbouring programs, so the x tile
-        they all read comes from L2 after the first (one grid axis for both: CUDA caps the
-        others at 65535 blocks, which a 2048x2048 image's pixel blocks pass). With
-        ``NORMALIZE``, two sweeps over the Cin channels of the tile give each pixel's mean,
-        then the biased variance of the deviations (two-pass, in fp32, as ``layer_norm2d``
-        computes it); the product sweep normalises each [BLOCK_K, BLOCK_N] tile, rounds it to
-        x's dtype (what a separate norm would store) and multiplies it with the
-        [BLOCK_M, BLOCK_K] weight tile on tensor cores, fp32 accumulation. With ``ONE_SWEEP``
-        (a tile choice, for Cin <= CIN_P, Cin padded to a power of two) the whole [CIN_P,
-        BLOCK_N] tile is loaded once and normalised in registers: x read once instead of three
-        times. Bias and residual are added in fp32 before the one store.
+        ``ONE_SWEEP`` (a tile choice, for Cin <= CIN_P, Cin padded to a power of two): the
+        whole [CIN_P, BLOCK_N] x tile is loaded once, normalised once in registers, and every
+        [BLOCK_M, CIN_P] block of W multiplied with it in turn: x is read from memory exactly
+        once, whatever Cout (the GDFN's project_in has 2 * 2.66 Cin outputs). Otherwise the
+        output-channel blocks of one pixel block are neighbouring programs, so the x tile they
+        all read comes from L2 after the first (one grid axis for both: CUDA caps the others at
+        65535 blocks, which a 2048x2048 image's pixel blocks pass), and with ``NORMALIZE`` two
+        sweeps over the Cin channels give each pixel's mean, then the biased variance of the
+        deviations (two-pass, in fp32, as ``layer_norm2d`` computes it), before the product
+        sweep. Either way each normalised [Cin, BLOCK_N] tile is rounded to x's dtype (what a
+        separate norm would store) and multiplied with the weights on tensor cores, fp32
+        accumulation; bias and residual are added in fp32 before the one store (``_finish``).
         """
-        blocks_m = tl.cdiv(Cout, BLOCK_M)
-        rows = (tl.program_id(0) % blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-        pixels = (tl.program_id(0) // blocks_m) * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_image = pixels < HW
         b = tl.program_id(1).to(tl.int64)
         x_img = X + b * sxb
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if NORMALIZE and ONE_SWEEP:
+        if ONE_SWEEP:
+            pixels = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            in_image = pixels < HW
             ks = tl.arange(0, CIN_P)
             mask = (ks < Cin)[:, None] & in_image[None, :]
-            xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
-            d = tl.where(mask, xt - (tl.sum(xt, axis=0) / Cin)[None, :], 0.0)
-            xn = (d * (1.0 / tl.sqrt(tl.sum(d * d, axis=0) / Cin + eps))[None, :]).to(X.dtype.element_ty)
-            w = tl.load(Wt + rows[:, None] * Cin + ks[None, :], mask=(rows < Cout)[:, None] & (ks < Cin)[None, :],
-                        other=0.0)
-            acc = tl.dot(w, xn, acc, input_precision=PRECISION)
+            xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0)
+            if NORMALIZE:
+                xf = xt.to(tl.float32)
+                d = tl.where(mask, xf - (tl.sum(xf, axis=0) / Cin)[None, :], 0.0)
+                xt = (d * (1.0 / tl.sqrt(tl.sum(d * d, axis=0) / Cin + eps))[None, :]).to(X.dtype.element_ty)
+            for m0 in range(0, Cout, BLOCK_M):
+                rows = m0 + tl.arange(0, BLOCK_M)
+                w = tl.load(Wt + rows[:, None] * Cin + ks[None, :], mask=(rows < Cout)[:, None] & (ks < Cin)[None, :],
+                            other=0.0)
+                acc = tl.dot(w, xt, input_precision=PRECISION)
+                _finish(acc, rows, pixels, in_image, b, Cout, BIAS, R, O, srb, src, srp, sob, soc, sop,
+                        HAS_BIAS, HAS_RESIDUAL, WIDE)
         else:
+            blocks_m = tl.cdiv(Cout, BLOCK_M)
+            rows = (tl.program_id(0) % blocks_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+            pixels = (tl.program_id(0) // blocks_m) * BLOCK_N + tl.arange(0, BLOCK_N)
+            in_image = pixels < HW
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if NORMALIZE:
                 total = tl.zeros([BLOCK_N], dtype=tl.float32)
                 for k0 in range(0, Cin, BLOCK_K):
@@ -117,19 +138,15 @@ if triton is not None:
                 w = tl.load(Wt + rows[:, None] * Cin + ks[None, :], mask=(rows < Cout)[:, None] & (ks < Cin)[None, :],
                             other=0.0)
                 acc = tl.dot(w, xt, acc, input_precision=PRECISION)
-        out_mask = (rows < Cout)[:, None] & in_image[None, :]
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rows, mask=rows < Cout, other=0.0)[:, None]
-        if HAS_RESIDUAL:
-            acc += tl.load(tile(R + b * srb, rows, pixels, src, srp, WIDE), mask=out_mask, other=0.0).to(tl.float32)
-        tl.store(tile(O + b * sob, rows, pixels, soc, sop, WIDE), acc.to(O.dtype.element_ty), mask=out_mask)
+            _finish(acc, rows, pixels, in_image, b, Cout, BIAS, R, O, srb, src, srp, sob, soc, sop,
+                    HAS_BIAS, HAS_RESIDUAL, WIDE)
 
 
 # (BLOCK_N, BLOCK_K, warps, stages) per (BLOCK_M, fp32): pixels along the fast axis of NCHW, one
 # accumulator of BLOCK_M x BLOCK_N fp32 values spread over the warps. The kernel is memory-bound;
 # on a GPU the autotuner picks per shape (the first without autotuning): the small tiles leave
 # room for several programs per SM, the wide ones (up to 256 pixels) make each program's loads
-# longer, and the ONE_SWEEP tiles (normalising calls with Cin <= 128 only) read x once. Every one
+# longer, and the ONE_SWEEP tiles (calls with Cin <= 128 only) read x once. Every one
 # compiles for sm_90a without register spills (16-bit: warpgroup MMA); fp32, whose exact
 # products run without tensor cores, takes smaller ones.
 _WIDE_TILES = (_triton.configs((128, 32, 8, 3), (256, 32, 8, 2), ONE_SWEEP=False)
@@ -143,17 +160,16 @@ _INTERPRETER_CONFIGS = _triton.configs((256, 32, 4, 1), ONE_SWEEP=False) if trit
 ONE_SWEEP_MAX_CIN = 128  # one-sweep tiles hold [Cin padded to a power of two, BLOCK_N] values
 
 
-def _configs_for(kw: dict, fp32: bool) -> list:
-    """The autotuner's candidates for a call: one-sweep tiles only where they apply."""
-    one_sweep = kw["NORMALIZE"] and kw["CIN_P"] <= ONE_SWEEP_MAX_CIN
-    return [c for c in _CONFIGS[kw["BLOCK_M"], fp32] if one_sweep or not c.kwargs["ONE_SWEEP"]]
+def _configs_for(cin: int, block_m: int, fp32: bool) -> list:
+    """The autotuner's candidates for a call: one-sweep tiles only where Cin fits them."""
+    return [c for c in _CONFIGS[block_m, fp32] if cin <= ONE_SWEEP_MAX_CIN or not c.kwargs["ONE_SWEEP"]]
 
 
 if triton is not None:
     _conv1x1_tuned = _triton.autotune(
         _conv1x1_kernel, [c for group in _CONFIGS.values() for c in group],
         ["Cin", "Cout", "HW", "NORMALIZE", "HAS_RESIDUAL"],
-        lambda nargs, kw: _configs_for(kw, nargs["X"].dtype == torch.float32))
+        lambda nargs, kw: _configs_for(nargs["Cin"], kw["BLOCK_M"], nargs["X"].dtype == torch.float32))
 
 
 @torch.library.custom_op("sipl_fast::conv1x1_triton", mutates_args=())
@@ -172,11 +188,12 @@ def conv1x1_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     block_m = 64 if cout <= 64 else 128
     wide = _layout.wide(x, r, out)
     # Cin padded for the one-sweep tiles (a constant 16 where they cannot apply: no extra compiles)
-    cin_p = triton.next_power_of_2(max(cin, 16)) if normalize and cin <= ONE_SWEEP_MAX_CIN else 16
+    cin_p = triton.next_power_of_2(max(cin, 16)) if cin <= ONE_SWEEP_MAX_CIN else 16
     flags = dict(NORMALIZE=normalize, BLOCK_M=block_m, CIN_P=cin_p)
-    configs = _configs_for(flags, x.dtype == torch.float32) if x.is_cuda else _INTERPRETER_CONFIGS
+    configs = _configs_for(cin, block_m, x.dtype == torch.float32) if x.is_cuda else _INTERPRETER_CONFIGS
     _triton.launch_tuned(_conv1x1_kernel, _conv1x1_tuned, (block_m, x.dtype, wide, x.is_cuda, normalize, cin_p),
-                         configs, lambda meta: (triton.cdiv(cout, block_m) * triton.cdiv(h * w, meta["BLOCK_N"]), b),
+                         configs, lambda meta: ((1 if meta["ONE_SWEEP"] else triton.cdiv(cout, block_m))
+                                                * triton.cdiv(h * w, meta["BLOCK_N"]), b),
                          x, wt, b32 if b32 is not None else wt, r if r is not None else x, out, cin, cout, h * w,
                          *_layout.strides(x), *_layout.strides(r if r is not None else x), *_layout.strides(out),
                          float(eps), **flags, HAS_BIAS=b32 is not None, HAS_RESIDUAL=r is not None, WIDE=wide,
