@@ -1,14 +1,15 @@
 """Where one FastSIPL loop spends its GPU time: the top kernels by device time, per backend.
 
-For each ``--backends`` entry (``auto``: FastSIPL's measured choice; or one backend for every
-op), runs the engine's loop without CUDA graphs (so the profiler sees each kernel by name),
+For each ``--layouts`` entry (``nchw``, ``channels-last``: ``FastSIPL(channels_last=True)``) and
+``--backends`` entry (``auto``: FastSIPL's measured choice; or one backend for every op), runs
+the engine's loop without CUDA graphs (so the profiler sees each kernel by name),
 after a first call with graphs that compiles, autotunes and measures the backends as FastSIPL
 does (by device time). Prints and writes, per size and backend, the backends the measurement
 chose and the profiler's table of kernels sorted by total device time, and a summary of the
-loop's total device time per size and backend, to
+loop's total device time per size, layout and backend, to
 ``benchmarks/results/fast_sipl_profile_<device>.md``.
 Usage: ``python benchmarks/fast_sipl_profile.py [--sizes 256,512] [--backends auto,torch]
-[--dtype bfloat16] [--channels-last] [--quick]``.
+[--layouts nchw,channels-last] [--dtype bfloat16] [--quick]``.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def main(argv=None) -> None:
     parser.add_argument("--backends", default="auto", help="comma list of auto, torch, triton, cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--iterations", type=int, default=2)
-    parser.add_argument("--channels-last", action="store_true", help="FastSIPL(channels_last=True)")
+    parser.add_argument("--layouts", default="nchw", help="comma list of nchw, channels-last")
     parser.add_argument("--rows", type=int, default=30, help="kernels listed per size and backend")
     parser.add_argument("--quick", action="store_true", help="a tiny model (the CPU default)")
     args = parser.parse_args(argv)
@@ -60,29 +61,31 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = SIPL(SIPLConfig(**QUICK_CONFIG) if quick else SIPLConfig()).to(device).eval()
     unit = "device" if device.type == "cuda" else "CPU"
-    backends = args.backends.split(",")
-    text = (f"# fast_sipl_profile\n\n{environment(device)}, dtype {args.dtype}, iterations {args.iterations}, "
-            f"channels-last {args.channels_last}\n")
-    summary = f"\n## Total self {unit} ms of one loop\n\n| size | " + " | ".join(backends) + " |\n"
-    summary += "|---" * (1 + len(backends)) + "|\n"
+    backends, layouts = args.backends.split(","), args.layouts.split(",")
+    if not set(layouts) <= {"nchw", "channels-last"}:
+        parser.error(f"--layouts takes nchw and channels-last, got {args.layouts}")
+    text = f"# fast_sipl_profile\n\n{environment(device)}, dtype {args.dtype}, iterations {args.iterations}\n"
+    summary = f"\n## Total self {unit} ms of one loop\n\n| size | layout | " + " | ".join(backends) + " |\n"
+    summary += "|---" * (2 + len(backends)) + "|\n"
     for size in args.sizes.split(","):
         b, h, w = parse_size(size)
         x = torch.rand(b, 3, h, w, device=device)
-        totals = []
-        for backend in backends:
-            fast = FastSIPL(model, dtype=getattr(torch, args.dtype), backend=backend, channels_last=args.channels_last)
-            ms, table = profiled_ms(fast, x, args.iterations, args.rows)
-            totals.append(f"{ms:.2f}")
-            section = (f"\n## {b}x{h}x{w}, backend {backend}: {ms:.2f} ms\n\n"
-                       f"measured backends: {ops.measured_choices()}\n\n```\n{table}\n```\n")
-            print(section, flush=True)
-            text += section
-            del fast
-        summary += f"| {b}x{h}x{w} | " + " | ".join(totals) + " |\n"
+        for layout in layouts:
+            totals = []
+            for backend in backends:
+                fast = FastSIPL(model, dtype=getattr(torch, args.dtype), backend=backend,
+                                channels_last=layout == "channels-last")
+                ms, table = profiled_ms(fast, x, args.iterations, args.rows)
+                totals.append(f"{ms:.2f}")
+                section = (f"\n## {b}x{h}x{w}, {layout}, backend {backend}: {ms:.2f} ms\n\n"
+                           f"measured backends: {ops.measured_choices()}\n\n```\n{table}\n```\n")
+                print(section, flush=True)
+                text += section
+                del fast
+            summary += f"| {b}x{h}x{w} | {layout} | " + " | ".join(totals) + " |\n"
     print(summary)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_cl" if args.channels_last else ""
-    (RESULTS / f"fast_sipl_profile_{device.type}{suffix}.md").write_text(text + summary)
+    (RESULTS / f"fast_sipl_profile_{device.type}.md").write_text(text + summary)
 
 
 if __name__ == "__main__":

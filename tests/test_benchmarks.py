@@ -94,11 +94,14 @@ def test_fast_sipl_smoke(tmp_path):
 
 
 def test_fast_sipl_profile_smoke(tmp_path):
-    """The profile of one loop: the table of the busiest kernels (CPU ops here) per size."""
-    proc = run_bench("fast_sipl_profile.py", "--sizes", "16", "--iterations", "1", "--rows", "5", results=tmp_path)
+    """The profile of one loop: the table of the busiest kernels (CPU ops here) per size and
+    layout, and the totals."""
+    proc = run_bench("fast_sipl_profile.py", "--sizes", "16", "--iterations", "1", "--rows", "5",
+                     "--layouts", "nchw,channels-last", results=tmp_path)
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "fast_sipl_profile_cpu.md").read_text()
-    assert "## 1x16x16" in text and "measured backends" in text and "Self CPU" in text
+    assert "## 1x16x16, nchw" in text and "## 1x16x16, channels-last" in text
+    assert "measured backends" in text and "Self CPU" in text and "| 1x16x16 | channels-last |" in text
 
 
 def test_op_variants_take_only_the_ops_own_backends(monkeypatch):
