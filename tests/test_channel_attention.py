@@ -163,18 +163,31 @@ def test_triton_convolves_q_k_v_on_the_fly(case, dtype):
     assert max_err(out, ref) <= (max(1e-5, 2 * naive) if dtype == torch.float32 else 2 * naive)
 
 
+def channel_chunks(dtype, fmt, *qkv):
+    """q, k, v (B, H, C, N) as MDTA views them: channel chunks of one image in memory format
+    ``fmt`` (channels-last: pixel stride 3*H*C)."""
+    b, heads, c, n = qkv[0].shape
+    image = torch.cat([t.reshape(b, heads * c, 1, n) for t in qkv], dim=1)
+    image = image.to(DEVICE, dtype).contiguous(memory_format=fmt)
+    return [t.reshape(b, heads, c, n) for t in image.chunk(3, dim=1)]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
-def test_every_gpu_tile_of_the_convolving_gram_pass_in_the_interpreter(monkeypatch):
-    """Each (channel block, pixel block) the GPU's autotuner may choose for the Gram pass that
-    convolves q and k, run by the interpreter in fp16 (C = 96: one or two channel blocks)."""
+@pytest.mark.parametrize("nchw", [True, False], ids=["nchw", "channels_last"])
+def test_every_gpu_tile_of_the_convolving_gram_pass_in_the_interpreter(nchw, monkeypatch):
+    """Each (channel block, pixel block, tap unrolling) the GPU's autotuner may choose for the
+    Gram pass that convolves q and k, in its layout, run by the interpreter in fp16 (C = 96:
+    one or two channel blocks)."""
     q, k, v, w, dw_bias = dwconv_inputs(2, 1, 96, 5, 11)
     t = torch.tensor([2.5], dtype=torch.float64)
     args = (q, k, v, t, None, None, None, w, dw_bias)
     ref = reference(*args, 11)
     bound = 2 * max_err(reference(*to(torch.float16, *args), 11), ref)
-    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_DW_GRAM", module._DW_GRAM_CONFIGS):
-        out = channel_attention(*to(torch.float16, q, k, v), t.float(), None, None, None, *to(torch.float32, w, dw_bias),
-                                11, backend="triton")
+    chunks = channel_chunks(torch.float16, torch.contiguous_format if nchw else torch.channels_last, q, k, v)
+    assert (chunks[0].stride(3) == 1) == nchw
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_DW_GRAM", module._DW_GRAM_CONFIGS[nchw]):
+        out = channel_attention(*chunks, t.float(), None, None, None, *to(torch.float32, w, dw_bias), 11,
+                                backend="triton")
         assert max_err(out, ref) <= bound, cfg
 
 
@@ -189,7 +202,7 @@ def test_every_gpu_tile_of_the_product_in_the_interpreter(c, monkeypatch):
     args = (q, k, v, t, None, None, res, w, dw_bias)
     ref = reference(*args, 13)
     bound = 2 * max_err(reference(*to(torch.float16, *args), 13), ref)
-    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_APPLY", module._APPLY_CONFIGS[c > 128]):
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_APPLY", module._apply_configs(module._block(c, 256), True)):
         out = channel_attention(*to(torch.float16, q, k, v), t.float(), None, None, *to(torch.float16, res),
                                 *to(torch.float32, w, dw_bias), 13, backend="triton")
         assert max_err(out, ref) <= bound, cfg

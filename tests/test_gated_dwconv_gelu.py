@@ -204,6 +204,24 @@ def test_kernel_projects_and_adds_the_residual(case, mode, dtype, backend):
     assert max_err(out, ref) <= project_tolerance(dtype, args, mode, ref)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_every_gpu_tile_of_the_projection_in_the_interpreter(layout, monkeypatch):
+    """Each 16-bit tile the GPU's autotuner may choose for the gate with its projection (tap
+    loops rolled and unrolled), run by the interpreter in fp16 on partial tiles: dual mode,
+    biases, residual."""
+    x, w, bias = rounded(torch.float16, *inputs(2, 37, 9, 11, bias=True))
+    pw, pb, res = rounded(torch.float16, *projection(2, 37, 70, 9, 11))
+    args = (x, w, bias, pw, pb, res)
+    ref = projected(independent(x, w, "dual", bias), pw, pb, res)
+    bound = project_tolerance(torch.float16, args, "dual", ref)
+    xl, rl = (t.to(DEVICE, torch.float16).contiguous(memory_format=layout) for t in (x, res))
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_PROJECT", module._PROJECT_CONFIGS[False]):
+        out = gated_dwconv_gelu(xl, *to(torch.float16, w), "dual", *to(torch.float16, bias, pw, pb), rl,
+                                backend="triton")
+        assert max_err(out, ref) <= bound, cfg
+
+
 @pytest.mark.parametrize("dtype", PROJECT_DTYPES)
 def test_triton_projection_keeps_channels_last_reads_bands_and_promotes(dtype):
     x, w, bias = rounded(dtype, *inputs(2, 24, 9, 7, bias=True))

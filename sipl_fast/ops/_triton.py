@@ -37,17 +37,18 @@ if triton is not None:
         return base + (rows[:, None] * s_row + cols[None, :] * s_col)
 
     @triton.jit
-    def dwconv3x3(rows, rows_ok, pix, pix_ok, sp, Wt, channels, H, W):
+    def dwconv3x3(rows, rows_ok, pix, pix_ok, sp, Wt, channels, H, W, TAP_UNROLL: tl.constexpr):
         """[R, P] fp32: the depthwise 3x3 convolution (zero padding) of R channels of an H x W
         image at P pixels ``pix`` (linear, y * W + x): ``rows`` are [R, 1] pointers to each
         channel's pixel 0 (pixel p at + p * sp), weights Wt[channel * 9 + tap]. Neighbouring
-        taps re-read the same lines, which the caches serve. The tap loop stays a loop:
-        unrolled, the compiler keeps every tap's addresses and loads in registers at once
-        (the GDFN tail's kernel spilled)."""
+        taps re-read the same lines, which the caches serve. ``TAP_UNROLL`` (1, 3 or 9) is a
+        tile choice: rolled, each tap's loads wait on the caches before the next tap's issue
+        (a latency-bound loop); unrolled, 3 or 9 taps' loads are in flight together, but their
+        addresses and values take registers (the GDFN tail's widest tile spills at 9)."""
         y = pix // W
         x = pix % W
         acc = tl.zeros([rows.shape[0], pix.shape[0]], dtype=tl.float32)
-        for tap in tl.range(0, 9, loop_unroll_factor=1):
+        for tap in tl.range(0, 9, loop_unroll_factor=TAP_UNROLL):
             dy = tap // 3 - 1
             dx = tap % 3 - 1
             ok = pix_ok & (y + dy >= 0) & (y + dy < H) & (x + dx >= 0) & (x + dx < W)

@@ -66,13 +66,13 @@ if triton is not None:
 
     @triton.jit
     def _rows_tile(rows_ptr, rows_ok, cols, cols_ok, sn, DW, DB, channels, width, N,
-                   DWCONV: tl.constexpr, HAS_DW_BIAS: tl.constexpr):
+                   DWCONV: tl.constexpr, HAS_DW_BIAS: tl.constexpr, TAP_UNROLL: tl.constexpr):
         """The [rows, cols] tile of q, k or v (``rows_ptr`` [R, 1] pointers, pixels ``cols``): a
         load, or with ``DWCONV`` the depthwise 3x3 convolution (zero padding) of those rows as
         images ``width`` pixels wide, weights DW[channel, 9] (``_triton.dwconv3x3``), in fp32
         and rounded to the rows' dtype, as a separate convolution would store it."""
         if DWCONV:
-            acc = dwconv3x3(rows_ptr, rows_ok, cols, cols_ok, sn, DW, channels, N // width, width)
+            acc = dwconv3x3(rows_ptr, rows_ok, cols, cols_ok, sn, DW, channels, N // width, width, TAP_UNROLL)
             if HAS_DW_BIAS:
                 acc += tl.where(cols_ok[None, :], tl.load(DB + channels, mask=rows_ok, other=0.0)[:, None], 0.0)
             return acc.to(rows_ptr.dtype.element_ty)
@@ -82,7 +82,7 @@ if triton is not None:
     def _gram_kernel(Q, K, G, SQ, SK, WQ, WK, BQ, BK, C, N, per_split, H, width,
                      sqb, sqh, sqc, sqn, skb, skh, skc, skn,
                      DWCONV: tl.constexpr, HAS_DW_BIAS: tl.constexpr,
-                     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TAP_UNROLL: tl.constexpr = 1):
         """Partial Gram matrix and squared norms over one slice of N.
 
         Program (i * tiles + j, s, b * H + h) reads q rows i*BLOCK_C.. and k rows j*BLOCK_C..
@@ -112,8 +112,10 @@ if triton is not None:
         for n0 in range(lo, hi, BLOCK_N):
             cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             in_slice = cols < hi
-            qt = _rows_tile(q_rows, ri < C, cols, in_slice, sqn, WQ, BQ, h * C + ri, width, N, DWCONV, HAS_DW_BIAS)
-            kt = _rows_tile(k_rows, rj < C, cols, in_slice, skn, WK, BK, h * C + rj, width, N, DWCONV, HAS_DW_BIAS)
+            qt = _rows_tile(q_rows, ri < C, cols, in_slice, sqn, WQ, BQ, h * C + ri, width, N, DWCONV, HAS_DW_BIAS,
+                            TAP_UNROLL)
+            kt = _rows_tile(k_rows, rj < C, cols, in_slice, skn, WK, BK, h * C + rj, width, N, DWCONV, HAS_DW_BIAS,
+                            TAP_UNROLL)
             acc = tl.dot(qt, tl.trans(kt), acc, input_precision=PRECISION)
             qf = qt.to(tl.float32)
             kf = kt.to(tl.float32)
@@ -160,7 +162,7 @@ if triton is not None:
                       svb, svh, svk, svn, srb, srh, srr, srn, sob, soh, sor, son,
                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DWCONV: tl.constexpr,
                       HAS_DW_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TAP_UNROLL: tl.constexpr = 1):
         """``O[g, r, n] = sum_k M[g, r, k] V[g, k, n] (+ bias[r]) (+ RES[g, r, n])`` for g = (b, h)
         of HG heads.
 
@@ -183,7 +185,7 @@ if triton is not None:
             ks = k0 + tl.arange(0, BLOCK_K)
             m = tl.load(m_rows + ks[None, :], mask=(rows < R)[:, None] & (ks < K)[None, :], other=0.0)
             vt = _rows_tile(v_head + ks.to(tl.int64)[:, None] * svk, ks < K, cols, cols < N, svn, WV, BV, h * K + ks,
-                            width, N, DWCONV, HAS_DW_BIAS)
+                            width, N, DWCONV, HAS_DW_BIAS, TAP_UNROLL)
             acc = tl.dot(m.to(vt.dtype), vt, acc, input_precision=PRECISION)
         out_mask = (rows < R)[:, None] & (cols < N)[None, :]
         if HAS_BIAS:
@@ -196,7 +198,8 @@ if triton is not None:
 
 
 _GRAM_BLOCK_N = 64  # slices of N are multiples of this (and so of every BLOCK_N below)
-_MIN_SLICE = 2048  # pixels per slice of the Gram pass: bounds the partials at C*C*N/2048 floats
+_MIN_SLICE = 512  # pixels per slice of the Gram pass: bounds the partials at C*C*N/512 floats
+_GRAM_WAVES = 2  # Gram programs per SM (of the widest channel block): the pass is latency-bound
 
 
 # (BLOCK_N, [BLOCK_K,] warps, stages), chosen to compile without register spills for sm_90a.
@@ -206,21 +209,38 @@ _MIN_SLICE = 2048  # pixels per slice of the Gram pass: bounds the partials at C
 _GRAM_CONFIGS = _triton.configs((32, 8, 3), (32, 8, 2), (32, 8, 1), (16, 4, 1)) if triton else []
 _APPLY_CONFIGS = {False: _triton.configs((64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 1)),
                   True: _triton.configs((32, 32, 8, 2), (32, 16, 8, 1))} if triton else {}
+# Convolving v (R <= 128), the product may also take tiles whose stencil loop is unrolled
+# (``TAP_UNROLL``, ``_triton.dwconv3x3``): its 9 taps' loads in flight together.
+_APPLY_UNROLLED = _triton.configs((64, 16, 8, 2), (32, 32, 8, 2), TAP_UNROLL=9) if triton else []
 # The Gram pass that convolves q and k on the fly (``dw``) picks its channel block too, on a GPU
 # by the autotuner (the first without autotuning): every program convolves BLOCK_C rows of q and
 # of k, so for C = 96 a 64-row block convolves each row twice (and 32 padding rows), a 128-row
-# one once, with one program a slice. (BLOCK_C, BLOCK_N, warps, stages), all spill-free for
-# sm_90a (16-bit: 141 to 246 registers a thread).
-_DW_GRAM_CONFIGS = _triton.configs((64, 16, 8, 2), (128, 16, 8, 2), (64, 64, 8, 2),
-                                   names=("BLOCK_C", "BLOCK_N")) if triton else []
+# one once, with one program a slice. Its stencil loop waits on the caches tap after tap; the
+# unrolled tiles issue the loads of 3 or 9 taps together. (BLOCK_C, BLOCK_N, warps, stages) per
+# layout (NCHW: True), all spill-free for sm_90a (16-bit: 126 to 253 registers a thread; NHWC's
+# 128-row tile with the loop rolled spills, unrolled 9 times too).
+_DW_GRAM_CONFIGS = {
+    True: _triton.configs((64, 16, 8, 2), (128, 16, 8, 2), (64, 64, 8, 2), names=("BLOCK_C", "BLOCK_N"))
+    + _triton.configs((64, 16, 8, 2), (128, 16, 8, 2), names=("BLOCK_C", "BLOCK_N"), TAP_UNROLL=9),
+    False: _triton.configs((64, 16, 8, 2), (64, 64, 8, 2), names=("BLOCK_C", "BLOCK_N"))
+    + _triton.configs((64, 16, 8, 2), (128, 16, 8, 2), names=("BLOCK_C", "BLOCK_N"), TAP_UNROLL=3),
+} if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
 _INTERPRETER_GRAM, _INTERPRETER_APPLY = (_triton.configs((64, 4, 1)), _triton.configs((128, 32, 4, 1))) if triton else ([], [])
 _INTERPRETER_DW_GRAM = _triton.configs((64, 64, 4, 1), names=("BLOCK_C", "BLOCK_N")) if triton else []
+
+
+def _apply_configs(block_r: int, dwconv: bool) -> list:
+    """The product's tiles for a channel block and whether it convolves v."""
+    return _APPLY_CONFIGS[block_r > 128] + (_APPLY_UNROLLED if dwconv and block_r <= 128 else [])
+
+
 if triton is not None:  # on a GPU, the convolving Gram pass and the product are autotuned per shape
-    _dw_gram_tuned = _triton.autotune(_gram_kernel, _DW_GRAM_CONFIGS, ["C", "N", "H"])
-    _apply_tuned = _triton.autotune(_apply_kernel, [c for group in _APPLY_CONFIGS.values() for c in group],
-                                    ["R", "K", "N", "HG", "DWCONV"],
-                                    lambda nargs, kw: _APPLY_CONFIGS[kw["BLOCK_R"] > 128])
+    _dw_gram_tuned = _triton.autotune(_gram_kernel, [c for group in _DW_GRAM_CONFIGS.values() for c in group],
+                                      ["C", "N", "H", "sqn"], lambda nargs, kw: _DW_GRAM_CONFIGS[nargs["sqn"] == 1])
+    _apply_tuned = _triton.autotune(_apply_kernel, _APPLY_CONFIGS[False] + _APPLY_CONFIGS[True] + _APPLY_UNROLLED,
+                                    ["R", "K", "N", "HG", "DWCONV", "svn"],
+                                    lambda nargs, kw: _apply_configs(kw["BLOCK_R"], kw["DWCONV"]))
 
 
 def _block(n: int, cap: int) -> int:
@@ -232,11 +252,12 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Opt
     """A (B*H, C, C) fp32: the softmax of the scaled cosine similarities of q's and k's rows
     (convolved first with ``dw = (weights (3, H*C, 9), biases (3, H*C) or None, width)``)."""
     b, h, c, n = q.shape
-    # Slices of N: enough programs for about one wave (counting the channel tiles of one slice,
-    # with dw those of the widest channel block), each slice >= _MIN_SLICE pixels.
+    # Slices of N: enough programs for _GRAM_WAVES per SM (counting the channel tiles of one
+    # slice, with dw those of the widest channel block), each slice >= _MIN_SLICE pixels.
     block_c = _block(c, 128)
     tiles = triton.cdiv(c, block_c)
-    slices = max(1, min(triton.cdiv(_triton.sm_count(q.device), tiles * tiles * b * h), n // _MIN_SLICE))
+    slices = max(1, min(triton.cdiv(_GRAM_WAVES * _triton.sm_count(q.device), tiles * tiles * b * h),
+                        n // _MIN_SLICE))
     per_split = triton.cdiv(triton.cdiv(n, slices), _GRAM_BLOCK_N) * _GRAM_BLOCK_N
     slices = max(1, triton.cdiv(n, per_split))
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -254,12 +275,13 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Opt
                                _GRAM_CONFIGS if q.is_cuda else _INTERPRETER_GRAM,
                                lambda meta: (tiles * tiles, slices, b * h), *args, **flags, BLOCK_C=block_c)
     else:
-        _triton.launch_tuned(_gram_kernel, _dw_gram_tuned, (q.dtype, True, q.is_cuda),
-                             _DW_GRAM_CONFIGS if q.is_cuda else _INTERPRETER_DW_GRAM,
+        nchw = q.stride(3) == 1
+        _triton.launch_tuned(_gram_kernel, _dw_gram_tuned, (q.dtype, True, q.is_cuda, nchw),
+                             _DW_GRAM_CONFIGS[nchw] if q.is_cuda else _INTERPRETER_DW_GRAM,
                              lambda meta: (triton.cdiv(c, meta["BLOCK_C"]) ** 2, slices, b * h), *args, **flags)
     a = torch.empty((b * h, c, c), **f32)
     block_cc = max(16, triton.next_power_of_2(c))
-    block_r = max(1, min(16, 4096 // block_cc))
+    block_r = max(1, min(4, 4096 // block_cc))  # few rows a program: many programs sum the partials
     _triton.launch(_softmax_kernel, (triton.cdiv(c, block_r), b * h), g, sq, sk, t32, a, c, slices, h, EPS,
                    BLOCK_R=block_r, BLOCK_CC=block_cc)
     return a
@@ -275,8 +297,8 @@ def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], resid
     res = residual if residual is not None else out
     w, dw_bias, width = dw or (m, None, 1)
     _triton.launch_tuned(_apply_kernel, _apply_tuned, (block_r, v.dtype, bias is not None, residual is not None,
-                                                       dw is not None, v.is_cuda),
-                         _APPLY_CONFIGS[block_r > 128] if v.is_cuda else _INTERPRETER_APPLY,
+                                                       dw is not None, v.is_cuda, v.stride(3) == 1),
+                         _apply_configs(block_r, dw is not None) if v.is_cuda else _INTERPRETER_APPLY,
                          lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r), b * hg),
                          m, v, bias if bias is not None else m, res, out, w[2 if dw else 0],
                          dw_bias[2] if dw_bias is not None else m, r, kk, n, hg, width, *v.stride(), *res.stride(),

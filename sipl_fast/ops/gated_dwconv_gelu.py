@@ -68,7 +68,7 @@ if triton is not None:
 
     @triton.jit
     def _gate(x_img, Wt, Bs, ch, pix, h, H, W, sxc, sxp, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-              WIDE: tl.constexpr):
+              WIDE: tl.constexpr, TAP_UNROLL: tl.constexpr):
         """[channels, pixels] fp32: the gate of the depthwise convolution of channels ch and
         ch + h at pixels pix (linear, y * W + x) of the image at ``x_img``; 0 at channels >= h.
 
@@ -83,8 +83,9 @@ if triton is not None:
             pixels = pix
             c1 = ch
         in_image = pix < H * W
-        acc1 = dwconv3x3(x_img + c1[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, ch, H, W)
-        acc2 = dwconv3x3(x_img + (c1 + h)[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, ch + h, H, W)
+        acc1 = dwconv3x3(x_img + c1[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, ch, H, W, TAP_UNROLL)
+        acc2 = dwconv3x3(x_img + (c1 + h)[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, ch + h, H, W,
+                         TAP_UNROLL)
         if HAS_BIAS:
             acc1 += tl.load(Bs + ch, mask=in_channels, other=0.0)[:, None]
             acc2 += tl.load(Bs + ch + h, mask=in_channels, other=0.0)[:, None]
@@ -95,14 +96,14 @@ if triton is not None:
     @triton.jit
     def _gated_dwconv_gelu_kernel(X, Wt, Bs, O, h, H, W, sxb, sxc, sxp, sob, soc, sop,
                                   DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, WIDE: tl.constexpr,
-                                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TAP_UNROLL: tl.constexpr = 1):
         """Program (pixel block, channel block, image): BLOCK_C output channels at BLOCK_P pixels
         (``_gate``), one store. NCHW (sxp = 1) tiles are wide in pixels, NHWC (sxc = 1) tiles
         wide in channels, so loads coalesce in both layouts."""
         pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         b = tl.program_id(2).to(tl.int64)
-        y = _gate(X + b * sxb, Wt, Bs, ch, pix, h, H, W, sxc, sxp, DUAL, HAS_BIAS, WIDE)
+        y = _gate(X + b * sxb, Wt, Bs, ch, pix, h, H, W, sxc, sxp, DUAL, HAS_BIAS, WIDE, TAP_UNROLL)
         tl.store(tile(O + b * sob, ch, pix, soc, sop, WIDE), y.to(O.dtype.element_ty),
                  mask=(ch < h)[:, None] & (pix < H * W)[None, :])
 
@@ -110,7 +111,8 @@ if triton is not None:
     def _gated_project_kernel(X, Wt, Bs, P, PB, R, O, h, Cout, H, W, sxb, sxc, sxp, srb, src, srp, sob, soc, sop,
                               DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROJ_BIAS: tl.constexpr,
                               HAS_RESIDUAL: tl.constexpr, WIDE: tl.constexpr, BLOCK_O: tl.constexpr,
-                              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                              TAP_UNROLL: tl.constexpr = 1):
         """Output channels o.. at pixels n.. of image b, for program (n block * o blocks + o block, b):
         ``residual + P @ gate + bias``, the gate never stored.
 
@@ -128,7 +130,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_O, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, h, BLOCK_K):
             ch = k0 + tl.arange(0, BLOCK_K)
-            g = _gate(x_img, Wt, Bs, ch, pix, h, H, W, sxc, sxp, DUAL, HAS_BIAS, WIDE).to(X.dtype.element_ty)
+            g = _gate(x_img, Wt, Bs, ch, pix, h, H, W, sxc, sxp, DUAL, HAS_BIAS, WIDE, TAP_UNROLL).to(X.dtype.element_ty)
             w = tl.load(P + outs[:, None] * h + ch[None, :], mask=(outs < Cout)[:, None] & (ch < h)[None, :], other=0.0)
             acc = tl.dot(w, g, acc, input_precision=PRECISION)
         out_mask = (outs < Cout)[:, None] & (pix < H * W)[None, :]
@@ -142,24 +144,29 @@ if triton is not None:
 # (BLOCK_N, BLOCK_K, warps, stages) of the projecting kernel, 16-bit and fp32 (whose exact
 # products run without tensor cores). On a GPU the autotuner picks among them per shape (the
 # first without autotuning); each compiles for sm_90a without register spills, for either
-# BLOCK_O and with int64 offsets too (bf16: 109 to 222 registers a thread).
-_PROJECT_CONFIGS = {False: _triton.configs((64, 32, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1)),
+# BLOCK_O and with int64 offsets too (bf16: 106 to 222 registers a thread). The last two unroll
+# the stencil's tap loop (``TAP_UNROLL``, ``_triton.dwconv3x3``): more loads in flight.
+_PROJECT_CONFIGS = {False: _triton.configs((64, 32, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1))
+                    + _triton.configs((32, 32, 8, 1), TAP_UNROLL=3) + _triton.configs((32, 16, 4, 1), TAP_UNROLL=9),
                     True: _triton.configs((32, 16, 8, 1))} if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
 _INTERPRETER_PROJECT = _triton.configs((256, 32, 4, 1)) if triton else []
 if triton is not None:
     _gated_project_tuned = _triton.autotune(
-        _gated_project_kernel, [c for group in _PROJECT_CONFIGS.values() for c in group], ["h", "Cout", "H", "W"],
+        _gated_project_kernel, [c for group in _PROJECT_CONFIGS.values() for c in group], ["h", "Cout", "H", "W", "sxp"],
         lambda nargs, kw: _PROJECT_CONFIGS[nargs["X"].dtype == torch.float32])
 
 
 # (BLOCK_C, BLOCK_P, warps) of the gate alone, per layout (NCHW: True): NCHW tiles are wide in
-# pixels (coalesced along them), NHWC tiles wide in channels. On a GPU the autotuner picks per
-# shape (the first without autotuning).
+# pixels (coalesced along them), NHWC tiles wide in channels; the last of each unroll the
+# stencil's tap loop. On a GPU the autotuner picks per shape (the first without autotuning).
 _GATE_CONFIGS = {True: _triton.configs((4, 256, 4, 1), (2, 512, 4, 1), (8, 256, 8, 1), (4, 512, 8, 1),
-                                        names=("BLOCK_C", "BLOCK_P")),
+                                        names=("BLOCK_C", "BLOCK_P"))
+                 + _triton.configs((4, 256, 4, 1), names=("BLOCK_C", "BLOCK_P"), TAP_UNROLL=9),
                  False: _triton.configs((64, 16, 8, 1), (32, 32, 8, 1), (64, 32, 8, 1),
-                                        names=("BLOCK_C", "BLOCK_P"))} if triton else {}
+                                        names=("BLOCK_C", "BLOCK_P"))
+                 + _triton.configs((64, 16, 8, 1), names=("BLOCK_C", "BLOCK_P"), TAP_UNROLL=9)
+                 + _triton.configs((32, 32, 8, 1), names=("BLOCK_C", "BLOCK_P"), TAP_UNROLL=3)} if triton else {}
 # The interpreter runs programs one by one: large tiles, few programs.
 _INTERPRETER_GATE = _triton.configs((32, 512, 4, 1), names=("BLOCK_C", "BLOCK_P")) if triton else []
 if triton is not None:
@@ -186,7 +193,8 @@ def _project(x, w32, b32, dual, proj_weight, proj_bias, residual):
     configs = _PROJECT_CONFIGS[x.dtype == torch.float32] if x.is_cuda else _INTERPRETER_PROJECT
     flags = dict(DUAL=dual, HAS_BIAS=b32 is not None, HAS_PROJ_BIAS=pb is not None, HAS_RESIDUAL=r is not None,
                  WIDE=wide)
-    _triton.launch_tuned(_gated_project_kernel, _gated_project_tuned, (block_o, x.dtype, x.is_cuda, *flags.values()),
+    _triton.launch_tuned(_gated_project_kernel, _gated_project_tuned,
+                         (block_o, x.dtype, x.is_cuda, _layout.strides(x)[2] == 1, *flags.values()),
                          configs, lambda meta: (triton.cdiv(cout, block_o) * triton.cdiv(hh * ww, meta["BLOCK_N"]), b),
                          x, w32, b32 if b32 is not None else w32, p, pb if pb is not None else w32,
                          r if r is not None else x, out, h, cout, hh, ww, *_layout.strides(x),
