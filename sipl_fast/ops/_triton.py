@@ -222,13 +222,13 @@ def tuned_tiles() -> dict:
 
 
 def autotune_bench(fn, quantiles=None):
-    """The autotuners' timing of one tile: 5 ms of warm-up and 25 ms of repeats. Triton's default
-    (25 + 100 ms) for the 3 to 6 tiles of each of the loop's dozens of autotuned shapes would take
-    much of the warm-up FastSIPL aims to keep under 30 s; a kernel of the loop runs in well under
-    a millisecond, so 25 ms still times it hundreds of times."""
+    """The autotuners' timing of one tile: 3 ms of warm-up and 10 ms of repeats. Triton's default
+    (25 + 100 ms) for the 3 to 7 tiles of each of the loop's ~70 autotuned shapes (at 512^2,
+    about 300 tiles) would take much of the warm-up FastSIPL aims to keep under 30 s; a kernel of
+    the loop runs in well under a millisecond, so 10 ms still times it dozens of times."""
     from triton.testing import do_bench
 
-    return do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+    return do_bench(fn, warmup=3, rep=10, quantiles=quantiles)
 
 
 _compiled: set = set()  # (kernel, key) already compiled by compile_configs
