@@ -92,8 +92,9 @@ def _by_rows(fn, x: torch.Tensor) -> torch.Tensor:
         r1 = min(r0 + rows, h)
         lo, hi = max(r0 - 1, 0), min(r1 + 1, h)
         y = fn(x[:, :, lo:hi])[:, :, r0 - lo:r1 - lo]
-        if out is None:  # in the bands' layout
-            out = _layout.empty(x, y.shape[1], y.dtype) if _layout.channels_last(y) else y.new_empty((b, y.shape[1], h, w))
+        if out is None:  # the whole image, in the bands' layout
+            fmt = torch.channels_last if _layout.channels_last(y) else torch.contiguous_format
+            out = torch.empty((b, y.shape[1], h, w), dtype=y.dtype, device=y.device, memory_format=fmt)
         out[:, :, r0:r1] = y
     return out
 
