@@ -63,3 +63,26 @@ def interpreter_tiles(monkeypatch, module, name: str, configs):
         monkeypatch.setattr(module, name, [cfg])
         monkeypatch.setattr(_triton, "_fitting", {})
         yield cfg
+
+
+def every_offered_tile(monkeypatch, call):
+    """``call()``'s results, once per tile that its autotuned launches offer (on a GPU: what
+    the autotuners choose among; in the interpreter: its one tile): the i-th call launches each
+    kernel with its i-th tile (modulo its count) alone, until the launch offering the most
+    tiles has taken every one. Unlike the autotuner, each tile's output is then checked."""
+    from sipl_fast.ops import _triton
+
+    fitting = _triton.launch_fitting
+    state = {"i": 0, "most": 1}
+
+    def one_tile(kernel, tuned, key, configs, grid, *args, **constants):
+        state["most"] = max(state["most"], len(configs))
+        i = state["i"] % len(configs)
+        fitting(kernel, ("one tile", key, i), [configs[i]], grid, *args, **constants)
+
+    monkeypatch.setattr(_triton, "launch_tuned", one_tile)
+    results = []
+    while state["i"] < state["most"]:
+        results.append(call())
+        state["i"] += 1
+    return results

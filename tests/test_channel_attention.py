@@ -15,7 +15,7 @@ from sipl_fast.ops import BackendError, channel_attention
 from sipl_fast.ops._backend import choose
 
 from conftest import cosine_attention_f64 as independent  # channels are the tokens, pixels the features
-from conftest import interpreter_tiles
+from conftest import every_offered_tile, interpreter_tiles
 
 module = importlib.import_module("sipl_fast.ops.channel_attention")  # the package attribute is the function
 reference = module.channel_attention_torch
@@ -206,6 +206,29 @@ def test_every_gpu_tile_of_the_product_in_the_interpreter(c, monkeypatch):
         out = channel_attention(*to(torch.float16, q, k, v), t.float(), None, None, *to(torch.float16, res),
                                 *to(torch.float32, w, dw_bias), 13, backend="triton")
         assert max_err(out, ref) <= bound, cfg
+
+
+@needs_cuda
+@pytest.mark.parametrize("nchw", [True, False], ids=["nchw", "channels_last"])
+def test_every_autotuned_tile_on_the_gpu(nchw, monkeypatch):
+    """bf16 MDTA as FastSIPL calls it (q, k, v convolved on the fly, project_out and the residual
+    folded in) through every tile of the convolving Gram pass and of the product, in either
+    layout, against float64."""
+    q, k, v, w, dw_bias = dwconv_inputs(2, 1, 96, 13, 11)
+    g = torch.Generator().manual_seed(6)
+    t = torch.tensor([2.5], dtype=torch.float64)
+    proj = torch.randn(96, 96, generator=g, dtype=torch.float64) / 96 ** 0.5
+    res = torch.randn(2, 96, 13 * 11, generator=g, dtype=torch.float64)
+    args = (q, k, v, t, proj, None, res, w, dw_bias)
+    ref = reference(*args, 11)
+    bound = 2 * max_err(reference(*to(torch.bfloat16, *args), 11), ref)
+    chunks = channel_chunks(torch.bfloat16, torch.contiguous_format if nchw else torch.channels_last, q, k, v)
+    outs = every_offered_tile(monkeypatch, lambda: channel_attention(
+        *chunks, t.float().to(DEVICE), *to(torch.bfloat16, proj), None, *to(torch.bfloat16, res),
+        *to(torch.float32, w, dw_bias), 11, backend="triton"))
+    assert len(outs) == max(len(module._DW_GRAM_CONFIGS[nchw]), len(module._apply_configs(128, True)))
+    for i, out in enumerate(outs):
+        assert max_err(out, ref) <= bound, i
 
 
 def test_triton_reads_strided_views_and_zero_rows():

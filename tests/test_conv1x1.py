@@ -15,7 +15,7 @@ from sipl_fast.ops import BackendError, conv1x1
 from sipl_fast.ops import _layout, _triton
 from sipl_fast.ops._backend import choose
 
-from conftest import interpreter_tiles
+from conftest import every_offered_tile, interpreter_tiles
 
 module = importlib.import_module("sipl_fast.ops.conv1x1")  # the package attribute is the function
 reference = module.conv1x1_torch
@@ -158,6 +158,23 @@ def test_the_autotuner_offers_one_sweep_tiles_only_where_cin_fits(cin):
         offered = tuner.early_config_prune(tuner.configs, {"Cin": cin, "X": x}, BLOCK_M=block_m, NORMALIZE=True)
         assert offered == module._configs_for(cin, block_m, fp32)
         assert any(c.kwargs["ONE_SWEEP"] for c in offered) == (cin <= 128 and not fp32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("cin, cout, normalize", [(96, 510, True), (96, 150, False), (255, 96, False), (192, 576, True)])
+def test_every_autotuned_tile_on_the_gpu(cin, cout, normalize, layout, monkeypatch):
+    """bf16 (whose dots the interpreter gets wrong) through every tile the autotuner may choose,
+    the one-sweep ones included, in either layout, against float64."""
+    x, w, b, r = inputs(2, cin, cout, 13, 11, seed=3)
+    ref = independent(x, w, b, r, normalize)
+    bound = tolerance(torch.bfloat16, (x, w, b, r), normalize, ref)
+    xb, wb, bb, rb = to(torch.bfloat16, x, w, b, r)
+    xb, rb = (t.contiguous(memory_format=layout) for t in (xb, rb))
+    outs = every_offered_tile(monkeypatch, lambda: conv1x1(xb, wb, bb, rb, normalize, backend="triton"))
+    assert len(outs) == len(module._configs_for(cin, 128, False))
+    for i, out in enumerate(outs):
+        assert max_err(out, ref) <= bound, module._configs_for(cin, 128, False)[i]
 
 
 def test_triton_grid_fits_cuda_limits_on_large_images(monkeypatch):

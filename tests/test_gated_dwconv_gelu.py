@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from sipl_fast.ops import BackendError, _layout, _triton, gated_dwconv_gelu
 from sipl_fast.ops._backend import choose
 
-from conftest import interpreter_tiles
+from conftest import every_offered_tile, interpreter_tiles
 
 module = importlib.import_module("sipl_fast.ops.gated_dwconv_gelu")  # the package attribute is the function
 reference = module.gated_dwconv_gelu_torch
@@ -220,6 +220,38 @@ def test_every_gpu_tile_of_the_projection_in_the_interpreter(layout, monkeypatch
         out = gated_dwconv_gelu(xl, *to(torch.float16, w), "dual", *to(torch.float16, bias, pw, pb), rl,
                                 backend="triton")
         assert max_err(out, ref) <= bound, cfg
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("project", [False, True])
+def test_every_autotuned_tile_on_the_gpu(project, layout, monkeypatch):
+    """bf16 through every tile the autotuners may choose for the gate alone (per layout) and for
+    the gate with its projection (its dots: what the interpreter cannot check), unrolled tap
+    loops included, dual mode with biases and residual, against float64."""
+    h = 64
+    x, w, bias = rounded(torch.bfloat16, *inputs(2, h, 13, 11, bias=True))
+    xl = x.to(DEVICE, torch.bfloat16).contiguous(memory_format=layout)
+    nchw = layout == torch.contiguous_format
+    if project:
+        pw, pb, res = rounded(torch.bfloat16, *projection(2, h, 96, 13, 11))
+        args = (x, w, bias, pw, pb, res)
+        ref = projected(independent(x, w, "dual", bias), pw, pb, res)
+        bound = project_tolerance(torch.bfloat16, args, "dual", ref)
+        rl = res.to(DEVICE, torch.bfloat16).contiguous(memory_format=layout)
+        call = lambda: gated_dwconv_gelu(xl, *to(torch.bfloat16, w), "dual",  # noqa: E731
+                                         *to(torch.bfloat16, bias, pw, pb), rl, backend="triton")
+        count = len(module._PROJECT_CONFIGS[False])
+    else:
+        ref = independent(x, w, "dual", bias)
+        bound = tolerance(torch.bfloat16, x, w, "dual", bias, ref)
+        call = lambda: gated_dwconv_gelu(xl, *to(torch.bfloat16, w), "dual", *to(torch.bfloat16, bias),  # noqa: E731
+                                         backend="triton")
+        count = len(module._GATE_CONFIGS[nchw])
+    outs = every_offered_tile(monkeypatch, call)
+    assert len(outs) == count
+    for i, out in enumerate(outs):
+        assert max_err(out, ref) <= bound, i
 
 
 @pytest.mark.parametrize("dtype", PROJECT_DTYPES)
