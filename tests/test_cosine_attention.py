@@ -17,6 +17,7 @@ from sipl_fast import ops
 from sipl_fast.ops import BackendError, cosine_attention
 from sipl_fast.ops import _triton, cosine_attention_torch
 
+from conftest import every_offered_tile
 from conftest import cosine_attention_f64 as independent
 
 module = importlib.import_module("sipl_fast.ops.cosine_attention")  # the package attribute is the function
@@ -225,6 +226,32 @@ def test_triton_backward_splits_agree(dtype, splits, monkeypatch):
     for name, g, n, r in zip("qkvt", got, naive, ref):
         assert g.dtype == (torch.float32 if name == "t" else dtype), name
         assert max_err(g.reshape(r.shape), r) <= factor * max_err(n, r), name
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", [(2, 2, 200, 77, 96, [0.5, 30.0]), (1, 1, 75, 130, 384, [12.0])],
+                         ids=lambda c: "x".join(map(str, c[:5])))
+def test_every_autotuned_tile_on_the_gpu(case, monkeypatch):
+    """bf16 forward and backward through every tile their autotuners may choose (the forward's,
+    the dk/dv and the dq kernel's), each checked as the other tests check the one chosen."""
+    *shape, temps = case
+    q, k, v, t = inputs(*shape, temps)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = [cosine_attention_torch(q, k, v, t)] + grads(cosine_attention_torch, torch.float64, q, k, v, t, dout)
+    naive = [cosine_attention_torch(*to(torch.bfloat16, q, k, v, t))] + grads(cosine_attention_torch, torch.bfloat16,
+                                                                             q, k, v, t, dout)
+
+    def forward_and_backward():
+        out = cosine_attention(*to(torch.bfloat16, q, k, v, t), backend="triton")
+        return [out] + grads(lambda *a: cosine_attention(*a, backend="triton"), torch.bfloat16, q, k, v, t, dout)
+
+    runs = every_offered_tile(monkeypatch, forward_and_backward)
+    d = shape[-1]
+    assert len(runs) == max(len(module._fwd_configs_for(d, torch.bfloat16)),
+                            *(len(module._bwd_configs_for(d, torch.bfloat16, which)) for which in (0, 1)))
+    for i, run in enumerate(runs):
+        for name, got, n, r in zip(["out", "dq", "dk", "dv", "dt"], run, naive, ref):
+            assert max_err(got, r) <= 2 * max_err(n, r), (i, name)
 
 
 @needs_cuda
