@@ -93,7 +93,15 @@ def runner(name: str, model: SIPL, iterations: int) -> Callable[[torch.Tensor], 
                 return restore(model, x, iterations)
         return run
     fast = FastSIPL(model, dtype=torch.bfloat16 if bf16 else torch.float32, backend="triton", cuda_graphs=False)
+    fast._compiled = _EveryShape()  # no dry pass first: it would count the loop's bytes twice
     return lambda x: fast(x, iterations)
+
+
+class _EveryShape(set):
+    """FastSIPL's set of shapes whose kernels a dry pass compiled, holding every shape."""
+
+    def __contains__(self, key) -> bool:
+        return True
 
 
 def estimate(name: str, size: Tuple[int, int, int], iterations: int = 2,

@@ -202,7 +202,8 @@ def test_every_gpu_tile_of_the_product_in_the_interpreter(c, monkeypatch):
     args = (q, k, v, t, None, None, res, w, dw_bias)
     ref = reference(*args, 13)
     bound = 2 * max_err(reference(*to(torch.float16, *args), 13), ref)
-    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_APPLY", module._apply_configs(module._block(c, 256), True)):
+    tiles = module._apply_configs(module._block(c, 256), True, False)
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_APPLY", tiles):
         out = channel_attention(*to(torch.float16, q, k, v), t.float(), None, None, *to(torch.float16, res),
                                 *to(torch.float32, w, dw_bias), 13, backend="triton")
         assert max_err(out, ref) <= bound, cfg
@@ -226,7 +227,7 @@ def test_every_autotuned_tile_on_the_gpu(nchw, monkeypatch):
     outs = every_offered_tile(monkeypatch, lambda: channel_attention(
         *chunks, t.float().to(DEVICE), *to(torch.bfloat16, proj), None, *to(torch.bfloat16, res),
         *to(torch.float32, w, dw_bias), 11, backend="triton"))
-    assert len(outs) == max(len(module._DW_GRAM_CONFIGS[nchw]), len(module._apply_configs(128, True)))
+    assert len(outs) == max(len(module._DW_GRAM_CONFIGS[nchw]), len(module._apply_configs(128, True, False)))
     for i, out in enumerate(outs):
         assert max_err(out, ref) <= bound, i
 

@@ -209,8 +209,8 @@ _GRAM_WAVES = 2  # Gram programs per SM (of the widest channel block): the pass 
 _GRAM_CONFIGS = _triton.configs((32, 8, 3), (32, 8, 2), (32, 8, 1), (16, 4, 1)) if triton else []
 _APPLY_CONFIGS = {False: _triton.configs((64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 1)),
                   True: _triton.configs((32, 32, 8, 2), (32, 16, 8, 1))} if triton else {}
-# Convolving v (R <= 128), the product may also take tiles whose stencil loop is unrolled
-# (``TAP_UNROLL``, ``_triton.dwconv3x3``): its 9 taps' loads in flight together.
+# Convolving 16-bit v (R <= 128), the product may also take tiles whose stencil loop is unrolled
+# (``TAP_UNROLL``, ``_triton.dwconv3x3``): its 9 taps' loads in flight together (in fp32 they spill).
 _APPLY_UNROLLED = _triton.configs((64, 16, 8, 2), (32, 32, 8, 2), TAP_UNROLL=9) if triton else []
 # The Gram pass that convolves q and k on the fly (``dw``) picks its channel block too, on a GPU
 # by the autotuner (the first without autotuning): every program convolves BLOCK_C rows of q and
@@ -230,9 +230,9 @@ _INTERPRETER_GRAM, _INTERPRETER_APPLY = (_triton.configs((64, 4, 1)), _triton.co
 _INTERPRETER_DW_GRAM = _triton.configs((64, 64, 4, 1), names=("BLOCK_C", "BLOCK_N")) if triton else []
 
 
-def _apply_configs(block_r: int, dwconv: bool) -> list:
-    """The product's tiles for a channel block and whether it convolves v."""
-    return _APPLY_CONFIGS[block_r > 128] + (_APPLY_UNROLLED if dwconv and block_r <= 128 else [])
+def _apply_configs(block_r: int, dwconv: bool, fp32: bool) -> list:
+    """The product's tiles for a channel block, whether it convolves v and v's dtype."""
+    return _APPLY_CONFIGS[block_r > 128] + (_APPLY_UNROLLED if dwconv and block_r <= 128 and not fp32 else [])
 
 
 if triton is not None:  # on a GPU, the convolving Gram pass and the product are autotuned per shape
@@ -240,7 +240,8 @@ if triton is not None:  # on a GPU, the convolving Gram pass and the product are
                                       ["C", "N", "H", "sqn"], lambda nargs, kw: _DW_GRAM_CONFIGS[nargs["sqn"] == 1])
     _apply_tuned = _triton.autotune(_apply_kernel, _APPLY_CONFIGS[False] + _APPLY_CONFIGS[True] + _APPLY_UNROLLED,
                                     ["R", "K", "N", "HG", "DWCONV", "svn"],
-                                    lambda nargs, kw: _apply_configs(kw["BLOCK_R"], kw["DWCONV"]))
+                                    lambda nargs, kw: _apply_configs(kw["BLOCK_R"], kw["DWCONV"],
+                                                                     nargs["V"].dtype == torch.float32))
 
 
 def _block(n: int, cap: int) -> int:
@@ -298,7 +299,8 @@ def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], resid
     w, dw_bias, width = dw or (m, None, 1)
     _triton.launch_tuned(_apply_kernel, _apply_tuned, (block_r, v.dtype, bias is not None, residual is not None,
                                                        dw is not None, v.is_cuda, v.stride(3) == 1),
-                         _apply_configs(block_r, dw is not None) if v.is_cuda else _INTERPRETER_APPLY,
+                         _apply_configs(block_r, dw is not None, v.dtype == torch.float32) if v.is_cuda
+                         else _INTERPRETER_APPLY,
                          lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r), b * hg),
                          m, v, bias if bias is not None else m, res, out, w[2 if dw else 0],
                          dw_bias[2] if dw_bias is not None else m, r, kk, n, hg, width, *v.stride(), *res.stride(),
