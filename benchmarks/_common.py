@@ -37,8 +37,10 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, min
     graph = graph and device.type == "cuda"
     times: List[float] = []
     start_all = time.perf_counter()
-    # with ``graph``, five wall-timed calls size the graph (and stand in where it cannot be captured)
-    while len(times) < 5 or (not graph and time.perf_counter() - start_all < min_time_s and len(times) < 200):
+    # with ``graph``, five wall-timed calls size the graph (and stand in where it cannot be captured);
+    # without, at least three (a 2048^2 loop takes seconds)
+    while len(times) < (5 if graph else 3) or (not graph and time.perf_counter() - start_all < min_time_s
+                                               and len(times) < 200):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

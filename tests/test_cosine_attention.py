@@ -15,7 +15,7 @@ import torch
 
 from sipl_fast import ops
 from sipl_fast.ops import BackendError, cosine_attention
-from sipl_fast.ops import _triton, cosine_attention_torch
+from sipl_fast.ops import _backend, _triton, cosine_attention_torch
 
 from conftest import every_offered_tile
 from conftest import cosine_attention_f64 as independent
@@ -329,6 +329,30 @@ def test_auto_on_cpu_is_the_reference():
     if DEVICE == "cpu":
         torch.testing.assert_close(cosine_attention(q.float(), k.float(), v.float(), t.float()),
                                    cosine_attention_torch(q.float(), k.float(), v.float(), t.float()), rtol=0, atol=0)
+
+
+def test_measuring_leaves_out_the_reference_where_its_scores_are_huge(monkeypatch):
+    """"fastest" times the reference only while its (B, H, Nq, Nk) scores fit NAIVE_SCORE_BYTES;
+    beyond, the kernel runs unmeasured, and where no kernel can run the reference still serves."""
+    q, k, v, t = to(torch.float32, *inputs(1, 2, 50, 40, 8, [1.0, 2.0]))  # 16000 bytes of scores
+
+    def kernel(*args):
+        return cosine_attention_torch(*args)
+
+    monkeypatch.setitem(module.BACKENDS, "triton", module.Backend("triton", kernel, lambda *a: None))
+    monkeypatch.setitem(module.BACKENDS, "cuda", module.Backend("cuda", kernel, lambda *a: "not in this test"))
+    timed = []
+    monkeypatch.setattr(_backend, "_seconds", lambda fn, *rest: timed.append(fn) or (0.0 if fn is kernel else 1.0))
+    monkeypatch.setattr(_backend, "_measured", {})
+    cosine_attention(q, k, v, t, backend="fastest")
+    assert timed == [kernel, cosine_attention_torch]
+    timed.clear()
+    monkeypatch.setattr(_backend, "_measured", {})
+    monkeypatch.setattr(module, "NAIVE_SCORE_BYTES", 16000 - 1)
+    cosine_attention(q, k, v, t, backend="fastest")
+    assert timed == []
+    monkeypatch.setitem(module.BACKENDS, "triton", module.Backend("triton", kernel, lambda *a: "nor this one"))
+    assert _backend.choose("cosine_attention", module.BACKENDS, module.PREFERENCE, "fastest", q, k, v, t).name == "torch"
 
 
 def test_environment_selects_the_backend(monkeypatch):

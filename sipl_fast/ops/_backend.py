@@ -126,7 +126,7 @@ def cuda_problem(x: torch.Tensor) -> Optional[str]:
 
 
 _measured: Dict[tuple, str] = {}  # signature -> the fastest backend's name
-_REPEATS = 3
+_REPEATS = 3  # timed calls (or timed graph replays of one call) per candidate
 
 
 def _signature(op: str, args, kwargs) -> tuple:
@@ -191,13 +191,15 @@ def graph_ms(fn: Callable[[], object], calls: int = 1, replays: int = 5) -> Opti
 
 def _seconds(fn: Callable, args, kwargs, device_time: bool) -> Optional[float]:
     """Time of one call of ``fn`` (after one untimed call that compiles and autotunes), over a
-    few calls: with ``device_time`` on a GPU the device time of a CUDA-graph replay (None if
-    the calls cannot be captured), else wall time; infinite if the device runs out of memory."""
+    few calls: with ``device_time`` on a GPU the median device time of replays of one call
+    captured as a CUDA graph (None if it cannot be captured; 5 executions in all, where a
+    3-call graph took 13: at 2048^2 measuring every candidate of every op call dominated the
+    first run), else wall time; infinite if the device runs out of memory."""
     device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
     try:
         fn(*args, **kwargs)
         if device.type == "cuda" and device_time:
-            ms = graph_ms(lambda: fn(*args, **kwargs), calls=_REPEATS, replays=_REPEATS)
+            ms = graph_ms(lambda: fn(*args, **kwargs), calls=1, replays=_REPEATS)
             return None if ms is None else ms / 1e3
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -848,8 +848,18 @@ def _run_triton(q, k, v, temperature):
     return cosine_attention_triton(q, k, v, temperature.reshape(-1))[0]
 
 
+#: The reference materialises the (B, H, Nq, Nk) scores: above this many bytes of them, the
+#: automatic choice and measuring skip it where a kernel can run (at a 2048^2 input measuring
+#: it would add 8 GiB to the loop's peak, at 3840x2160 16 GiB, and it is never the fastest).
+NAIVE_SCORE_BYTES = 2**30
+
+
+def _naive_fits(q, k, *args) -> bool:
+    return q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.element_size() <= NAIVE_SCORE_BYTES
+
+
 BACKENDS = {
-    "torch": Backend("torch", cosine_attention_torch, lambda *a: None),
+    "torch": Backend("torch", cosine_attention_torch, lambda *a: None, automatic=_naive_fits),
     "triton": Backend("triton", _run_triton, _triton_why_not, automatic=lambda q, *a: q.is_cuda),
     "cuda": Backend("cuda", lambda q, k, v, t: cosine_attention_cuda(q, k, v, t.reshape(-1)), _cuda_why_not),
 }
