@@ -205,20 +205,21 @@ def test_kernel_projects_and_adds_the_residual(case, mode, dtype, backend):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_every_gpu_tile_of_the_projection_in_the_interpreter(layout, monkeypatch):
-    """Each 16-bit tile the GPU's autotuner may choose for the gate with its projection (tap
-    loops rolled and unrolled), run by the interpreter in fp16 on partial tiles: dual mode,
+def test_every_gpu_tile_of_the_projection_in_the_interpreter(layout, dtype, monkeypatch):
+    """Each tile the GPU's autotuner may choose for the gate with its projection (16-bit: tap
+    loops rolled and unrolled; fp32), run by the interpreter on partial tiles: dual mode,
     biases, residual."""
-    x, w, bias = rounded(torch.float16, *inputs(2, 37, 9, 11, bias=True))
-    pw, pb, res = rounded(torch.float16, *projection(2, 37, 70, 9, 11))
+    x, w, bias = rounded(dtype, *inputs(2, 37, 9, 11, bias=True))
+    pw, pb, res = rounded(dtype, *projection(2, 37, 70, 9, 11))
     args = (x, w, bias, pw, pb, res)
     ref = projected(independent(x, w, "dual", bias), pw, pb, res)
-    bound = project_tolerance(torch.float16, args, "dual", ref)
-    xl, rl = (t.to(DEVICE, torch.float16).contiguous(memory_format=layout) for t in (x, res))
-    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_PROJECT", module._PROJECT_CONFIGS[False]):
-        out = gated_dwconv_gelu(xl, *to(torch.float16, w), "dual", *to(torch.float16, bias, pw, pb), rl,
-                                backend="triton")
+    bound = project_tolerance(dtype, args, "dual", ref)
+    xl, rl = (t.to(DEVICE, dtype).contiguous(memory_format=layout) for t in (x, res))
+    tiles = module._PROJECT_CONFIGS[dtype == torch.float32]
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_PROJECT", tiles):
+        out = gated_dwconv_gelu(xl, *to(dtype, w), "dual", *to(dtype, bias, pw, pb), rl, backend="triton")
         assert max_err(out, ref) <= bound, cfg
 
 

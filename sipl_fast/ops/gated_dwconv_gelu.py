@@ -144,11 +144,12 @@ if triton is not None:
 # (BLOCK_N, BLOCK_K, warps, stages) of the projecting kernel, 16-bit and fp32 (whose exact
 # products run without tensor cores). On a GPU the autotuner picks among them per shape (the
 # first without autotuning); each compiles for sm_90a without register spills, for either
-# BLOCK_O and with int64 offsets too (bf16: 106 to 222 registers a thread). The last two unroll
-# the stencil's tap loop (``TAP_UNROLL``, ``_triton.dwconv3x3``): more loads in flight.
+# BLOCK_O and with int64 offsets too (bf16: 106 to 222 registers a thread). The 16-bit list's
+# last two unroll the stencil's tap loop (``TAP_UNROLL``, ``_triton.dwconv3x3``): more loads in
+# flight.
 _PROJECT_CONFIGS = {False: _triton.configs((64, 32, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1))
                     + _triton.configs((32, 32, 8, 1), TAP_UNROLL=3) + _triton.configs((32, 16, 4, 1), TAP_UNROLL=9),
-                    True: _triton.configs((32, 16, 8, 1))} if triton else {}
+                    True: _triton.configs((32, 16, 4, 1), (16, 16, 8, 1))} if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
 _INTERPRETER_PROJECT = _triton.configs((256, 32, 4, 1)) if triton else []
 if triton is not None:
