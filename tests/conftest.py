@@ -68,8 +68,10 @@ def interpreter_tiles(monkeypatch, module, name: str, configs):
 def every_offered_tile(monkeypatch, call):
     """``call()``'s results, once per tile that its autotuned launches offer (on a GPU: what
     the autotuners choose among; in the interpreter: its one tile): the i-th call launches each
-    kernel with its i-th tile (modulo its count) alone, until the launch offering the most
-    tiles has taken every one. Unlike the autotuner, each tile's output is then checked."""
+    kernel with its i-th tile (modulo its count), until the launch offering the most tiles has
+    taken every one. Unlike the autotuner, each tile's output is then checked. A tile that does
+    not fit the device (too much shared memory) gives way to the next that does, as the
+    autotuner skips it."""
     from sipl_fast.ops import _triton
 
     fitting = _triton.launch_fitting
@@ -78,7 +80,7 @@ def every_offered_tile(monkeypatch, call):
     def one_tile(kernel, tuned, key, configs, grid, *args, **constants):
         state["most"] = max(state["most"], len(configs))
         i = state["i"] % len(configs)
-        fitting(kernel, ("one tile", key, i), [configs[i]], grid, *args, **constants)
+        fitting(kernel, ("one tile", key, i), configs[i:] + configs[:i], grid, *args, **constants)
 
     monkeypatch.setattr(_triton, "launch_tuned", one_tile)
     results = []
