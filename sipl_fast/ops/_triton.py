@@ -204,11 +204,11 @@ def launch_tuned(kernel, tuned, key, configs, grid, *args, **constants) -> None:
 _tuners: list = []  # every autotuner made by autotune()
 
 
-def autotune(kernel, configs, key, prune=None):
+def autotune(kernel, configs, key, prune):
     """``triton.autotune`` of ``kernel`` over ``configs`` per ``key``, pruned per call to
-    ``prune(nargs, kw)`` if given, timed by :func:`autotune_bench`; remembered for
-    :func:`tuned_tiles`."""
-    pruning = {"early_config_prune": lambda configs, nargs, **kw: prune(nargs, kw)} if prune else None
+    ``prune(nargs, kw)`` (the tiles for the call's dtype, layout, ...), timed by
+    :func:`autotune_bench`; remembered for :func:`tuned_tiles`."""
+    pruning = {"early_config_prune": lambda configs, nargs, **kw: prune(nargs, kw)}
     tuner = triton.autotune(configs=configs, key=key, do_bench=autotune_bench, prune_configs_by=pruning)(kernel)
     _tuners.append(tuner)
     return tuner

@@ -219,15 +219,18 @@ _APPLY_UNROLLED = _triton.configs((64, 16, 8, 2), (32, 32, 8, 2), TAP_UNROLL=9) 
 # unrolled tiles issue the loads of 3 or 9 taps together. (BLOCK_C, BLOCK_N, warps, stages) per
 # layout (NCHW: True), all spill-free for sm_90a (16-bit: 126 to 253 registers a thread; NHWC's
 # 128-row tile with the loop rolled spills, unrolled 9 times too).
+def _dw_gram_tiles(*shapes, **meta) -> list:
+    return _triton.configs(*shapes, names=("BLOCK_C", "BLOCK_N"), **meta)
+
+
 _DW_GRAM_CONFIGS = {
-    True: _triton.configs((64, 16, 8, 2), (128, 16, 8, 2), (64, 64, 8, 2), names=("BLOCK_C", "BLOCK_N"))
-    + _triton.configs((64, 16, 8, 2), (128, 16, 8, 2), names=("BLOCK_C", "BLOCK_N"), TAP_UNROLL=9),
-    False: _triton.configs((64, 16, 8, 2), (64, 64, 8, 2), names=("BLOCK_C", "BLOCK_N"))
-    + _triton.configs((64, 16, 8, 2), (128, 16, 8, 2), names=("BLOCK_C", "BLOCK_N"), TAP_UNROLL=3),
+    True: _dw_gram_tiles((64, 16, 8, 2), (128, 16, 8, 2), (64, 64, 8, 2))
+    + _dw_gram_tiles((64, 16, 8, 2), (128, 16, 8, 2), TAP_UNROLL=9),
+    False: _dw_gram_tiles((64, 16, 8, 2), (64, 64, 8, 2)) + _dw_gram_tiles((64, 16, 8, 2), (128, 16, 8, 2), TAP_UNROLL=3),
 } if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
 _INTERPRETER_GRAM, _INTERPRETER_APPLY = (_triton.configs((64, 4, 1)), _triton.configs((128, 32, 4, 1))) if triton else ([], [])
-_INTERPRETER_DW_GRAM = _triton.configs((64, 64, 4, 1), names=("BLOCK_C", "BLOCK_N")) if triton else []
+_INTERPRETER_DW_GRAM = _dw_gram_tiles((64, 64, 4, 1)) if triton else []
 
 
 def _apply_configs(block_r: int, dwconv: bool, fp32: bool) -> list:

@@ -161,15 +161,16 @@ if triton is not None:
 # (BLOCK_C, BLOCK_P, warps) of the gate alone, per layout (NCHW: True): NCHW tiles are wide in
 # pixels (coalesced along them), NHWC tiles wide in channels; the last of each unroll the
 # stencil's tap loop. On a GPU the autotuner picks per shape (the first without autotuning).
-_GATE_CONFIGS = {True: _triton.configs((4, 256, 4, 1), (2, 512, 4, 1), (8, 256, 8, 1), (4, 512, 8, 1),
-                                        names=("BLOCK_C", "BLOCK_P"))
-                 + _triton.configs((4, 256, 4, 1), names=("BLOCK_C", "BLOCK_P"), TAP_UNROLL=9),
-                 False: _triton.configs((64, 16, 8, 1), (32, 32, 8, 1), (64, 32, 8, 1),
-                                        names=("BLOCK_C", "BLOCK_P"))
-                 + _triton.configs((64, 16, 8, 1), names=("BLOCK_C", "BLOCK_P"), TAP_UNROLL=9)
-                 + _triton.configs((32, 32, 8, 1), names=("BLOCK_C", "BLOCK_P"), TAP_UNROLL=3)} if triton else {}
+def _gate_tiles(*shapes, **meta) -> list:
+    return _triton.configs(*shapes, names=("BLOCK_C", "BLOCK_P"), **meta)
+
+
+_GATE_CONFIGS = {True: _gate_tiles((4, 256, 4, 1), (2, 512, 4, 1), (8, 256, 8, 1), (4, 512, 8, 1))
+                 + _gate_tiles((4, 256, 4, 1), TAP_UNROLL=9),
+                 False: _gate_tiles((64, 16, 8, 1), (32, 32, 8, 1), (64, 32, 8, 1))
+                 + _gate_tiles((64, 16, 8, 1), TAP_UNROLL=9) + _gate_tiles((32, 32, 8, 1), TAP_UNROLL=3)} if triton else {}
 # The interpreter runs programs one by one: large tiles, few programs.
-_INTERPRETER_GATE = _triton.configs((32, 512, 4, 1), names=("BLOCK_C", "BLOCK_P")) if triton else []
+_INTERPRETER_GATE = _gate_tiles((32, 512, 4, 1)) if triton else []
 if triton is not None:
     _gate_tuned = _triton.autotune(_gated_dwconv_gelu_kernel, [c for group in _GATE_CONFIGS.values() for c in group],
                                    ["h", "H", "W", "sxp"], lambda nargs, kw: _GATE_CONFIGS[nargs["sxp"] == 1])
