@@ -13,7 +13,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -64,6 +64,24 @@ def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, min
         print(f"(cannot be captured in a CUDA graph: wall time, {fn})", file=sys.stderr)
         return wall
     return ms
+
+
+def kernel_breakdown(fn: Callable[[], object], device: torch.device, top: int = 4, calls: int = 3) -> Optional[str]:
+    """The ``top`` kernels of one call of ``fn`` by device time, "name us; ..." (the mean over
+    ``calls`` profiled calls; GPU only, None elsewhere): where a call's time goes, e.g. an op's
+    main kernel against its preparation and combine passes."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total]
+    kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    return "; ".join(f"{e.key[:40]} {e.self_device_time_total / calls:.0f}us" for e in kernels[:top])
 
 
 def environment(device: torch.device) -> Dict[str, str]:
@@ -160,8 +178,8 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def run_cases(cases: List[Case], device: torch.device, bandwidth: float) -> List[dict]:
     """Time every variant of every case (device time: the kernels, as a captured model runs
-    them): ms, GB/s, % of ``bandwidth``, and speedups over eager bf16 and over torch.compile
-    (where those ran)."""
+    them): ms, GB/s, % of ``bandwidth``, speedups over eager bf16 and over torch.compile
+    (where those ran), and on a GPU each fast variant's ``kernel_breakdown``."""
     rows = []
     for case in cases:
         row = {"op": case.op, "shape": case.shape, "calls/pass": case.count}
@@ -172,6 +190,9 @@ def run_cases(cases: List[Case], device: torch.device, bandwidth: float) -> List
             if gbs is not None:
                 row[f"{name} GB/s"] = gbs
                 row[f"{name} %bw"] = 100 * gbs / bandwidth
+        for name, (dtype, fn) in case.variants.items():  # after the timings, which they must not disturb
+            if name not in BASE_VARIANTS and device.type == "cuda":
+                row[f"{name} kernels"] = kernel_breakdown(fn, device)
         for name in case.variants:
             for base in ("eager-bf16", "compile-bf16"):
                 if name not in BASE_VARIANTS and f"{base} ms" in row:

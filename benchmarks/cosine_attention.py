@@ -15,7 +15,9 @@ Per cell: median ms (forward: device time of CUDA-graph replays, no launch overh
 wall time per call), TFLOP/s (4*B*H*Nq*Nk*D per forward; fwd+bwd counts 3.5 times that, the
 FlashAttention convention), peak extra memory on a GPU (above inputs and outputs), and before
 timing a correctness check (``max|diff|`` against naive, or against sdpa where naive is out
-of memory) so a wrong kernel shows in the table. A ``fwd+bwd`` row per shape times autograd
+of memory) so a wrong kernel shows in the table; for the op's backends on a GPU, the device
+time of each kernel of one call (``kernels``: the main kernel against its preparation and
+combine passes). A ``fwd+bwd`` row per shape times autograd
 (grads of q, k, v and t; SDPA's backends picked again for it) and reports the largest relative
 grad error against naive. Results: ``benchmarks/results/cosine_attention[_fp16|_fp32|_cpu].*``.
 Usage: ``python benchmarks/cosine_attention.py [--dtype bf16] [--shapes 0,2|quick] [--no-backward]``.
@@ -36,7 +38,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from _common import environment, report, time_ms
+from _common import environment, kernel_breakdown, report, time_ms
 from sipl_fast import ops
 
 OP_MODULE = importlib.import_module("sipl_fast.ops.cosine_attention")  # ops.cosine_attention is the function
@@ -194,6 +196,10 @@ class Cell:
         mem, _ = attempt(lambda: peak_extra_mib(fn, self.device), self.device, self.notes, label + " memory")
         if mem is not None:
             self.row[f"{name} extra MiB"] = mem
+        if name in KERNELS:
+            parts, _ = attempt(lambda: kernel_breakdown(fn, self.device), self.device, self.notes, label + " kernels")
+            if parts is not None:
+                self.row[f"{name} kernels"] = parts
         free(self.device)
         return out
 
@@ -409,7 +415,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                + ["ref max|out|"] + [f"{n} max|diff|" for n in ["sdpa"] + kernels]
                + [f"{n} grad err" for n in ["sdpa"] + kernels])
     if gpu:
-        columns += [f"{n} extra MiB" for n in names]
+        columns += [f"{n} extra MiB" for n in names] + [f"{n} kernels" for n in kernels]
     columns.append("sdpa backends ms")
     env = environment(device)
     if gpu:

@@ -5,7 +5,8 @@ For each ``--layouts`` entry (``nchw``, ``channels-last``: ``FastSIPL(channels_l
 the engine's loop without CUDA graphs (so the profiler sees each kernel by name),
 after a first call with graphs that compiles, autotunes and measures the backends as FastSIPL
 does (by device time). Prints and writes, per size and backend, the backends the measurement
-chose and the profiler's table of kernels sorted by total device time, and a summary of the
+chose, the profiler's table of kernels sorted by total device time, the ops' calls by input
+shapes (which shapes of which op take the time), and a summary of the
 loop's total device time per size, layout and backend, to
 ``benchmarks/results/fast_sipl_profile_<device>.md``.
 Usage: ``python benchmarks/fast_sipl_profile.py [--sizes 256,512] [--backends auto,torch]
@@ -23,15 +24,34 @@ from fast_sipl import QUICK_CONFIG, parse_size
 from sipl_fast import SIPL, SIPLConfig, FastSIPL, ops
 
 
+#: The ops listed per input shape: ours and the library convolutions FastSIPL may choose instead.
+SHAPE_OPS = ("sipl_fast::", "aten::_conv_depthwise2d", "aten::cudnn_convolution", "aten::convolution", "aten::bmm")
+
+
+def by_shape(prof, device: torch.device, rows: int) -> str:
+    """Markdown table of the ``SHAPE_OPS`` calls grouped by op and input shapes, the most device
+    (CPU) time first: which shapes of which op the loop's time goes to."""
+    timed = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith(SHAPE_OPS)]
+    events.sort(key=lambda e: getattr(e, timed), reverse=True)
+    lines = ["| op | input shapes | calls | total ms | per call us |", "|---|---|---|---|---|"]
+    for e in events[:rows]:
+        shapes = ", ".join(str(tuple(s)) for s in e.input_shapes if s)
+        total = getattr(e, timed)
+        lines.append(f"| {e.key} | {shapes[:120]} | {e.count} | {total / 1e3:.3f} | {total / e.count:.1f} |")
+    return "\n".join(lines)
+
+
 def profiled_ms(fast: FastSIPL, x: torch.Tensor, iterations: int, rows: int):
-    """(the loop's total self device ms (CPU ms on the CPU), the profiler's table of ``rows`` rows)."""
+    """(the loop's total self device ms (CPU ms on the CPU), the profiler's table of ``rows``
+    kernels, the ``by_shape`` table)."""
     device = x.device
     graphs = fast.cuda_graphs  # on a GPU
     fast(x, iterations)  # compile, autotune, measure the backends, capture
     fast.cuda_graphs = False  # the same choices, run eagerly (a replayed graph hides its kernels' names)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             fast(x, iterations)
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -43,7 +63,7 @@ def profiled_ms(fast: FastSIPL, x: torch.Tensor, iterations: int, rows: int):
         total = sum(getattr(e, "self_device_time_total", None) or e.self_cuda_time_total for e in events)
     else:
         sort, total = "self_cpu_time_total", sum(e.self_cpu_time_total for e in events)
-    return total / 1e3, events.table(sort_by=sort, row_limit=rows, max_name_column_width=90)
+    return total / 1e3, events.table(sort_by=sort, row_limit=rows, max_name_column_width=90), by_shape(prof, device, rows)
 
 
 def main(argv=None) -> None:
@@ -75,10 +95,11 @@ def main(argv=None) -> None:
             for backend in backends:
                 fast = FastSIPL(model, dtype=getattr(torch, args.dtype), backend=backend,
                                 channels_last=layout == "channels-last")
-                ms, table = profiled_ms(fast, x, args.iterations, args.rows)
+                ms, table, shapes = profiled_ms(fast, x, args.iterations, args.rows)
                 totals.append(f"{ms:.2f}")
                 section = (f"\n## {b}x{h}x{w}, {layout}, backend {backend}: {ms:.2f} ms\n\n"
-                           f"measured backends: {ops.measured_choices()}\n\n```\n{table}\n```\n")
+                           f"measured backends: {ops.measured_choices()}\n\n```\n{table}\n```\n\n"
+                           f"By op and input shapes:\n\n{shapes}\n")
                 print(section, flush=True)
                 text += section
                 del fast
