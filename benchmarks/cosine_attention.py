@@ -11,8 +11,9 @@ a per-head temperature t). Baselines timed in the same run, on the same inputs:
 - ``triton``, ``cuda`` (and ``torch``, the op's reference, with ``--variants``): the op's
   backends; one that raises ``BackendError`` is reported ``n/a``, not a failure.
 
-Per cell: median ms (forward: device time of CUDA-graph replays, no launch overhead; fwd+bwd:
-wall time per call), TFLOP/s (4*B*H*Nq*Nk*D per forward; fwd+bwd counts 3.5 times that, the
+Per cell: median ms (device time of CUDA-graph replays on a GPU, no launch overhead; autograd's
+backward is captured with its forward, and a call that cannot be captured is timed by wall
+time, which the run prints), TFLOP/s (4*B*H*Nq*Nk*D per forward; fwd+bwd counts 3.5 times that, the
 FlashAttention convention), peak extra memory on a GPU (above inputs and outputs), and before
 timing a correctness check (``max|diff|`` against naive, or against sdpa where naive is out
 of memory) so a wrong kernel shows in the table; for the op's backends on a GPU, the device
@@ -233,14 +234,14 @@ def bench_shape(shape: ShapeT, variants: Sequence[str], dtype, device, timing, b
 
     # forward: naive first (the reference), then every SDPA backend, then the op's backends
     row, notes = {**base, "pass": "forward"}, {}
-    forward_timing = {**timing, "graph": True}  # device time (graph replays); fwd+bwd: wall time
-    cell = Cell(row, device, flops, forward_timing, notes)
+    timing = {**timing, "graph": True}  # device time (graph replays)
+    cell = Cell(row, device, flops, timing, notes)
     ref, row["ref"] = None, "none"
     if "naive" in variants:
         ref = cell.run("naive", lambda: naive(q, k, v, t), keep=True)
         row["ref"] = "naive" if ref is not None else "none"
     if "sdpa" in variants:
-        best = fastest_sdpa(row, base, device, flops, forward_timing, notes, lambda: sdpa(q, k, v, t), ref,
+        best = fastest_sdpa(row, base, device, flops, timing, notes, lambda: sdpa(q, k, v, t), ref,
                             "sdpa max|diff|")
         if best is not None and ref is None:  # naive ran out of memory: check the kernels against the fastest SDPA
             with sdpa_candidates(device)[best]():
@@ -422,7 +423,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         env["cudnn"] = str(torch.backends.cudnn.version())
     env.update({"backends": backends_line(), "shapes": "Nq x Nk, head dim d, heads h, batch 1",
                 "ratios": "'X vs Y' = Y ms / X ms (> 1: X is faster)",
-                "timing": "forward: device time of CUDA-graph replays on a GPU; fwd+bwd: wall time per call",
+                "timing": "device time of CUDA-graph replays on a GPU (fwd+bwd: autograd's backward captured too)",
                 "errors": "max|diff| vs ref (forward); grad err = max over q, k, v, t of max|diff| / max|ref grad|"})
 
     def plot(plt):

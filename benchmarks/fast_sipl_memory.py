@@ -46,12 +46,13 @@ class LiveBytes(TorchDispatchMode):
     """Counts the bytes of every storage an op creates, until the storage is freed; ``peak`` is
     the largest total, ``at_peak`` the largest tensors alive then (bytes, shape, dtype, op);
     ``moved`` the bytes each op that is not a view reads and writes (its tensor arguments and
-    results), summed. Ops of FastSIPL's dry pass (its one-time warm-up, ``ops.compiling_only``)
+    results), summed, and ``moved_by_op`` the same per op. Ops of FastSIPL's dry pass (its one-time warm-up, ``ops.compiling_only``)
     are not the loop's and go uncounted."""
 
     def __init__(self):
         super().__init__()
         self.live, self.now, self.peak, self.at_peak, self.moved = {}, 0, 0, [], 0
+        self.moved_by_op: dict = {}
 
     def _count(self, tensor: torch.Tensor, op: str) -> None:
         storage = tensor.untyped_storage()
@@ -77,7 +78,9 @@ class LiveBytes(TorchDispatchMode):
             self._count(t, str(func))
         if not func.is_view and func.namespace != "prim" and func.overloadpacket.__name__ not in _NO_TRAFFIC:
             operands = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            self.moved += sum(t.numel() * t.element_size() for t in operands + results)
+            moved = sum(t.numel() * t.element_size() for t in operands + results)
+            self.moved += moved
+            self.moved_by_op[str(func)] = self.moved_by_op.get(str(func), 0) + moved
         return out
 
 
@@ -137,8 +140,9 @@ def main(argv=None) -> None:
             row[f"{name} GiB"] = tracker.peak / 2**30
             row[f"{name} GB moved"] = tracker.moved / 1e9
             print(f"[{row['size']}] {name}: {tracker.peak / 2**30:.2f} GiB, {tracker.moved / 1e9:.1f} GB moved; largest then: "
-                  + ", ".join(f"{n / 2**30:.2f} GiB {list(s)} {str(d)[6:]} ({op})" for n, s, d, op in tracker.at_peak[:3]),
-                  flush=True)
+                  + ", ".join(f"{n / 2**30:.2f} GiB {list(s)} {str(d)[6:]} ({op})" for n, s, d, op in tracker.at_peak[:3])
+                  + "; most traffic: " + ", ".join(f"{op} {n / 1e9:.1f} GB" for op, n in sorted(
+                      tracker.moved_by_op.items(), key=lambda kv: -kv[1])[:8]), flush=True)
         for name in names[1:]:
             row[f"{name} / {names[0]}"] = row[f"{name} GiB"] / row[f"{names[0]} GiB"]
         rows.append(row)
