@@ -329,11 +329,11 @@ PyObject* cosine_attention_fwd(PyObject*, PyObject* args) {
 // sipl_fast/ops/_cuda.py (_GDG_*); tests/test_cuda_build.py checks they agree.
 // Blocks are (32, 8) threads; the 1-D grid has one block per work item (capped
 // at 2^31-1: the kernels loop over work items with a grid stride). A work item
-// is an NCHW tile of 32 x 64 output pixels of one (b, c) plane, or an NHWC
+// is an NCHW tile of 30 x 64 output pixels of one (b, c) plane, or an NHWC
 // tile of 8 x 8 pixels x 32 output channels.
 constexpr unsigned kGdgThreadsX = 32;
 constexpr unsigned kGdgThreadsY = 8;
-constexpr long long kGdgNchwTileW = 32;
+constexpr long long kGdgNchwTileW = 30;
 constexpr long long kGdgNchwTileH = 64;
 constexpr long long kGdgNhwcTileW = 8;
 constexpr long long kGdgNhwcTileH = 8;

@@ -39,14 +39,21 @@ __device__ __forceinline__ float bf16_to_f32(u16 b) {
   return __uint_as_float(((u32)b) << 16);  // exact: bf16 is a truncated fp32
 }
 
-// Round to nearest even on the 16 dropped bits. NaN is returned as a quiet NaN
-// with the same sign (rounding could otherwise carry a NaN into infinity).
-// Overflow rounds to +-inf, like a hardware conversion.
+// Round to nearest even on the 16 dropped bits; overflow rounds to +-inf and NaN stays NaN.
+// On the GPU (sm_80+) one cvt instruction; elsewhere (the host build, older targets) by bit
+// manipulation, which returns NaN as a quiet NaN with the same sign (rounding could
+// otherwise carry a NaN into infinity).
 __device__ __forceinline__ u16 f32_to_bf16(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  u16 b;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
+  return b;
+#else
   u32 u = __float_as_uint(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x0040u);
   u += 0x7fffu + ((u >> 16) & 1u);
   return (u16)(u >> 16);
+#endif
 }
 
 // ---- storage traits: element type in memory + conversion to/from fp32 ------

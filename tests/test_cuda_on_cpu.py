@@ -31,8 +31,9 @@ void run(void (*entry)(const T*, const float*, const float*, T*, i64, i64, i64, 
 """
 
 
-def build(folder: Path, source: str, runner: str, entries) -> ctypes.CDLL:
-    """``source`` from kernels/ compiled for the host, with ``extern "C" run_<entry>`` for each entry."""
+def build(folder: Path, source: str, runner: str, entries, defines=()) -> ctypes.CDLL:
+    """``source`` from kernels/ compiled for the host, with ``extern "C" run_<entry>`` for each entry
+    (and the macro definitions ``defines``, "NAME=VALUE")."""
     params = ("unsigned grid, const void* x, const float* w, const float* b, void* out, i64 B, i64 h, i64 H, i64 W, "
               "int dual")
     wrappers = "".join(f'extern "C" void run_{e}({params}) {{ run({e}, grid, x, w, b, out, B, h, H, W, dual); }}\n'
@@ -40,15 +41,20 @@ def build(folder: Path, source: str, runner: str, entries) -> ctypes.CDLL:
     (folder / "harness.cpp").write_text(f'#include "cuda_on_cpu.h"\n#include "{source}"\n{runner}{wrappers}')
     lib = folder / "harness.so"
     proc = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DSIPL_CUDA_ON_CPU",
-                           "-Wno-unknown-pragmas", f"-I{ROOT / 'tests' / 'cuda_on_cpu'}", f"-I{ROOT / 'kernels'}",
+                           "-Wno-unknown-pragmas", *(f"-D{d}" for d in defines),
+                           f"-I{ROOT / 'tests' / 'cuda_on_cpu'}", f"-I{ROOT / 'kernels'}",
                            str(folder / "harness.cpp"), "-o", str(lib)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return ctypes.CDLL(str(lib))
 
 
-@pytest.fixture(scope="module")
-def gated(tmp_path_factory):
-    lib = build(tmp_path_factory.mktemp("gated"), "gated_dwconv_gelu.cu", GATED_RUNNER, _cuda._GDG_KERNEL_NAMES)
+@pytest.fixture(scope="module", params=["32-bit", "64-bit"])
+def gated(request, tmp_path_factory):
+    """The gate's entries built for the host; "64-bit": with every launch on the kernels' 64-bit
+    index path (on a GPU only for inputs of 2^31 elements or more)."""
+    defines = ("SIPL_GDG_NARROW_LIMIT=0",) if request.param == "64-bit" else ()
+    lib = build(tmp_path_factory.mktemp("gated"), "gated_dwconv_gelu.cu", GATED_RUNNER, _cuda._GDG_KERNEL_NAMES,
+                defines)
     for name in _cuda._GDG_KERNEL_NAMES:
         getattr(lib, f"run_{name}").argtypes = [ctypes.c_uint, *[ctypes.c_void_p] * 4, *[ctypes.c_longlong] * 4,
                                                 ctypes.c_int]
@@ -82,7 +88,8 @@ def err(a, b):
     ((3, 6, 1, 1), "dual", True, None),      # one pixel: the halo is all padding
     ((2, 66, 17, 33), "gdfn", False, 3),     # 3 blocks walk many work items (the grid-stride loop)
     ((1, 4, 131, 35), "dual", True, None),   # NCHW tiles 64 rows tall: three rows of tiles, seams between
-], ids=["odd", "dual-chunk", "1x1", "grid3", "tall"])
+    ((2, 6, 5, 60), "gdfn", True, None),     # NCHW tiles 30 wide: two whole tiles a row, a seam between
+], ids=["odd", "dual-chunk", "1x1", "grid3", "tall", "wide"])
 def test_gated_dwconv_gelu_device_code(gated, dtype, layout, shape, mode, has_bias, grid):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(dtype)

@@ -431,7 +431,7 @@ def cosine_attention_fwd(q, k, v, temperature32, out) -> None:
 # The kernels loop over work items with a grid stride, so the grid size only
 # affects speed; the block shape is required by their thread mapping.
 _GDG_BLOCK = (32, 8)  # threads (x: column / channel lane, y: row)
-_GDG_NCHW_TILE = (32, 64)  # NCHW work item: (W, H) output pixels of one (b, c) plane
+_GDG_NCHW_TILE = (30, 64)  # NCHW work item: (W, H) output pixels of one (b, c) plane
 _GDG_NHWC_TILE = (8, 8, 32)  # NHWC work item: (W, H) output pixels x output channels
 _GDG_MAX_GRID = 2**31 - 1
 
