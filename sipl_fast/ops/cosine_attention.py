@@ -206,7 +206,15 @@ if triton is not None:
 
         The shifted logits c t2 - m are formed as (c - m / t2) t2, m / t2 in cosine units:
         near the top the difference is exact, where c t2 rounded at |t2| would lose the
-        low digits (about 1e-5 of p at |t| = 200 in fp32).
+        low digits (about 1e-5 of p at |t| = 200 in fp32). Where p is rounded to 16 bits
+        for the product (16-bit v), the fixed shift is instead one fused multiply-add a
+        score, c t2 + (P_TOP - sign(t) t2): its error (a few 1e-6 of p) is far below that
+        rounding, and the softmax's elementwise work (an exp2, a multiply-add and a sum a
+        score) is what the tensor cores wait for at D = 96 (sm_90a SASS).
+
+        l sums the weights as rounded for the product, so that they sum to exactly 1: with
+        few keys, normalising by the fp32 sum instead leaves p's rounding in the output
+        (3x the naive fp16 error at Nk = 1).
         """
         da = tl.arange(0, DA)
         db = DA + tl.arange(0, DB if DB > 0 else 16)
@@ -232,7 +240,10 @@ if triton is not None:
                 kn_b = tl.load(kn_ptrs + db[None, :])
             s = tl.dot(q_b, tl.trans(kn_b), s, input_precision=PRECISION)
         if FIXED:  # the shift: the largest logit there can be, |t2| (cosine sign(t)), less P_TOP
-            p = tl.math.exp2((s - sgn) * t2 + P_TOP)
+            if Vb.dtype.element_ty == tl.float32:
+                p = tl.math.exp2((s - sgn) * t2 + P_TOP)
+            else:  # p is rounded to 16 bits for p @ v: one fused multiply-add a score is exact enough
+                p = tl.math.exp2(s * t2 + (P_TOP - sgn * t2))
             if MASKED:
                 p = tl.where((cols < hi)[None, :], p, 0.0)
         else:  # m_i: the running maximum of the cosines times sign(t)
@@ -240,8 +251,12 @@ if triton is not None:
             if MASKED:
                 u = tl.where((cols < hi)[None, :], u, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(u, axis=1))
-            alpha = tl.math.exp2((m_i - m_new) * (t2 * sgn))
-            p = tl.math.exp2((u - m_new[:, None]) * (t2 * sgn))
+            at2 = t2 * sgn
+            alpha = tl.math.exp2((m_i - m_new) * at2)
+            if Vb.dtype.element_ty == tl.float32:
+                p = tl.math.exp2((u - m_new[:, None]) * at2)
+            else:  # as above: one fused multiply-add a score
+                p = tl.math.exp2(u * at2 - (m_new * at2)[:, None])
             l_i = l_i * alpha
             acc_a = acc_a * alpha[:, None]
             if DB > 0:
@@ -476,6 +491,16 @@ if triton is not None:
             tl.store(DT + stats, _dt_rows(sum_p, sum_pc, sum_pdp, sum_pdpc, row_ok), mask=row_ok)
 
     @triton.jit
+    def _softmax_p(c, top, log2_l, t2, EXACT: tl.constexpr):
+        """The forward's softmax weights p = exp2((c - top) t2 - log2 l) of cosines c, from the
+        rows' LSE (top = m sign(t) and log2 l, broadcast against c). Unless EXACT (fp32), one
+        fused multiply-add a score, c t2 - (top t2 + log2 l), as in the forward (``_attend_block``):
+        its error (a few 1e-6 of p) is far below that of the 16-bit products p feeds."""
+        if EXACT:
+            return tl.math.exp2((c - top) * t2 - log2_l)
+        return tl.math.exp2(c * t2 - (top * t2 + log2_l))
+
+    @triton.jit
     def _bwd_dkdv_kernel(QN, K, KN, V, T, RK, DO, LSE, DELTA, DK, DV, Nq, Nk, H, rows_per_split,
                          skb, skh, skn, skd, svb, svh, svn, svd,
                          PRECISION: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
@@ -519,7 +544,8 @@ if triton is not None:
             log2_l = tl.load(LSE + BHN + stats, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
             do_a, do_b = _load_cols(DOb, rows, row_ok, D, 1, D, DA, DB)
-            p = tl.math.exp2((_dot_d(kn_a, kn_b, qn_a, qn_b, PRECISION, DB) - top[None, :]) * t2 - log2_l[None, :])
+            c = _dot_d(kn_a, kn_b, qn_a, qn_b, PRECISION, DB)
+            p = _softmax_p(c, top[None, :], log2_l[None, :], t2, QN.dtype.element_ty == tl.float32)
             p16 = p.to(DO.dtype.element_ty)
             dv_a = tl.dot(p16, do_a, dv_a, input_precision=PRECISION)
             if DB > 0:
@@ -586,7 +612,8 @@ if triton is not None:
             kn_a, kn_b = _load_cols(KNb, cols, col_ok, D, 1, D, DA, DB)
             v_a, v_b = _load_cols(Vb, cols, col_ok, svn, svd, D, DA, DB)
             c = _dot_d(qn_a, qn_b, kn_a, kn_b, PRECISION, DB)
-            p = tl.math.exp2((c - top[:, None]) * t2 - log2_l[:, None] + tl.where(col_ok, 0.0, float("-inf"))[None, :])
+            p = tl.where(col_ok[None, :], _softmax_p(c, top[:, None], log2_l[:, None], t2,
+                                                     KN.dtype.element_ty == tl.float32), 0.0)
             dp = _dot_d(do_a, do_b, v_a, v_b, PRECISION, DB)
             ds = p * (dp - delta[:, None])
             pc = p * c
