@@ -282,9 +282,9 @@ def cmd_info(args) -> int:
     return 0
 
 
-#: Benchmarks that ``bench`` leaves out: minutes of compiling kernels even with ``--quick``, and
-#: nothing timed on the device (run them directly).
-_NOT_IN_BENCH = {"fast_sipl_compile.py", "kernel_resources.py"}
+#: Benchmarks that ``bench`` leaves out: compilers' reports (minutes of compiling Triton kernels
+#: even with ``--quick``; nvcc's), nothing timed on the device (run them directly).
+_NOT_IN_BENCH = {"fast_sipl_compile.py", "kernel_resources.py", "cuda_sass.py"}
 
 
 def cmd_bench(args) -> int:
@@ -490,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", parents=[common], help="run the benchmark suite and print its tables",
                        description="Run every script in benchmarks/ (kernels, end to end) but "
-                                   "fast_sipl_compile.py and kernel_resources.py (minutes of compiling; "
-                                   "run them directly).")
+                                   "fast_sipl_compile.py, kernel_resources.py and cuda_sass.py (compilers' "
+                                   "reports; run them directly).")
     b.add_argument("--quick", action="store_true", help="small shapes, a quick look")
     b.set_defaults(func=cmd_bench)
     return parser

@@ -5,6 +5,7 @@ A smoke test only: speed is never asserted, only that a run writes rows that mak
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,17 @@ print(json.dumps(compile_tiles(calls, "fp32")))
     assert [r["first"] for r in rows if r["kernel"] == "_conv1x1_kernel"][0]
     for r in rows:
         assert 16 <= r["registers"] <= 255 and r["spill B"] >= 0 and r["fits"] and r["shared KiB"] >= 0
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_sass_reads_every_entry(monkeypatch):
+    """The CUDA resource report: every extern "C" entry of the gate compiled for sm_90a, its
+    ptxas report and SASS read."""
+    from sipl_fast.ops import _cuda
+
+    rows = load_script("cuda_sass", monkeypatch).measure("sm_90a")
+    gate = {r["entry"]: r for r in rows if r["source"] == "gated_dwconv_gelu.cu"}
+    assert set(gate) == set(_cuda._GDG_KERNEL_NAMES)
+    for r in gate.values():
+        assert 16 <= r["registers"] <= 64 and r["spill B"] == 0 and r["shared B"] > 0
+        assert r["instructions"] > r["FFMA"] >= 18 and r["STG"] >= 1 and r["LDG"] >= 18

@@ -1,0 +1,115 @@
+"""Registers, spills, shared memory and machine instructions of every CUDA C++ kernel entry of
+``kernels/``, compiled for sm_90a, without a GPU.
+
+Where a kernel is bound by instruction issue (the gated depthwise convolution: a few dozen
+arithmetic instructions per output against 2 loads), the instruction count is the first number
+to watch, and it can be read without a GPU: each ``kernels/*.cu`` is compiled with nvcc to a
+cubin for sm_90a (``ptxas -v`` reports registers, spill stores and static shared memory), and
+nvdisasm (Triton's bundled copy, or one on PATH) lists its SASS. Per entry: static instruction
+count (code size, not executed instructions: loops run their bodies many times), and of them
+calls (subroutines such as 64-bit integer division), global loads and stores, FFMA and MUFU.
+Usage: ``python benchmarks/cuda_sass.py [--arch sm_90a]``; JSON and markdown under
+``benchmarks/results/cuda_sass*``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Instruction families counted per entry (the opcode before its first "." modifier).
+FAMILIES = ("CALL", "LDG", "STG", "LDS", "STS", "FFMA", "MUFU", "BAR")
+
+
+def tool(name: str) -> str:
+    """``name`` from Triton's NVIDIA backend (it ships ptxas and nvdisasm), else from PATH."""
+    try:
+        import triton.backends.nvidia as nvidia
+
+        bundled = Path(nvidia.__file__).parent / "bin" / name
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which(name)
+    if not found:
+        raise SystemExit(f"{name} not found (neither in Triton's NVIDIA backend nor on PATH)")
+    return found
+
+
+def ptxas_report(text: str) -> Dict[str, dict]:
+    """Per entry: registers, spill store bytes and shared memory bytes from ``ptxas -v``."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        found = re.search(r"Compiling entry function '(\w+)'", line)
+        if found:
+            current = entries.setdefault(found.group(1), {})
+        elif current is not None:
+            for key, pattern in (("registers", r"Used (\d+) registers"), ("spill B", r"(\d+) bytes spill stores"),
+                                 ("shared B", r"(\d+) bytes smem")):
+                value = re.search(pattern, line)
+                if value:
+                    current[key] = int(value.group(1))
+    return entries
+
+
+def sass_counts(cubin: Path) -> Dict[str, collections.Counter]:
+    """Per entry (function in the cubin): opcode family -> count of static SASS instructions."""
+    text = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    counts, current = {}, None
+    for line in text.splitlines():
+        header = re.match(r"\s*\.section\s+\.text\.(\w+),", line)  # one section per function
+        if header:
+            current = counts.setdefault(header.group(1), collections.Counter())
+            continue
+        instruction = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if instruction and current is not None:
+            current[instruction.group(1)] += 1
+            current["total"] += 1
+    return counts
+
+
+def measure(arch: str) -> List[dict]:
+    rows = []
+    nvcc = shutil.which("nvcc")
+    if not nvcc:
+        raise SystemExit("nvcc not found")
+    with tempfile.TemporaryDirectory() as folder:
+        for source in sorted((ROOT / "kernels").glob("*.cu")):
+            cubin = Path(folder) / f"{source.stem}.cubin"
+            built = subprocess.run([nvcc, f"-arch={arch}", "-O3", "-cubin", "-Xptxas", "-v", f"-I{ROOT / 'kernels'}",
+                                    str(source), "-o", str(cubin)], capture_output=True, text=True)
+            if built.returncode:
+                raise SystemExit(f"nvcc failed on {source.name}:\n{built.stderr[-2000:]}")
+            report = ptxas_report(built.stderr)
+            for entry, counts in sorted(sass_counts(cubin).items()):
+                if entry not in report:
+                    continue
+                rows.append({"source": source.name, "entry": entry, **report[entry], "instructions": counts["total"],
+                             **{family: counts[family] for family in FAMILIES}})
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sm_90a")
+    args = parser.parse_args(argv)
+    rows = measure(args.arch)
+    import torch
+
+    from _common import environment, report
+
+    env = environment(torch.device("cpu"))
+    env.update({"device": f"none (compiled for {args.arch} with nvcc on this machine, nothing launched)",
+                "instructions": "static SASS instructions of the entry (code size; loops count once)"})
+    report("cuda_sass", rows, ["source", "entry", "registers", "spill B", "shared B", "instructions", *FAMILIES], env)
+
+
+if __name__ == "__main__":
+    main()
