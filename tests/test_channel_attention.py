@@ -11,7 +11,7 @@ import importlib
 import pytest
 import torch
 
-from sipl_fast.ops import BackendError, channel_attention
+from sipl_fast.ops import BackendError, _layout, channel_attention
 from sipl_fast.ops._backend import choose
 
 from conftest import cosine_attention_f64 as independent  # channels are the tokens, pixels the features
@@ -161,6 +161,24 @@ def test_triton_convolves_q_k_v_on_the_fly(case, dtype):
     assert out.shape == ref.shape and out.dtype == dtype
     naive = max_err(reference(*to(dtype, *args), width), ref)
     assert max_err(out, ref) <= (max(1e-5, 2 * naive) if dtype == torch.float32 else 2 * naive)
+
+
+def test_triton_int64_offsets_for_huge_images(monkeypatch):
+    """Images whose offsets reach 2**31 take int64 pixel offsets (``WIDE``): forced here on small
+    ones, convolving with project_out and the residual, and plain."""
+    monkeypatch.setattr(_layout, "INT32_OFFSETS", 1)
+    q, k, v, w, dw_bias = dwconv_inputs(2, 2, 40, 7, 9)
+    t = torch.tensor([0.5, 3.0], dtype=torch.float64)
+    proj = torch.randn(16, 80, generator=torch.Generator().manual_seed(5), dtype=torch.float64) / 40
+    res = torch.randn(2, 16, 63, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    args = (q, k, v, t, proj, None, res, w, dw_bias)
+    ref = reference(*args, 9)
+    out = channel_attention(*to(torch.float32, q, k, v, t, proj), None, *to(torch.float32, res, w, dw_bias), 9,
+                            backend="triton")
+    assert max_err(out, ref) <= max(1e-5, 2 * max_err(reference(*to(torch.float32, *args), 9), ref))
+    q, k, v, t = inputs(2, 2, 37, 53, [0.5, 3.0])
+    out = channel_attention(*to(torch.float32, q, k, v, t), backend="triton")
+    assert max_err(out, reference(q, k, v, t)) <= tolerance(torch.float32, (q, k, v, t), reference(q, k, v, t))
 
 
 def channel_chunks(dtype, fmt, *qkv):

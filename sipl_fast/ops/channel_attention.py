@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _triton
+from . import _layout, _triton
 from ._backend import Backend, choose, forward_only_problem, result_dtype
 from .cosine_attention import EPS, cosine_attention_torch
 
@@ -81,7 +81,7 @@ if triton is not None:
     @triton.jit
     def _gram_kernel(Q, K, G, SQ, SK, WQ, WK, BQ, BK, C, N, per_split, H, width,
                      sqb, sqh, sqc, sqn, skb, skh, skc, skn,
-                     DWCONV: tl.constexpr, HAS_DW_BIAS: tl.constexpr,
+                     DWCONV: tl.constexpr, HAS_DW_BIAS: tl.constexpr, WIDE: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TAP_UNROLL: tl.constexpr = 1):
         """Partial Gram matrix and squared norms over one slice of N.
 
@@ -92,6 +92,9 @@ if triton is not None:
         read once and never normalised in memory (with ``DWCONV`` they are convolved on
         the fly, ``_rows_tile``). Each slice s writes its own partials (G[bh, s], SQ[bh, s],
         SK[bh, s]); a fixed-order sum over s follows, so the result is deterministic.
+        Pixel indices are int32 unless an image's offsets need int64 (``WIDE``,
+        ``_layout.wide``): in int64, the stencil's per-tap offsets and the pixel rows and
+        columns took a fifth of the convolving loop's instructions (sm_90a SASS).
         """
         tiles = tl.cdiv(C, BLOCK_C)
         ti = tl.program_id(0) // tiles
@@ -110,7 +113,9 @@ if triton is not None:
         lo = s * per_split
         hi = tl.minimum(lo + per_split, N)
         for n0 in range(lo, hi, BLOCK_N):
-            cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            cols = n0 + tl.arange(0, BLOCK_N)
+            if WIDE:
+                cols = cols.to(tl.int64)
             in_slice = cols < hi
             qt = _rows_tile(q_rows, ri < C, cols, in_slice, sqn, WQ, BQ, h * C + ri, width, N, DWCONV, HAS_DW_BIAS,
                             TAP_UNROLL)
@@ -161,7 +166,7 @@ if triton is not None:
     def _apply_kernel(M, V, BIAS, RES, O, WV, BV, R, K, N, HG, width,
                       svb, svh, svk, svn, srb, srh, srr, srn, sob, soh, sor, son,
                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DWCONV: tl.constexpr,
-                      HAS_DW_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                      HAS_DW_BIAS: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, TAP_UNROLL: tl.constexpr = 1):
         """``O[g, r, n] = sum_k M[g, r, k] V[g, k, n] (+ bias[r]) (+ RES[g, r, n])`` for g = (b, h)
         of HG heads.
@@ -173,7 +178,9 @@ if triton is not None:
         as the eager expression rounds the map, and accumulated in fp32; bias and residual are
         added in fp32 before the one store.
         """
-        cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if WIDE:  # int64 pixel offsets only where an image's need them, as in ``_gram_kernel``
+            cols = cols.to(tl.int64)
         rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         g = tl.program_id(2)
         b = g // HG
@@ -240,9 +247,9 @@ def _apply_configs(block_r: int, dwconv: bool, fp32: bool) -> list:
 
 if triton is not None:  # on a GPU, the convolving Gram pass and the product are autotuned per shape
     _dw_gram_tuned = _triton.autotune(_gram_kernel, [c for group in _DW_GRAM_CONFIGS.values() for c in group],
-                                      ["C", "N", "H", "sqn"], lambda nargs, kw: _DW_GRAM_CONFIGS[nargs["sqn"] == 1])
+                                      ["C", "N", "H", "sqn", "WIDE"], lambda nargs, kw: _DW_GRAM_CONFIGS[nargs["sqn"] == 1])
     _apply_tuned = _triton.autotune(_apply_kernel, _APPLY_CONFIGS[False] + _APPLY_CONFIGS[True] + _APPLY_UNROLLED,
-                                    ["R", "K", "N", "HG", "DWCONV", "svn"],
+                                    ["R", "K", "N", "HG", "DWCONV", "svn", "WIDE"],
                                     lambda nargs, kw: _apply_configs(kw["BLOCK_R"], kw["DWCONV"],
                                                                      nargs["V"].dtype == torch.float32))
 
@@ -273,14 +280,14 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Opt
     args = (q, k, g, sq, sk, w[0], w[1 if dw else 0], bias[0], bias[1 if dw else 0], c, n, per_split, h, width,
             *q.stride(), *k.stride())
     flags = dict(DWCONV=dw is not None, HAS_DW_BIAS=dw is not None and dw[1] is not None,
-                 PRECISION=_triton.precision(q.dtype))
+                 WIDE=_layout.wide(q, k), PRECISION=_triton.precision(q.dtype))
     if dw is None:
-        _triton.launch_fitting(_gram_kernel, (block_c, q.dtype, False, q.is_cuda),
+        _triton.launch_fitting(_gram_kernel, (block_c, q.dtype, False, q.is_cuda, flags["WIDE"]),
                                _GRAM_CONFIGS if q.is_cuda else _INTERPRETER_GRAM,
                                lambda meta: (tiles * tiles, slices, b * h), *args, **flags, BLOCK_C=block_c)
     else:
         nchw = q.stride(3) == 1
-        _triton.launch_tuned(_gram_kernel, _dw_gram_tuned, (q.dtype, True, q.is_cuda, nchw),
+        _triton.launch_tuned(_gram_kernel, _dw_gram_tuned, (q.dtype, True, q.is_cuda, nchw, flags["WIDE"]),
                              _DW_GRAM_CONFIGS[nchw] if q.is_cuda else _INTERPRETER_DW_GRAM,
                              lambda meta: (triton.cdiv(c, meta["BLOCK_C"]) ** 2, slices, b * h), *args, **flags)
     a = torch.empty((b * h, c, c), **f32)
@@ -300,15 +307,16 @@ def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], resid
     block_r = _block(r, 256)
     res = residual if residual is not None else out
     w, dw_bias, width = dw or (m, None, 1)
+    wide = _layout.wide(v, residual, out)
     _triton.launch_tuned(_apply_kernel, _apply_tuned, (block_r, v.dtype, bias is not None, residual is not None,
-                                                       dw is not None, v.is_cuda, v.stride(3) == 1),
+                                                       dw is not None, v.is_cuda, v.stride(3) == 1, wide),
                          _apply_configs(block_r, dw is not None, v.dtype == torch.float32) if v.is_cuda
                          else _INTERPRETER_APPLY,
                          lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r), b * hg),
                          m, v, bias if bias is not None else m, res, out, w[2 if dw else 0],
                          dw_bias[2] if dw_bias is not None else m, r, kk, n, hg, width, *v.stride(), *res.stride(),
                          *out.stride(), HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                         DWCONV=dw is not None, HAS_DW_BIAS=dw_bias is not None, BLOCK_R=block_r,
+                         DWCONV=dw is not None, HAS_DW_BIAS=dw_bias is not None, WIDE=wide, BLOCK_R=block_r,
                          PRECISION=_triton.precision(v.dtype))
 
 
