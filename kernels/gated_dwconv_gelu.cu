@@ -201,7 +201,7 @@ __device__ __forceinline__ void fwd_nchw(const typename S::T* __restrict__ x,
     const I y0 = tile_row * kNchwTileH;                  // first output row of the tile
     const I x0 = (tile - tile_row * tiles_x) * kNchwTileW;  // first output column
     const typename S::T* x1 = x + ((i64)b * 2 * h + c) * (i64)hw;  // input channel c of image b
-    const typename S::T* x2 = x1 + (i64)h * hw;                    // input channel c + h
+    const i64 to_x2 = (i64)h * hw;                                 // ... to input channel c + h
 
     // 1. halo (rows y0-1 .. y0+TH, columns x0-1 .. x0+TW) -> shared memory: warp ty loads
     //    halo rows ty, ty+8, ..., lane tx column tx, 9 loads per channel, all in flight
@@ -210,7 +210,6 @@ __device__ __forceinline__ void fwd_nchw(const typename S::T* __restrict__ x,
     const I gx = x0 - 1 + tx;  // unsigned I: -1 wraps past W
     const bool col_ok = inside(gx, W);
     const typename S::T* p1 = x1 + (col_ok ? gx : 0);
-    const i64 to_x2 = (i64)h * hw;
     typename S::T v1[kNchwHaloRowsPerWarp], v2[kNchwHaloRowsPerWarp];
 #pragma unroll
     for (int k = 0; k < kNchwHaloRowsPerWarp; ++k) {
