@@ -203,10 +203,20 @@ def test_every_gpu_tile_of_the_convolving_gram_pass_in_the_interpreter(nchw, mon
     bound = 2 * max_err(reference(*to(torch.float16, *args), 11), ref)
     chunks = channel_chunks(torch.float16, torch.contiguous_format if nchw else torch.channels_last, q, k, v)
     assert (chunks[0].stride(3) == 1) == nchw
-    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_DW_GRAM", module._DW_GRAM_CONFIGS[nchw]):
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_DW_GRAM", module._dw_gram_configs(nchw, False)):
         out = channel_attention(*chunks, t.float(), None, None, None, *to(torch.float32, w, dw_bias), 11,
                                 backend="triton")
         assert max_err(out, ref) <= bound, cfg
+
+
+def test_fp32_convolving_gram_pass_is_offered_no_spilling_tile():
+    """The 128-row tiles of the convolving Gram pass spill registers in fp32 (sm_90a): the
+    autotuner is not offered them there; 16-bit calls keep every tile."""
+    for nchw in (True, False):
+        assert module._dw_gram_configs(nchw, False) == module._DW_GRAM_CONFIGS[nchw]
+        fp32 = module._dw_gram_configs(nchw, True)
+        assert fp32 and all(c.kwargs["BLOCK_C"] <= 64 for c in fp32)
+        assert any(c.kwargs["BLOCK_C"] > 64 for c in module._DW_GRAM_CONFIGS[nchw])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
@@ -245,7 +255,7 @@ def test_every_autotuned_tile_on_the_gpu(nchw, monkeypatch):
     outs = every_offered_tile(monkeypatch, lambda: channel_attention(
         *chunks, t.float().to(DEVICE), *to(torch.bfloat16, proj), None, *to(torch.bfloat16, res),
         *to(torch.float32, w, dw_bias), 11, backend="triton"))
-    assert len(outs) == max(len(module._DW_GRAM_CONFIGS[nchw]), len(module._apply_configs(128, True, False)))
+    assert len(outs) == max(len(module._dw_gram_configs(nchw, False)), len(module._apply_configs(128, True, False)))
     for i, out in enumerate(outs):
         assert max_err(out, ref) <= bound, i
 

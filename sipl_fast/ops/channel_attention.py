@@ -224,8 +224,9 @@ _APPLY_UNROLLED = _triton.configs((64, 16, 8, 2), (32, 32, 8, 2), TAP_UNROLL=9) 
 # of k, so for C = 96 a 64-row block convolves each row twice (and 32 padding rows), a 128-row
 # one once, with one program a slice. Its stencil loop waits on the caches tap after tap; the
 # unrolled tiles issue the loads of 3 or 9 taps together. (BLOCK_C, BLOCK_N, warps, stages) per
-# layout (NCHW: True), all spill-free for sm_90a (16-bit: 126 to 253 registers a thread; NHWC's
-# 128-row tile with the loop rolled spills, unrolled 9 times too).
+# layout (NCHW: True), all spill-free for sm_90a in 16 bits (114 to 241 registers a thread; NHWC's
+# 128-row tile with the loop rolled spills, unrolled 9 times too); in fp32 the 128-row ones spill
+# (48-136 bytes) and are not offered (``_dw_gram_configs``).
 def _dw_gram_tiles(*shapes, **meta) -> list:
     return _triton.configs(*shapes, names=("BLOCK_C", "BLOCK_N"), **meta)
 
@@ -240,6 +241,11 @@ _INTERPRETER_GRAM, _INTERPRETER_APPLY = (_triton.configs((64, 4, 1)), _triton.co
 _INTERPRETER_DW_GRAM = _dw_gram_tiles((64, 64, 4, 1)) if triton else []
 
 
+def _dw_gram_configs(nchw: bool, fp32: bool) -> list:
+    """The convolving Gram pass's tiles for a layout and whether q is fp32."""
+    return [c for c in _DW_GRAM_CONFIGS[nchw] if not (fp32 and c.kwargs["BLOCK_C"] > 64)]
+
+
 def _apply_configs(block_r: int, dwconv: bool, fp32: bool) -> list:
     """The product's tiles for a channel block, whether it convolves v and v's dtype."""
     return _APPLY_CONFIGS[block_r > 128] + (_APPLY_UNROLLED if dwconv and block_r <= 128 and not fp32 else [])
@@ -247,7 +253,9 @@ def _apply_configs(block_r: int, dwconv: bool, fp32: bool) -> list:
 
 if triton is not None:  # on a GPU, the convolving Gram pass and the product are autotuned per shape
     _dw_gram_tuned = _triton.autotune(_gram_kernel, [c for group in _DW_GRAM_CONFIGS.values() for c in group],
-                                      ["C", "N", "H", "sqn", "WIDE"], lambda nargs, kw: _DW_GRAM_CONFIGS[nargs["sqn"] == 1])
+                                      ["C", "N", "H", "sqn", "WIDE"],
+                                      lambda nargs, kw: _dw_gram_configs(nargs["sqn"] == 1,
+                                                                         nargs["Q"].dtype == torch.float32))
     _apply_tuned = _triton.autotune(_apply_kernel, _APPLY_CONFIGS[False] + _APPLY_CONFIGS[True] + _APPLY_UNROLLED,
                                     ["R", "K", "N", "HG", "DWCONV", "svn", "WIDE"],
                                     lambda nargs, kw: _apply_configs(kw["BLOCK_R"], kw["DWCONV"],
@@ -288,7 +296,7 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Opt
     else:
         nchw = q.stride(3) == 1
         _triton.launch_tuned(_gram_kernel, _dw_gram_tuned, (q.dtype, True, q.is_cuda, nchw, flags["WIDE"]),
-                             _DW_GRAM_CONFIGS[nchw] if q.is_cuda else _INTERPRETER_DW_GRAM,
+                             _dw_gram_configs(nchw, q.dtype == torch.float32) if q.is_cuda else _INTERPRETER_DW_GRAM,
                              lambda meta: (triton.cdiv(c, meta["BLOCK_C"]) ** 2, slices, b * h), *args, **flags)
     a = torch.empty((b * h, c, c), **f32)
     block_cc = max(16, triton.next_power_of_2(c))
