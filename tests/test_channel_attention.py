@@ -318,10 +318,23 @@ def test_bad_shapes_raise_value_error(args, match):
         channel_attention(*tensors)
 
 
+def test_reference_takes_a_projection_in_a_wider_dtype():
+    """An fp32 project_out with 16-bit q, k, v (outside autocast): cast to their dtype, as
+    autocast casts it, rather than failing in F.conv1d."""
+    q, k, v, t = inputs(1, 2, 4, 9, [1.0, 2.0])
+    w, b = torch.randn(3, 8, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    half = [x.half() for x in (q, k, v)]
+    out = reference(*half, t.float(), w.float(), b.float())
+    assert out.dtype == torch.float16
+    assert torch.equal(out, reference(*half, t.float(), w.half(), b.half()))
+
+
 def test_bad_projection_raises_value_error():
     q, k, v, t = to(torch.float32, *inputs(1, 2, 4, 9, [1.0, 1.0]))
     with pytest.raises(ValueError, match="proj_weight"):
         channel_attention(q, k, v, t, torch.randn(3, 7))
+    with pytest.raises(ValueError, match="proj_weight as a tensor or None, got list"):
+        channel_attention(q, k, v, t, [[1.0] * 8] * 3)
     with pytest.raises(ValueError, match="proj_bias"):
         channel_attention(q, k, v, t, torch.randn(3, 8), torch.randn(4))
     with pytest.raises(ValueError, match="needs proj_weight"):

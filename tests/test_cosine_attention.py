@@ -149,6 +149,33 @@ def test_extreme_temperature_does_not_underflow():
         assert max_err(out, ref) <= bound, dtype
 
 
+@pytest.mark.parametrize("t", [20.0, 41.0, -41.0])
+def test_tiny_values_with_every_key_at_the_least_logit(t):
+    """All keys anti-parallel to the query (cosine -sign(t)) and tiny v: p sits 2|t| log2 e
+    octaves below 1 and its products with v must stay normal (at t = 41 the fixed shift let
+    them fall below fp32's range: the output was 0 for |v| = 1e-10)."""
+    q = torch.zeros(1, 1, 1, 8, dtype=torch.float64)
+    q[..., 0] = 1.0
+    k = -q.expand(1, 1, 4, 8) * (1.0 if t > 0 else -1.0)
+    k = k + 1e-4 * torch.randn(1, 1, 4, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tt = torch.tensor([t], dtype=torch.float64)
+    for scale in (1e-5, 1e-10):
+        v = scale * (1 + torch.rand(1, 1, 4, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+        ref = cosine_attention_torch(q, k, v, tt)
+        out = cosine_attention(*to(torch.float32, q, k, v, tt), backend="triton")
+        naive = cosine_attention_torch(*to(torch.float32, q, k, v, tt))
+        assert max_err(out, ref) <= max(2 * max_err(naive, ref), 1e-6 * scale), (t, scale)
+
+
+def test_torch_reference_runs_mixed_dtypes_as_autocast_would():
+    """A temperature in a wider dtype than q, k, v: the map is promoted, then cast for the
+    product with v (what autocast does), also without autocast."""
+    q, k, v, t = inputs(1, 2, 9, 13, 16, [2.0, -3.0])
+    out = cosine_attention_torch(*to(torch.float16, q, k, v), t.float())
+    assert out.dtype == torch.float16
+    assert max_err(out, cosine_attention_torch(q, k, v, t)) <= 2e-3
+
+
 def test_compile_configs_warms_each_config_once_and_never_fails_the_call(monkeypatch):
     """The launcher's part (a GPU test below checks Triton's): every config's options reach
     warmup once per key; a Triton that cannot warm up gives a warning, not an error."""

@@ -104,6 +104,16 @@ def test_reference_projects_and_adds_the_residual():
                                projected(independent(x, w, "gdfn"), pw), rtol=0, atol=1e-12)
 
 
+def test_reference_takes_weights_in_a_wider_dtype():
+    """fp32 weights with 16-bit x (the model's parameters outside autocast): cast to x's dtype,
+    as autocast casts them, rather than failing in F.conv2d."""
+    x, w, bias = inputs(2, 3, 5, 4, bias=True)
+    x16 = x.half()
+    out = gated_dwconv_gelu(x16, w.float(), "gdfn", bias.float(), backend="torch")
+    assert out.dtype == torch.float16
+    assert torch.equal(out, gated_dwconv_gelu(x16, w.half(), "gdfn", bias.half(), backend="torch"))
+
+
 # ------------------------------------------------------------------ kernels
 CASES = [  # (B, h, H, W, bias): a GDFN width at an odd size; edges: 1x1, one column, one row
     (2, 255, 37, 53, False),

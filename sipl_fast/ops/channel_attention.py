@@ -56,7 +56,8 @@ def channel_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     out = cosine_attention_torch(q, k, v, temperature)
     if proj_weight is not None:
         b, h, c, n = out.shape
-        out = F.conv1d(out.reshape(b, h * c, n), proj_weight.reshape(-1, h * c, 1), proj_bias)
+        out = F.conv1d(out.reshape(b, h * c, n), proj_weight.reshape(-1, h * c, 1).to(out.dtype),
+                       None if proj_bias is None else proj_bias.to(out.dtype))  # as autocast casts them
     return out if residual is None else residual + out
 
 
@@ -406,6 +407,9 @@ def _check(q, k, v, temperature, proj_weight, proj_bias, residual, dw_weight, dw
         raise ValueError(f"channel_attention: expected temperature of shape ({h},) or ({h}, 1, 1), "
                          f"got {tuple(getattr(temperature, 'shape', ()))}")
     extra = [("temperature", temperature)]
+    for name, t in (("proj_weight", proj_weight), ("proj_bias", proj_bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ValueError(f"channel_attention: expected {name} as a tensor or None, got {type(t).__name__}")
     if proj_weight is not None:
         if proj_weight.dim() not in (2, 4) or proj_weight.shape[1] != h * c or proj_weight.shape[2:] not in ((), (1, 1)):
             raise ValueError(f"channel_attention: expected proj_weight of shape (C_out, {h * c}) or "

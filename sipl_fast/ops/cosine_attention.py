@@ -108,7 +108,9 @@ def cosine_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, te
     t = temperature.reshape(-1, 1, 1)
     q = F.normalize(q, dim=-1)
     k = F.normalize(k, dim=-1)
-    return ((q @ k.transpose(-2, -1)) * t).softmax(dim=-1) @ v
+    # a temperature in a wider dtype promotes the map (as under autocast, which then casts it
+    # for the product with v; cast here too, so that it also runs without autocast)
+    return ((q @ k.transpose(-2, -1)) * t).softmax(dim=-1).to(v.dtype) @ v
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -334,9 +336,9 @@ if triton is not None:
         l += rowsum(p). The logits are cosines
         times t, so they lie in [-|t|, |t|] and the shift m = |t| log2 e - P_TOP
         is fixed: no running max and no rescaling of acc. That is exact unless
-        exp2(-2 |t| log2 e) would leave the normal range of the dtype p is cast
-        to for the p @ v product (``P_RANGE`` octaves; fp16 also lifts p by
-        2^P_TOP): then this program runs the usual online softmax instead.
+        exp2(-2 |t| log2 e) would leave the range where p and its products with v
+        stay normal (``P_RANGE`` octaves; fp16 also lifts p by 2^P_TOP): then this
+        program runs the usual online softmax instead.
         The choice reads t on the device, so no host sync is needed.
 
         With SPLIT, programs along axis 2 take consecutive key ranges and write
@@ -666,8 +668,12 @@ def _column_blocks(d: int) -> Tuple[int, int]:
     return max(16, triton.next_power_of_2(d)), 0
 
 
-# softmax range: octaves of p's dtype below 1 that stay normal, and the lift of p's maximum
-_P_RANGE = {torch.float32: 120.0, torch.bfloat16: 120.0, torch.float16: 28.0}
+# The fixed shift's range: octaves below p's maximum that p may fall (else the online softmax
+# runs), and the lift of p's maximum. Not just p, but its products with v, must stay normal:
+# with all keys near the least logit, p at 2^-118 times |v| < 2^-8 left fp32's normal range and
+# the output lost its digits (zero at |v| = 1e-10, one key, t = 41); 60 octaves keep the
+# products normal for |v| >= 2^-66. fp16's range is its exponent's (p lifted by 2^15).
+_P_RANGE = {torch.float32: 60.0, torch.bfloat16: 60.0, torch.float16: 28.0}
 _P_TOP = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 15.0}
 
 

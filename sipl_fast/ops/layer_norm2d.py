@@ -138,8 +138,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
         raise ValueError(f"layer_norm2d: expected a floating-point x, got {x.dtype}")
     c = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
-        if t.shape != (c,):
-            raise ValueError(f"layer_norm2d: expected {name} of shape ({c},), got {tuple(t.shape)}")
+        if not isinstance(t, torch.Tensor) or t.shape != (c,):
+            raise ValueError(f"layer_norm2d: expected {name} of shape ({c},), got {tuple(getattr(t, 'shape', ())) or t!r}")
         if t.device != x.device:
             raise ValueError(f"layer_norm2d: {name} is on {t.device}, x on {x.device}")
 
