@@ -79,7 +79,8 @@ def kernel_breakdown(fn: Callable[[], object], device: torch.device, top: int = 
         for _ in range(calls):
             fn()
         torch.cuda.synchronize(device)
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total]
+    kernels = [e for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total]
     kernels.sort(key=lambda e: e.self_device_time_total, reverse=True)
     return "; ".join(f"{e.key[:40]} {e.self_device_time_total / calls:.0f}us" for e in kernels[:top])
 

@@ -46,8 +46,8 @@ class LiveBytes(TorchDispatchMode):
     """Counts the bytes of every storage an op creates, until the storage is freed; ``peak`` is
     the largest total, ``at_peak`` the largest tensors alive then (bytes, shape, dtype, op);
     ``moved`` the bytes each op that is not a view reads and writes (its tensor arguments and
-    results), summed, and ``moved_by_op`` the same per op. Ops of FastSIPL's dry pass (its one-time warm-up, ``ops.compiling_only``)
-    are not the loop's and go uncounted."""
+    results), summed, and ``moved_by_op`` the same per op. Ops of FastSIPL's dry pass (its
+    one-time warm-up, ``ops.compiling_only``) are not the loop's and go uncounted."""
 
     def __init__(self):
         super().__init__()

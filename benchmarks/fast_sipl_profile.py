@@ -63,7 +63,8 @@ def profiled_ms(fast: FastSIPL, x: torch.Tensor, iterations: int, rows: int):
         total = sum(getattr(e, "self_device_time_total", None) or e.self_cuda_time_total for e in events)
     else:
         sort, total = "self_cpu_time_total", sum(e.self_cpu_time_total for e in events)
-    return total / 1e3, events.table(sort_by=sort, row_limit=rows, max_name_column_width=90), by_shape(prof, device, rows)
+    table = events.table(sort_by=sort, row_limit=rows, max_name_column_width=90)
+    return total / 1e3, table, by_shape(prof, device, rows)
 
 
 def main(argv=None) -> None:

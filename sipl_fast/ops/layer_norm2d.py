@@ -139,7 +139,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     c = x.shape[1]
     for name, t in (("weight", weight), ("bias", bias)):
         if not isinstance(t, torch.Tensor) or t.shape != (c,):
-            raise ValueError(f"layer_norm2d: expected {name} of shape ({c},), got {tuple(getattr(t, 'shape', ())) or t!r}")
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"layer_norm2d: expected {name} as a tensor of shape ({c},), got {got}")
         if t.device != x.device:
             raise ValueError(f"layer_norm2d: {name} is on {t.device}, x on {x.device}")
 
