@@ -91,7 +91,8 @@ if triton is not None:
         accumulates ``q k^T`` (fp32, on tensor cores) together with ``sum q^2`` and ``sum k^2``
         of the same tiles: normalize(q) normalize(k)^T = (q k^T) / (|q| |k|^T), so q and k are
         read once and never normalised in memory (with ``DWCONV`` they are convolved on
-        the fly, ``_rows_tile``). Each slice s writes its own partials (G[bh, s], SQ[bh, s],
+        the fly, ``_rows_tile``). The squares are summed elementwise and over the pixels
+        once, at the end (a sum over each tile's pixels took shuffles every iteration). Each slice s writes its own partials (G[bh, s], SQ[bh, s],
         SK[bh, s]); a fixed-order sum over s follows, so the result is deterministic.
         Pixel indices are int32 unless an image's offsets need int64 (``WIDE``,
         ``_layout.wide``): in int64, the stencil's per-tap offsets and the pixel rows and
@@ -109,8 +110,8 @@ if triton is not None:
         q_rows = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + ri.to(tl.int64)[:, None] * sqc
         k_rows = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + rj.to(tl.int64)[:, None] * skc
         acc = tl.zeros([BLOCK_C, BLOCK_C], dtype=tl.float32)
-        sq = tl.zeros([BLOCK_C], dtype=tl.float32)
-        sk = tl.zeros([BLOCK_C], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)  # summed over the pixels at the end
+        sk = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
         lo = s * per_split
         hi = tl.minimum(lo + per_split, N)
         for n0 in range(lo, hi, BLOCK_N):
@@ -125,14 +126,14 @@ if triton is not None:
             acc = tl.dot(qt, tl.trans(kt), acc, input_precision=PRECISION)
             qf = qt.to(tl.float32)
             kf = kt.to(tl.float32)
-            sq += tl.sum(qf * qf, axis=1)
-            sk += tl.sum(kf * kf, axis=1)
+            sq += qf * qf
+            sk += kf * kf
         part = bh.to(tl.int64) * tl.num_programs(1) + s
         tl.store(G + part * C * C + ri[:, None] * C + rj[None, :], acc, mask=(ri < C)[:, None] & (rj < C)[None, :])
         if tj == 0:
-            tl.store(SQ + part * C + ri, sq, mask=ri < C)
+            tl.store(SQ + part * C + ri, tl.sum(sq, axis=1), mask=ri < C)
         if ti == 0:
-            tl.store(SK + part * C + rj, sk, mask=rj < C)
+            tl.store(SK + part * C + rj, tl.sum(sk, axis=1), mask=rj < C)
 
     @triton.jit
     def _softmax_kernel(G, SQ, SK, T, A, C, S, H, eps, BLOCK_R: tl.constexpr, BLOCK_CC: tl.constexpr):
@@ -225,16 +226,15 @@ _APPLY_UNROLLED = _triton.configs((64, 16, 8, 2), (32, 32, 8, 2), TAP_UNROLL=9) 
 # of k, so for C = 96 a 64-row block convolves each row twice (and 32 padding rows), a 128-row
 # one once, with one program a slice. Its stencil loop waits on the caches tap after tap; the
 # unrolled tiles issue the loads of 3 or 9 taps together. (BLOCK_C, BLOCK_N, warps, stages) per
-# layout (NCHW: True), all spill-free for sm_90a in 16 bits (114 to 241 registers a thread; NHWC's
-# 128-row tile with the loop rolled spills, unrolled 9 times too); in fp32 the 128-row ones spill
-# (48-136 bytes) and are not offered (``_dw_gram_configs``).
+# layout (NCHW: True), all spill-free for sm_90a in 16 bits (99 to 255 registers a thread; the
+# 128-row tiles with the loop rolled spill, and NHWC's unrolled 9 times too); in fp32 the 128-row
+# ones spill and are not offered (``_dw_gram_configs``).
 def _dw_gram_tiles(*shapes, **meta) -> list:
     return _triton.configs(*shapes, names=("BLOCK_C", "BLOCK_N"), **meta)
 
 
 _DW_GRAM_CONFIGS = {
-    True: _dw_gram_tiles((64, 16, 8, 2), (128, 16, 8, 2), (64, 64, 8, 2))
-    + _dw_gram_tiles((64, 16, 8, 2), (128, 16, 8, 2), TAP_UNROLL=9),
+    True: _dw_gram_tiles((64, 16, 8, 2), (64, 64, 8, 2)) + _dw_gram_tiles((64, 16, 8, 2), (128, 16, 8, 2), TAP_UNROLL=9),
     False: _dw_gram_tiles((64, 16, 8, 2), (64, 64, 8, 2)) + _dw_gram_tiles((64, 16, 8, 2), (128, 16, 8, 2), TAP_UNROLL=3),
 } if triton else {}
 # The interpreter (CPU tensors) runs programs one by one: large tiles, few programs.
