@@ -75,22 +75,24 @@ if triton is not None:
         NCHW (sp = 1) and along the channels in NHWC (sc = 1). Three sweeps over the
         channels, in fp32: the mean, the biased variance of the deviations (two-pass, no
         E[x^2] - E[x]^2 cancellation), then normalise, scale, shift and store at y's strides.
+        The statistics' sweeps add their tiles elementwise and reduce over the channels once,
+        at their ends (a reduction per tile is a cross-warp exchange with barriers).
         """
         pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         in_image = pixels < HW
         base = tl.program_id(1).to(tl.int64) * sb
         y_base = tl.program_id(1).to(tl.int64) * syb
-        total = tl.zeros([BLOCK_P], dtype=tl.float32)
+        part = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)  # each sweep reduces over channels once
         for c0 in range(0, C, BLOCK_C):
             offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, sc, sp, BLOCK_C)
-            total += tl.sum(tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32), axis=0)
-        mean = total / C
-        total = tl.zeros([BLOCK_P], dtype=tl.float32)
+            part += tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(part, axis=0) / C
+        part = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, sc, sp, BLOCK_C)
             d = tl.where(mask, tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32) - mean[None, :], 0.0)
-            total += tl.sum(d * d, axis=0)
-        rstd = 1.0 / tl.sqrt(total / C + eps)
+            part += d * d
+        rstd = 1.0 / tl.sqrt(tl.sum(part, axis=0) / C + eps)
         for c0 in range(0, C, BLOCK_C):
             offsets, mask, channels = _channel_tile(base, c0, pixels, in_image, C, sc, sp, BLOCK_C)
             x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
