@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,23 @@ import torch
 
 #: Where results go; SIPL_FAST_BENCH_RESULTS overrides (tests write to a temporary folder).
 RESULTS = Path(os.environ.get("SIPL_FAST_BENCH_RESULTS") or Path(__file__).parent / "results")
+
+
+def nvidia_tool(name: str) -> str:
+    """The path of an NVIDIA command-line tool (ptxas, nvdisasm): Triton's bundled copy, the one
+    it compiles with, else the one on PATH."""
+    try:
+        import triton.backends.nvidia as nvidia
+
+        bundled = Path(nvidia.__file__).parent / "bin" / name
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which(name)
+    if not found:
+        raise SystemExit(f"{name} not found (neither in Triton's NVIDIA backend nor on PATH)")
+    return found
 
 
 def device_name(device: torch.device) -> str:

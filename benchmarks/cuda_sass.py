@@ -5,7 +5,7 @@ Where a kernel is bound by instruction issue (the gated depthwise convolution: a
 arithmetic instructions per output against 2 loads), the instruction count is the first number
 to watch, and it can be read without a GPU: each ``kernels/*.cu`` is compiled with nvcc to a
 cubin for sm_90a (``ptxas -v`` reports registers, spill stores and static shared memory), and
-nvdisasm (Triton's bundled copy, or one on PATH) lists its SASS. Per entry: static instruction
+nvdisasm (``_common.nvidia_tool``) lists its SASS. Per entry: static instruction
 count (code size, not executed instructions: loops run their bodies many times), and of them
 calls (subroutines such as 64-bit integer division), global loads and stores, FFMA and MUFU.
 Usage: ``python benchmarks/cuda_sass.py [--arch sm_90a]``; JSON and markdown under
@@ -22,25 +22,11 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List
 
+from _common import nvidia_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Instruction families counted per entry (the opcode before its first "." modifier).
 FAMILIES = ("CALL", "LDG", "STG", "LDS", "STS", "FFMA", "MUFU", "BAR")
-
-
-def tool(name: str) -> str:
-    """``name`` from Triton's NVIDIA backend (it ships ptxas and nvdisasm), else from PATH."""
-    try:
-        import triton.backends.nvidia as nvidia
-
-        bundled = Path(nvidia.__file__).parent / "bin" / name
-        if bundled.exists():
-            return str(bundled)
-    except ImportError:
-        pass
-    found = shutil.which(name)
-    if not found:
-        raise SystemExit(f"{name} not found (neither in Triton's NVIDIA backend nor on PATH)")
-    return found
 
 
 def ptxas_report(text: str) -> Dict[str, dict]:
@@ -61,7 +47,7 @@ def ptxas_report(text: str) -> Dict[str, dict]:
 
 def sass_counts(cubin: Path) -> Dict[str, collections.Counter]:
     """Per entry (function in the cubin): opcode family -> count of static SASS instructions."""
-    text = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run([nvidia_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
     counts, current = {}, None
     for line in text.splitlines():
         header = re.match(r"\s*\.section\s+\.text\.(\w+),", line)  # one section per function

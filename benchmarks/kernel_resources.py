@@ -17,27 +17,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
+from _common import nvidia_tool
 from fast_sipl_compile import in_children
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may have on sm_90
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-
-
-def ptxas() -> str:
-    """Triton's own ptxas (the one it compiles with), else the one on PATH."""
-    import triton.backends.nvidia as nvidia
-
-    bundled = Path(nvidia.__file__).parent / "bin" / "ptxas"
-    found = str(bundled) if bundled.exists() else shutil.which("ptxas")
-    if not found:
-        raise SystemExit("ptxas not found (neither in Triton's NVIDIA backend nor on PATH)")
-    return found
 
 
 def usage(ptx: str, tool: str) -> dict:
@@ -105,7 +93,7 @@ def measure(dtype_name: str, quick: bool, side: int) -> list:
 def compile_tiles(calls: dict, dtype_name: str) -> list:
     """One row per recorded launch and tile: compiled for sm_90a, with ptxas's report."""
     os.environ.pop("TRITON_INTERPRET", None)  # compile the recorded tiles for real
-    tool, rows = ptxas(), []
+    tool, rows = nvidia_tool("ptxas"), []
     for (name, key), (kernel, configs, args, constants) in calls.items():
         for i, cfg in enumerate(configs):
             compiled = kernel.warmup(*args, grid=(1,), **constants, **(cfg.all_kwargs() if cfg else {}))

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from . import _layout, _triton
 from ._backend import Backend, choose, forward_only_problem, result_dtype
+from .conv1x1 import conv1x1_torch
 from .cosine_attention import EPS, cosine_attention_torch
 
 try:
@@ -56,8 +57,7 @@ def channel_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     out = cosine_attention_torch(q, k, v, temperature)
     if proj_weight is not None:
         b, h, c, n = out.shape
-        out = F.conv1d(out.reshape(b, h * c, n), proj_weight.reshape(-1, h * c, 1).to(out.dtype),
-                       None if proj_bias is None else proj_bias.to(out.dtype))  # as autocast casts them
+        out = conv1x1_torch(out.reshape(b, h * c, n, 1), proj_weight, proj_bias).reshape(b, -1, n)
     return out if residual is None else residual + out
 
 

@@ -85,9 +85,10 @@ if triton is not None:
         deviations (two-pass, in fp32, as ``layer_norm2d`` computes it), before the product
         sweep; each sweep adds its [BLOCK_K, BLOCK_N] tiles elementwise and reduces over the
         channels once at its end (a reduction per tile took 8 barriers and 40 shuffles a
-        tile, sm_90a SASS: 192 barriers a program at Cin = 384). Either way each normalised [Cin, BLOCK_N] tile is rounded to x's dtype (what a
-        separate norm would store) and multiplied with the weights on tensor cores, fp32
-        accumulation; bias and residual are added in fp32 before the one store (``_finish``).
+        tile, sm_90a SASS: 192 barriers a program at Cin = 384). Either way each normalised
+        [Cin, BLOCK_N] tile is rounded to x's dtype (what a separate norm would store) and
+        multiplied with the weights on tensor cores, fp32 accumulation; bias and residual are
+        added in fp32 before the one store (``_finish``).
         """
         b = tl.program_id(1).to(tl.int64)
         x_img = X + b * sxb
