@@ -54,7 +54,7 @@ def sass_counts(cubin: Path) -> Dict[str, collections.Counter]:
         if header:
             current = counts.setdefault(header.group(1), collections.Counter())
             continue
-        instruction = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        instruction = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
         if instruction and current is not None:
             current[instruction.group(1)] += 1
             current["total"] += 1

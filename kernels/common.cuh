@@ -56,6 +56,23 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
 #endif
 }
 
+// ---- approximate reciprocal and 2^x (one MUFU instruction each; ~1 and ~2 ulp) ----------
+#ifdef SIPL_CUDA_ON_CPU
+__device__ __forceinline__ float rcp_approx(float x) { return 1.0f / x; }
+__device__ __forceinline__ float exp2_approx(float x) { return exp2f(x); }
+#else
+__device__ __forceinline__ float rcp_approx(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ float exp2_approx(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+#endif
+
 // ---- storage traits: element type in memory + conversion to/from fp32 ------
 struct F32 {
   typedef float T;

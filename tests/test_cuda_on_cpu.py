@@ -87,9 +87,10 @@ def err(a, b):
     ((1, 70, 9, 40), "dual", False, None),   # h = 35: a partial 32-channel chunk
     ((3, 6, 1, 1), "dual", True, None),      # one pixel: the halo is all padding
     ((2, 66, 17, 33), "gdfn", False, 3),     # 3 blocks walk many work items (the grid-stride loop)
-    ((1, 4, 131, 35), "dual", True, None),   # NCHW tiles 64 rows tall: three rows of tiles, seams between
-    ((2, 6, 5, 60), "gdfn", True, None),     # NCHW tiles 30 wide: two whole tiles a row, a seam between
-], ids=["odd", "dual-chunk", "1x1", "grid3", "tall", "wide"])
+    ((1, 4, 131, 35), "dual", True, None),   # NCHW strips 16 rows tall: 9 rows of strips, a partial one
+    ((2, 6, 5, 130), "gdfn", True, None),    # NCHW strips 64 wide: two whole and a partial one a row
+    ((1, 4, 50, 150), "dual", True, None),   # NCHW strips inside the image (unchecked path) and around
+], ids=["odd", "dual-chunk", "1x1", "grid3", "tall", "wide", "interior"])
 def test_gated_dwconv_gelu_device_code(gated, dtype, layout, shape, mode, has_bias, grid):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(dtype)
