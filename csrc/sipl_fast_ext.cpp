@@ -327,16 +327,17 @@ PyObject* cosine_attention_fwd(PyObject*, PyObject* args) {
 // ------------------------------------------------------------ gated dwconv + gelu
 // Geometry of kernels/gated_dwconv_gelu.cu (sipl::gdg), mirrored by
 // sipl_fast/ops/_cuda.py (_GDG_*); tests/test_cuda_build.py checks they agree.
-// Blocks are (32, 8) threads; the 1-D grid has one block per work item, NCHW
-// one per 8 (capped at 2^31-1: the kernels loop over work items with a grid
-// stride). A work item is a warp's NCHW strip of 64 x 16 output pixels of one
-// (b, c) plane, or a block's NHWC tile of 8 x 8 pixels x 32 output channels.
+// Blocks are (32, 8) threads, each warp on its own work items; the 1-D grid
+// has one block per 8 work items (capped at 2^31-1: the kernels loop over work
+// items with a grid stride). A work item is an NCHW strip of 64 x 16 output
+// pixels of one (b, c) plane, or an NHWC strip of 2 x 16 pixels x 32 output
+// channels.
 constexpr unsigned kGdgThreadsX = 32;
 constexpr unsigned kGdgThreadsY = 8;
 constexpr long long kGdgNchwTileW = 64;
 constexpr long long kGdgNchwTileH = 16;
-constexpr long long kGdgNhwcTileW = 8;
-constexpr long long kGdgNhwcTileH = 8;
+constexpr long long kGdgNhwcTileW = 2;
+constexpr long long kGdgNhwcTileH = 16;
 constexpr long long kGdgNhwcChunk = 32;
 constexpr long long kGdgMaxGrid = 0x7fffffffLL;
 
@@ -378,16 +379,17 @@ PyObject* gated_dwconv_gelu_fwd(PyObject*, PyObject* args) {
        reinterpret_cast<const void*>(&gated_dwconv_gelu_nhwc_f16),
        reinterpret_cast<const void*>(&gated_dwconv_gelu_nhwc_bf16)}};
 
-  // Blocks: one per work item, NCHW one per kGdgThreadsY (a warp each); each item holds >= 1
-  // output, so this cannot exceed B*h*H*W.
+  // Work items (each holds >= 1 output, so this cannot exceed B*h*H*W), then blocks: one per
+  // kGdgThreadsY items (a warp each).
   long long work;
   if (layout == 0) {
-    work = (B * h * ((W + kGdgNchwTileW - 1) / kGdgNchwTileW) *
-                ((H + kGdgNchwTileH - 1) / kGdgNchwTileH) + kGdgThreadsY - 1) / kGdgThreadsY;
+    work = B * h * ((W + kGdgNchwTileW - 1) / kGdgNchwTileW) *
+           ((H + kGdgNchwTileH - 1) / kGdgNchwTileH);
   } else {
     work = B * ((W + kGdgNhwcTileW - 1) / kGdgNhwcTileW) *
            ((H + kGdgNhwcTileH - 1) / kGdgNhwcTileH) * ((h + kGdgNhwcChunk - 1) / kGdgNhwcChunk);
   }
+  work = (work + kGdgThreadsY - 1) / kGdgThreadsY;
   const long long blocks = work < kGdgMaxGrid ? work : kGdgMaxGrid;
 
   const void* xp = reinterpret_cast<const void*>(x);

@@ -90,7 +90,8 @@ def err(a, b):
     ((1, 4, 131, 35), "dual", True, None),   # NCHW strips 16 rows tall: 9 rows of strips, a partial one
     ((2, 6, 5, 130), "gdfn", True, None),    # NCHW strips 64 wide: two whole and a partial one a row
     ((1, 4, 50, 150), "dual", True, None),   # NCHW strips inside the image (unchecked path) and around
-], ids=["odd", "dual-chunk", "1x1", "grid3", "tall", "wide", "interior"])
+    ((2, 64, 40, 9), "gdfn", True, None),    # NHWC strips inside the image (32 whole channels) and around
+], ids=["odd", "dual-chunk", "1x1", "grid3", "tall", "wide", "interior", "interior-cl"])
 def test_gated_dwconv_gelu_device_code(gated, dtype, layout, shape, mode, has_bias, grid):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(dtype)

@@ -430,22 +430,21 @@ def cosine_attention_fwd(q, k, v, temperature32, out) -> None:
 # (tests/test_cuda_build.py::test_gated_dwconv_gelu_geometry_matches_sources).
 # The kernels loop over work items with a grid stride, so the grid size only
 # affects speed; the block shape is required by their thread mapping.
-_GDG_BLOCK = (32, 8)  # threads (x: lane, y: NCHW: warp / NHWC: pixel row)
-_GDG_NCHW_TILE = (64, 16)  # NCHW work item, a warp's: (W, H) output pixels of one (b, c) plane
-_GDG_NHWC_TILE = (8, 8, 32)  # NHWC work item: (W, H) output pixels x output channels
+_GDG_BLOCK = (32, 8)  # threads (x: lane, y: warp; each warp on its own work items)
+_GDG_NCHW_TILE = (64, 16)  # NCHW work item: (W, H) output pixels of one (b, c) plane
+_GDG_NHWC_TILE = (2, 16, 32)  # NHWC work item: (W, H) output pixels x output channels
 _GDG_MAX_GRID = 2**31 - 1
 
 
 def _gdg_blocks(layout: int, b: int, h: int, hh: int, ww: int) -> int:
-    """1-D grid size: one block per work item (NCHW: per 8, one a warp), capped at 2^31-1 (as the
-    extension)."""
+    """1-D grid size: a warp per work item, 8 a block, capped at 2^31-1 (as the extension)."""
     if layout == 0:
         tw, th = _GDG_NCHW_TILE
-        work = -(-b * h * -(-ww // tw) * -(-hh // th) // _GDG_BLOCK[1])
+        work = b * h * -(-ww // tw) * -(-hh // th)
     else:
         tw, th, tc = _GDG_NHWC_TILE
         work = b * -(-ww // tw) * -(-hh // th) * -(-h // tc)
-    return min(work, _GDG_MAX_GRID)
+    return min(-(-work // _GDG_BLOCK[1]), _GDG_MAX_GRID)
 
 
 def _gdg_check(x, weight32, bias32, dual, out) -> tuple[int, int, tuple[int, int, int, int]]:

@@ -23,10 +23,9 @@ Backends (first the reference):
   output dense in the input's layout. The projection multiplies on tensor cores.
   With ``TRITON_INTERPRET=1`` it also runs CPU tensors when asked for explicitly (tests;
   not bf16 with the projection, whose dots the interpreter gets wrong).
-- ``"cuda"``: the CUDA C++ stencil ``kernels/gated_dwconv_gelu.cu`` (NCHW: rows through
-  registers, no shared memory; channels-last: shared-memory halos), forward only, same dtypes
-  and layouts, through the compiled extension or CuPy; a projection runs after it as
-  ``conv1x1`` (two passes: the gate reaches memory).
+- ``"cuda"``: the CUDA C++ stencil ``kernels/gated_dwconv_gelu.cu`` (rows through registers,
+  no shared memory), forward only, same dtypes and layouts, through the compiled extension or
+  CuPy; a projection runs after it as ``conv1x1`` (two passes: the gate reaches memory).
 """
 from __future__ import annotations
 
