@@ -277,8 +277,8 @@ def test_gated_dwconv_gelu_geometry_matches_sources():
         assert const(cpp, f"kGdg{key}") == value, key
     assert re.search(r"kGdgMaxGrid\s*=\s*0x7fffffffLL", cpp) and _cuda._GDG_MAX_GRID == 0x7FFFFFFF
     assert _cuda._KERNEL_FILES["gated_dwconv_gelu.cu"] == tuple(EXPECTED_KERNELS["gated_dwconv_gelu.cu"])
-    # one block per work item; every output lies in exactly one item
-    assert _cuda._gdg_blocks(0, 2, 3, 65, 33) == -(-2 * 3 * 5 * 1 // 8)  # a warp an item, 8 a block
+    # a warp per work item, 8 a block; every output lies in exactly one item
+    assert _cuda._gdg_blocks(0, 2, 3, 65, 33) == -(-2 * 3 * 5 * 1 // 8)
     assert _cuda._gdg_blocks(1, 2, 33, 17, 9) == -(-2 * 5 * 2 * 2 // 8)
     assert _cuda._gdg_blocks(0, 1, 1, 1, 1) == _cuda._gdg_blocks(1, 1, 1, 1, 1) == 1
     assert _cuda._gdg_blocks(0, 65536, 4096, 1024, 128) == 2**31 - 1  # capped: the kernels grid-stride
