@@ -7,7 +7,9 @@ to watch, and it can be read without a GPU: each ``kernels/*.cu`` is compiled wi
 cubin for sm_90a (``ptxas -v`` reports registers, spill stores and static shared memory), and
 nvdisasm (``_common.nvidia_tool``) lists its SASS. Per entry: static instruction
 count (code size, not executed instructions: loops run their bodies many times), and of them
-calls (subroutines such as 64-bit integer division), global loads and stores, FFMA and MUFU.
+calls (subroutines such as 64-bit integer division), global loads and stores, FFMA and MUFU;
+and the sizes of its innermost loops, what one iteration issues (the gate's row loops: divide by
+the outputs an iteration computes, e.g. 8 for NCHW's unrolled pair of rows of 2 columns).
 Usage: ``python benchmarks/cuda_sass.py [--arch sm_90a]``; JSON and markdown under
 ``benchmarks/results/cuda_sass*``.
 """
@@ -46,18 +48,40 @@ def ptxas_report(text: str) -> Dict[str, dict]:
 
 
 def sass_counts(cubin: Path) -> Dict[str, collections.Counter]:
-    """Per entry (function in the cubin): opcode family -> count of static SASS instructions."""
+    """Per entry (function in the cubin): opcode family -> count of static SASS instructions, and
+    under "inner loops" the sizes of its innermost loops (a backward branch's span holding no
+    other loop; its instructions are what one iteration issues)."""
     text = subprocess.run([nvidia_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    counts, current = {}, None
+    counts, current, labels, pending, branches = {}, None, {}, [], []
+
+    def close() -> None:
+        loops = [(labels[target], at) for at, target in branches if labels.get(target, at) < at]  # not self-loops
+        inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+        if current is not None:
+            current["inner loops"] = "/".join(str(n) for n in sorted({(b - a) // 16 + 1 for a, b in inner}))
+
     for line in text.splitlines():
         header = re.match(r"\s*\.section\s+\.text\.(\w+),", line)  # one section per function
         if header:
+            close()
             current = counts.setdefault(header.group(1), collections.Counter())
+            labels, pending, branches = {}, [], []
             continue
-        instruction = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        label = re.match(r"(\.L_x_\d+):", line.strip())
+        if label:
+            pending.append(label.group(1))
+            continue
+        instruction = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(.*)", line)
         if instruction and current is not None:
-            current[instruction.group(1)] += 1
+            at = int(instruction.group(1), 16)
+            labels.update((name, at) for name in pending)
+            pending = []
+            current[instruction.group(2)] += 1
             current["total"] += 1
+            target = re.search(r"`\((\.L_x_\d+)\)", instruction.group(3))
+            if instruction.group(2) == "BRA" and target:
+                branches.append((at, target.group(1)))
+    close()
     return counts
 
 
@@ -78,7 +102,8 @@ def measure(arch: str) -> List[dict]:
                 if entry not in report:
                     continue
                 rows.append({"source": source.name, "entry": entry, **report[entry], "instructions": counts["total"],
-                             **{family: counts[family] for family in FAMILIES}})
+                             **{family: counts[family] for family in FAMILIES},
+                             "inner loops": counts.get("inner loops", "")})
     return rows
 
 
@@ -94,7 +119,8 @@ def main(argv=None) -> None:
     env = environment(torch.device("cpu"))
     env.update({"device": f"none (compiled for {args.arch} with nvcc on this machine, nothing launched)",
                 "instructions": "static SASS instructions of the entry (code size; loops count once)"})
-    report("cuda_sass", rows, ["source", "entry", "registers", "spill B", "shared B", "instructions", *FAMILIES], env)
+    report("cuda_sass", rows, ["source", "entry", "registers", "spill B", "shared B", "instructions", *FAMILIES,
+                               "inner loops"], env)
 
 
 if __name__ == "__main__":

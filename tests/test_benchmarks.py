@@ -223,4 +223,6 @@ def test_cuda_sass_reads_every_entry(monkeypatch):
     for r in gate.values():  # rows through registers, no shared memory; 2 blocks an SM
         assert 16 <= r["registers"] <= 128 and r["spill B"] <= 32 and r.get("shared B", 0) == 0
         assert r["instructions"] > r["FFMA"] >= 18 and r["STG"] >= 1 and r["LDG"] >= 18
+        loops = [int(n) for n in r["inner loops"].split("/")]  # the row loops, not the trap's self-loop
+        assert loops and min(loops) > 100 and max(loops) < r["instructions"]
     assert gate["gated_dwconv_gelu_nchw_bf16"]["instructions"] > 4096  # addresses past 0xffff read too
