@@ -10,6 +10,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -37,6 +38,23 @@ def nvidia_tool(name: str) -> str:
     if not found:
         raise SystemExit(f"{name} not found (neither in Triton's NVIDIA backend nor on PATH)")
     return found
+
+
+def ptxas_report(text: str) -> Dict[str, dict]:
+    """Per entry (kernel): registers, spill-store bytes and static shared memory bytes, from
+    the report of ``ptxas -v`` (or ``nvcc -Xptxas -v``)."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        found = re.search(r"Compiling entry function '(\w+)'", line)
+        if found:
+            current = entries.setdefault(found.group(1), {})
+        elif current is not None:
+            for key, pattern in (("registers", r"Used (\d+) registers"), ("spill B", r"(\d+) bytes spill stores"),
+                                 ("shared B", r"(\d+) bytes smem")):
+                value = re.search(pattern, line)
+                if value:
+                    current[key] = int(value.group(1))
+    return entries
 
 
 def device_name(device: torch.device) -> str:

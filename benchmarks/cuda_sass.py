@@ -24,27 +24,11 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List
 
-from _common import nvidia_tool
+from _common import nvidia_tool, ptxas_report
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Instruction families counted per entry (the opcode before its first "." modifier).
 FAMILIES = ("CALL", "LDG", "STG", "LDS", "STS", "FFMA", "MUFU", "BAR")
-
-
-def ptxas_report(text: str) -> Dict[str, dict]:
-    """Per entry: registers, spill store bytes and shared memory bytes from ``ptxas -v``."""
-    entries, current = {}, None
-    for line in text.splitlines():
-        found = re.search(r"Compiling entry function '(\w+)'", line)
-        if found:
-            current = entries.setdefault(found.group(1), {})
-        elif current is not None:
-            for key, pattern in (("registers", r"Used (\d+) registers"), ("spill B", r"(\d+) bytes spill stores"),
-                                 ("shared B", r"(\d+) bytes smem")):
-                value = re.search(pattern, line)
-                if value:
-                    current[key] = int(value.group(1))
-    return entries
 
 
 def sass_counts(cubin: Path) -> Dict[str, collections.Counter]:
@@ -103,7 +87,7 @@ def measure(arch: str) -> List[dict]:
                     continue
                 rows.append({"source": source.name, "entry": entry, **report[entry], "instructions": counts["total"],
                              **{family: counts[family] for family in FAMILIES},
-                             "inner loops": counts.get("inner loops", "")})
+                             "inner loops": counts["inner loops"]})
     return rows
 
 

@@ -16,12 +16,11 @@ markdown under ``benchmarks/results/kernel_resources*``.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import tempfile
 
-from _common import nvidia_tool
+from _common import nvidia_tool, ptxas_report
 from fast_sipl_compile import in_children
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may have on sm_90
@@ -32,9 +31,8 @@ def usage(ptx: str, tool: str) -> dict:
     """registers and spill-store bytes per thread that ``ptxas -v`` reports for sm_90a."""
     text = subprocess.run([tool, "-arch=sm_90a", "-v", "-", "-o", os.devnull], input=ptx,
                           capture_output=True, text=True, check=True).stderr
-    registers = re.findall(r"Used (\d+) registers", text)
-    spills = re.findall(r"(\d+) bytes spill stores", text)
-    return {"registers": int(registers[-1]) if registers else None, "spill B": int(spills[-1]) if spills else 0}
+    kernel = next(iter(ptxas_report(text).values()), {})  # the one entry of a Triton kernel's PTX
+    return {"registers": kernel.get("registers"), "spill B": kernel.get("spill B", 0)}
 
 
 def record_launches() -> dict:

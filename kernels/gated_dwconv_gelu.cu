@@ -117,12 +117,19 @@ __device__ __forceinline__ bool inside(i64 v, i64 n) {
   return (unsigned long long)v < (unsigned long long)n;
 }
 
-// Loads the 9 taps of channel k (plain loads: weight is tiny and stays in L1).
+// The taps and biases of channels c and c+h (plain loads: weight is tiny and stays in L1);
+// zeros where !valid (a lane past the last channel, which loads nothing).
 template <typename I>
-__device__ __forceinline__ void load_taps(const float* __restrict__ weight, I k, float (&w)[9]) {
-  const float* p = weight + k * 9;
+__device__ __forceinline__ void load_pair(const float* __restrict__ weight,
+                                          const float* __restrict__ bias, I c, I h, bool valid,
+                                          float (&w1)[9], float (&w2)[9], float& b1, float& b2) {
 #pragma unroll
-  for (int t = 0; t < 9; ++t) w[t] = p[t];
+  for (int t = 0; t < 9; ++t) {
+    w1[t] = valid ? weight[c * 9 + t] : 0.0f;
+    w2[t] = valid ? weight[(c + h) * 9 + t] : 0.0f;
+  }
+  b1 = valid && bias ? bias[c] : 0.0f;
+  b2 = valid && bias ? bias[c + h] : 0.0f;
 }
 
 // A loaded element as it waits in a register: 16-bit storage zero-extended to 32 bits (a
@@ -172,7 +179,7 @@ struct Strip {
   float a1[kCols + 2], a2[kCols + 2], p1[kCols], p2[kCols], s1[kCols], s2[kCols];
 
   // x0c: input column x0-1 of row 0 (x0: the first output column), channel c; to_x2: channel c
-  // to c+h; oc: output column x0 of row 0. Runs the strip.
+  // to c+h; oc: output column x0 of row 0.
   __device__ __forceinline__ Strip(const T* __restrict__ x0c, I to_x2, I col_, I row_,
                                    T* __restrict__ oc, I ocol_, I orow_, I y0_, I H_,
                                    const bool (&ok_)[kCols + 2], const float (&w1_)[9],
@@ -189,6 +196,9 @@ struct Strip {
     q1 -= row;  // input row y0-1 (not read where y0 = 0)
     q2 = q1 + to_x2;
     o = oc + y0 * orow;
+  }
+
+  __device__ __forceinline__ void run() {
     next_row<0>(y0 > 0);
     next_row<1>(true);
     convert<0>();  // input row y0-1 starts output row y0
@@ -272,6 +282,22 @@ struct Strip {
   }
 };
 
+// Runs a thread's strip, with the bounds checks where the warp-uniform `edge` says (the
+// arguments are Strip's).
+template <typename S, typename I, int kCols, int kRows, bool kDual>
+__device__ __forceinline__ void run_strip(bool edge, const typename S::T* __restrict__ x0c,
+                                          I to_x2, I col, I row, typename S::T* __restrict__ oc,
+                                          I ocol, I orow, I y0, I H, const bool (&ok)[kCols + 2],
+                                          const float (&w1)[9], const float (&w2)[9], float b1,
+                                          float b2) {
+  if (edge)
+    Strip<S, I, kCols, kRows, kDual, true>(x0c, to_x2, col, row, oc, ocol, orow, y0, H, ok, w1, w2,
+                                           b1, b2).run();
+  else
+    Strip<S, I, kCols, kRows, kDual, false>(x0c, to_x2, col, row, oc, ocol, orow, y0, H, ok, w1,
+                                            w2, b1, b2).run();
+}
+
 // ---------------------------------------------------------------- NCHW
 template <typename S, typename I, bool kDual>
 __device__ __forceinline__ void fwd_nchw(const typename S::T* __restrict__ x,
@@ -297,18 +323,12 @@ __device__ __forceinline__ void fwd_nchw(const typename S::T* __restrict__ x,
 #pragma unroll
     for (int j = 0; j < kNchwCols + 2; ++j) ok[j] = inside(xl + j - 1, W);  // unsigned -1 wraps
     const typename S::T* x0c = x + ((plane + b * h) * hw + xl);  // channel c of image b
-    float w1[9], w2[9];
-    load_taps(weight, c, w1);
-    load_taps(weight, c + h, w2);
-    const float b1 = bias ? bias[c] : 0.0f;
-    const float b2 = bias ? bias[c + h] : 0.0f;
-    typename S::T* oc = out + (plane * hw + xl);                // output plane (b, c)
-    if (x0 == 0 || x0 + kNchwTileW >= W || y0 == 0 || y0 + kNchwTileH >= H)
-      Strip<S, I, kNchwCols, kNchwTileH, kDual, true>(x0c - 1, h * hw, 1, W, oc, 1, W, y0, H, ok,
-                                                      w1, w2, b1, b2);
-    else
-      Strip<S, I, kNchwCols, kNchwTileH, kDual, false>(x0c - 1, h * hw, 1, W, oc, 1, W, y0, H, ok,
-                                                       w1, w2, b1, b2);
+    typename S::T* oc = out + (plane * hw + xl);                 // output plane (b, c)
+    float w1[9], w2[9], b1, b2;
+    load_pair(weight, bias, c, h, true, w1, w2, b1, b2);
+    run_strip<S, I, kNchwCols, kNchwTileH, kDual>(
+        x0 == 0 || x0 + kNchwTileW >= W || y0 == 0 || y0 + kNchwTileH >= H, x0c - 1, h * hw, 1, W,
+        oc, 1, W, y0, H, ok, w1, w2, b1, b2);
   }
 }
 
@@ -338,25 +358,14 @@ __device__ __forceinline__ void fwd_nhwc(const typename S::T* __restrict__ x,
     bool ok[kNhwcTileW + 2];  // input columns x0-1 .. x0+TW inside the image, and c < h
 #pragma unroll
     for (int j = 0; j < kNhwcTileW + 2; ++j) ok[j] = cvalid && inside(x0 + j - 1, W);
-    float w1[9] = {}, w2[9] = {}, b1 = 0.0f, b2 = 0.0f;
-    if (cvalid) {
-      load_taps(weight, c, w1);
-      load_taps(weight, c + h, w2);
-      if (bias) {
-        b1 = bias[c];
-        b2 = bias[c + h];
-      }
-    }
+    float w1[9], w2[9], b1, b2;
+    load_pair(weight, bias, c, h, cvalid, w1, w2, b1, b2);
     const I pixel = b * H * W + x0;                             // pixel (b, 0, x0)
     const typename S::T* x0c = x + (pixel * c2 + c);           // its channel c
-    typename S::T* oc = out + (pixel * h + c);
-    if (x0 == 0 || x0 + kNhwcTileW >= W || y0 == 0 || y0 + kNhwcTileH >= H ||
-        chunk * kNhwcChunk + kNhwcChunk > h)
-      Strip<S, I, kNhwcTileW, kNhwcTileH, kDual, true>(x0c - c2, h, c2, W * c2, oc, h, W * h, y0,
-                                                       H, ok, w1, w2, b1, b2);
-    else
-      Strip<S, I, kNhwcTileW, kNhwcTileH, kDual, false>(x0c - c2, h, c2, W * c2, oc, h, W * h, y0,
-                                                        H, ok, w1, w2, b1, b2);
+    run_strip<S, I, kNhwcTileW, kNhwcTileH, kDual>(
+        x0 == 0 || x0 + kNhwcTileW >= W || y0 == 0 || y0 + kNhwcTileH >= H ||
+            chunk * kNhwcChunk + kNhwcChunk > h,
+        x0c - c2, h, c2, W * c2, out + (pixel * h + c), h, W * h, y0, H, ok, w1, w2, b1, b2);
   }
 }
 
