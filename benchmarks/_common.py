@@ -6,7 +6,6 @@ speed is never asserted in tests.
 from __future__ import annotations
 
 import datetime
-import importlib
 import json
 import os
 import platform
@@ -198,9 +197,8 @@ def op_variants(op: str, reference: Callable, args: tuple, wanted, device: torch
     table = {"eager-fp32": (torch.float32, lambda: reference(*args)),
              "eager-bf16": (torch.bfloat16, lambda: reference(*low)),
              "compile-bf16": (torch.bfloat16, lambda: compiled(*low))}
-    own = importlib.import_module(f"sipl_fast.ops.{op}").BACKENDS  # the backends this op has
     for name, info in ops.available_backends().items():
-        if name != "torch" and name in own and info["available"]:
+        if name != "torch" and name in ops.OP_BACKENDS[op] and info["available"]:
             table[f"{name}-bf16"] = (torch.bfloat16, lambda b=name: fn(*low, backend=b))
     return {name: table[name] for name in table if wanted == "all" or name in wanted}
 

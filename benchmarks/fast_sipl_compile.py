@@ -101,13 +101,15 @@ def child(mode: str, quick: bool, side: int) -> dict:
 
 def in_children(script: str, argv, option: str, choices, quick_help: str, measure):
     """The command line of the compile-only scripts: ``--<option>`` a comma list of ``choices``,
-    ``--quick`` (the tiny model), ``--side``. Each chosen name runs ``measure(name, quick, side)``
+    ``--quick`` (the tiny model), ``--side``, ``--tag`` (appended to the results' file name, e.g.
+    ``_triton3.6`` for a run with another Triton on ``PYTHONPATH``). Each chosen name runs ``measure(name, quick, side)``
     in a fresh process (the compile-only driver and its patches stay there), whose JSON result
     comes back. Returns (args, names, results), or None in such a child."""
     parser = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or script).splitlines()[0])
     parser.add_argument(f"--{option}", default=",".join(choices), help=f"comma list of {', '.join(choices)}")
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--side", type=int, default=64, help="image side in pixels (a multiple of 16)")
+    parser.add_argument("--tag", default="", help="appended to the results' file name")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -142,7 +144,7 @@ def main(argv=None) -> None:
     env.update({"device": "none (compiled for sm_90a on this machine's CPUs, nothing launched)",
                 "cpus": str(os.cpu_count()), "model": "tiny (quick)" if args.quick else "published configuration",
                 "image": f"{args.side}x{args.side}, fp16, 2 iterations, backend triton"})
-    report("fast_sipl_compile" + ("_quick" if args.quick else ""), rows,
+    report("fast_sipl_compile" + ("_quick" if args.quick else "") + args.tag, rows,
            ["mode", "threads", "kernels", "seconds", "loop s", "compile s", "compile speedup"], env)
 
 

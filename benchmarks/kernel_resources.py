@@ -10,8 +10,10 @@ triton), plus the attention's backward at D = 96 and 384, records every launch, 
 tile its launcher may choose (an autotuner's every config, a fallback list's every entry) and
 reads ``ptxas -v`` for sm_90a. ``first``: the tile taken without autotuning
 (``SIPL_FAST_TRITON_AUTOTUNE=0``, the interpreter) or the first a fallback list tries.
-Usage: ``python benchmarks/kernel_resources.py [--dtypes fp16,bf16,fp32] [--quick]``; JSON and
-markdown under ``benchmarks/results/kernel_resources*``.
+Usage: ``python benchmarks/kernel_resources.py [--dtypes fp16,bf16,fp32] [--quick] [--tag T]``; JSON
+and markdown under ``benchmarks/results/kernel_resources*``. The GPU machine's Triton may be older
+than this one's: unpack that Triton's wheel into a folder and put it first on ``PYTHONPATH`` (its
+bundled ptxas executable) to compile with it, e.g. ``--tag _triton3.6``.
 """
 from __future__ import annotations
 
@@ -121,7 +123,7 @@ def main(argv=None) -> None:
                 "spilling tiles": str(sum(r["spill B"] > 0 for r in rows)),
                 "first tiles that spill": str(sum(r["spill B"] > 0 and r["first"] for r in rows)),
                 "tiles that do not fit": str(sum(not r["fits"] for r in rows))})
-    report("kernel_resources" + ("_quick" if args.quick else ""), rows,
+    report("kernel_resources" + ("_quick" if args.quick else "") + args.tag, rows,
            ["dtype", "kernel", "key", "tile", "warps", "stages", "first", "shared KiB", "fits", "registers",
             "spill B"], env)
 

@@ -49,10 +49,15 @@ def _read_file(path: Path, weights_only: bool):
         with torch.serialization.safe_globals([argparse.Namespace, pathlib.PurePosixPath, pathlib.PosixPath]):
             return torch.load(str(path), map_location="cpu", weights_only=weights_only)
     except Exception as e:  # pickle, zip and torch errors all mean the same to a user
-        hint = ""
-        if weights_only and "weights_only" in str(e):
-            hint = "; if you trust this file, pass weights_only=False"
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}){hint}") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+        reason, hint = lines[0], ""
+        marker = "WeightsUnpickler error:"  # the safe unpickler's own reason follows torch's preamble
+        at = next((i for i, line in enumerate(lines) if marker in line), None)
+        if at is not None:
+            reason = lines[at].split(marker, 1)[1].strip() or (lines[at + 1] if at + 1 < len(lines) else reason)
+            if reason.startswith("Unsupported global"):  # pickled objects: loadable if the file is trusted
+                hint = "; if you trust this file, pass weights_only=False (the CLI: --trust)"
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {reason}){hint}") from None
 
 
 def _strip(sd: Mapping, prefix: str) -> Mapping:

@@ -391,6 +391,17 @@ def cmd_demo(args) -> int:
 
 
 # --- argument parsing -------------------------------------------------------------------
+def _pixels(text: str) -> int:
+    """A count of pixels (``--tile``, ``--tile-overlap``): an integer >= 0, else argparse's usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of pixels >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -404,10 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                        help="auto: bf16 autocast on GPUs that support it, else fp32 (default auto)")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-        p.add_argument("--tile", type=int, default=0, metavar="N",
+        p.add_argument("--tile", type=_pixels, default=0, metavar="N",
                        help="restore in N x N tiles (approximate: the attention is global); default whole images, "
                             "falling back to tiles on CUDA out-of-memory")
-        p.add_argument("--tile-overlap", type=int, default=32, metavar="N", help="pixels shared by neighbouring tiles (default 32)")
+        p.add_argument("--tile-overlap", type=_pixels, default=32, metavar="N", help="pixels shared by neighbouring tiles (default 32)")
 
     r = sub.add_parser("restore", parents=[common], help="restore an image or a folder of images",
                        description="Restore images with the SIPL loop and write them to a folder.",

@@ -253,8 +253,9 @@ class FastSIPL:
 
     ``model`` is copied, not changed. ``dtype``: torch.bfloat16 (default), torch.float16 or
     torch.float32; ``backend``: "auto" (on a GPU, measured per op call and shape at the first
-    run) or one of "torch", "triton", "cuda" for every op; or ``{op: backend}`` for some ops
-    (see ``sipl_fast.ops.OPS``; the others choose automatically);
+    run) or one of "torch", "triton", "cuda" for every op that has it (the others as "auto":
+    conv1x1 and channel_attention have no CUDA C++ kernel); or ``{op: backend}`` for some ops
+    (``sipl_fast.ops.OP_BACKENDS``; the others choose automatically);
     ``cuda_graphs``: capture and replay on a GPU; ``max_graphs``: graphs kept (least recently
     used dropped); ``tile``/``tile_overlap``: tiled restoration in pixels (None: whole image);
     ``channels_last``: convolution weights and the input in channels-last memory (cuDNN's
@@ -269,13 +270,19 @@ class FastSIPL:
         if dtype not in DTYPES:
             raise ValueError(f"FastSIPL: dtype must be one of {DTYPES}, got {dtype}")
         if isinstance(backend, Mapping):
-            bad = {op: name for op, name in backend.items() if op not in ops.OPS or name not in BACKENDS}
+            bad = {op: name for op, name in backend.items()
+                   if op not in ops.OPS or (name != "auto" and name not in ops.OP_BACKENDS[op])}
             if bad:
-                raise ValueError(f"FastSIPL: a backend mapping takes ops {ops.OPS} to one of {BACKENDS}, got {bad}")
+                raise ValueError(f"FastSIPL: a backend mapping takes ops to 'auto' or one of their backends "
+                                 f"{ops.OP_BACKENDS}, got {bad}")
             backend = dict(backend)
         elif backend not in BACKENDS:
             raise ValueError(f"FastSIPL: backend must be one of {BACKENDS} or a mapping {{op: backend}}, "
                              f"got {backend!r}")
+        ints = (tile, tile_overlap) if tile is not None else (tile_overlap,)
+        if any(isinstance(n, bool) or not isinstance(n, int) for n in ints):
+            raise ValueError(f"FastSIPL: tile and tile_overlap must be integers (pixels), got tile={tile!r}, "
+                             f"tile_overlap={tile_overlap!r}")
         if tile is not None and (tile < 16 or tile % 16 or not 0 <= tile_overlap < tile):
             raise ValueError(f"FastSIPL: tile must be a multiple of 16 and tile_overlap in [0, tile), "
                              f"got tile={tile}, tile_overlap={tile_overlap}")
@@ -286,10 +293,11 @@ class FastSIPL:
         self.dtype, self.backend, self.tile, self.tile_overlap = dtype, backend, tile, tile_overlap
         # "auto" measures on a GPU: each op call's fastest backend, at the first run of a shape
         measure = ops.FASTEST if self.device.type == "cuda" else "auto"
-        if isinstance(backend, dict):
-            self._scope = {op: measure if backend.get(op, "auto") == "auto" else backend[op] for op in ops.OPS}
-        else:
-            self._scope = measure if backend == "auto" else backend
+        # a name for every op: the ops that have that backend (conv1x1 and channel_attention have
+        # no CUDA C++ kernel), the others as "auto"
+        per_op = backend if isinstance(backend, dict) else {op: backend for op in ops.OPS
+                                                             if backend in ops.OP_BACKENDS[op]}
+        self._scope = {op: measure if per_op.get(op, "auto") == "auto" else per_op[op] for op in ops.OPS}
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._device_time = self.cuda_graphs  # how "auto" measures (see _context)
         self.max_graphs = max_graphs

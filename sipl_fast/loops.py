@@ -84,6 +84,10 @@ def refinements(model, lq: torch.Tensor, iterations: int = 2) -> Iterator[torch.
     """
     _check_iterations(iterations)
     _check_images("restore", lq, model.config.inp_channels)
+    param = next(model.parameters())
+    if lq.device != param.device or (lq.dtype != param.dtype and not torch.is_autocast_enabled(lq.device.type)):
+        raise ValueError(f"restore: lq is {lq.dtype} on {lq.device}, the model's parameters {param.dtype} on "
+                         f"{param.device}: move or cast one of them (or run under torch.autocast)")
     h, w = lq.shape[-2:]
     img = pad_to_multiple(lq)
     with ieee_fp32():

@@ -57,6 +57,15 @@ class SIPLConfig:
         for name, n in lengths.items():
             if len(getattr(self, name)) != n:
                 raise ValueError(f"SIPLConfig.{name} needs {n} values, got {getattr(self, name)}")
+        least = {"inp_channels": 1, "out_channels": 1, "dim": 1, "num_refinement_blocks": 0, "prompt_len": 1,
+                 "num_blocks": 0, "prompt_dims": 1, "prompt_sizes": 1, "dictionary_sizes": 1}
+        for name, low in least.items():
+            values = getattr(self, name)
+            if any(v < low for v in (values if isinstance(values, tuple) else (values,))):
+                raise ValueError(f"SIPLConfig.{name} must be >= {low}, got {values}")
+        if not self.ffn_expansion_factor > 0 or int(self.dim * self.ffn_expansion_factor) < 1:
+            raise ValueError(f"SIPLConfig: ffn_expansion_factor {self.ffn_expansion_factor} gives no hidden channels "
+                             f"at dim={self.dim}")
         d = self.dim
         widths = {
             "levels 1-4 and cross blocks": [d, 2 * d, 4 * d, 8 * d],
@@ -422,10 +431,12 @@ class SIPL(nn.Module):
         b, _, h, w = x.shape
         d = self.config.dim
         expected = [(b, 2 * d, h // 2, w // 2), (b, 4 * d, h // 4, w // 4), (b, 8 * d, h // 8, w // 8)]
-        got = [tuple(t.shape) for t in privileged] if len(privileged) == 3 else None
+        tensors = len(privileged) == 3 and all(isinstance(t, torch.Tensor) for t in privileged)
+        got = [tuple(t.shape) for t in privileged] if tensors else None
         if got is None or any(g[:2] != e[:2] for g, e in zip(got, expected)):
             raise ValueError(
                 "privileged features must be (out_enc_level2, out_enc_level3, latent) as returned by "
-                f"model.encode, with shapes like {expected}; got {got if got is not None else len(privileged)}"
+                f"model.encode, with shapes like {expected}; got "
+                f"{got if got is not None else [type(t).__name__ for t in privileged]}"
             )
         return tuple(privileged)

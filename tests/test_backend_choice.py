@@ -1,6 +1,7 @@
 """The measured backend choice ("fastest"), shared by every op: it times the backends that the
 automatic choice could take, once per call signature, keeps the fastest, never measures during
 CUDA-graph capture and never picks a backend that ran out of memory."""
+import contextlib
 import time
 
 import pytest
@@ -69,6 +70,21 @@ def test_fastest_from_the_environment_and_scopes(monkeypatch):
         assert choose("op", backends, ("cuda", "torch"), None, torch.zeros(4)).name == "torch"
     with pytest.raises(BackendError, match="'auto' or 'fastest'"):
         choose("op", backends, ("cuda", "torch"), "fasttest", torch.zeros(2))
+
+
+def test_a_name_for_every_op_holds_for_the_ops_that_have_it(monkeypatch):
+    backends = fake_backends({"triton": 0.0, "torch": 0.0}, [])  # no "cuda"
+    for every in (lambda: ops.backend_scope("cuda"), lambda: monkeypatch.setenv("SIPL_FAST_BACKEND", "cuda")):
+        with every() or contextlib.nullcontext():
+            assert choose("op", backends, ("triton", "torch"), None, torch.zeros(2)).name == "triton"  # automatic
+            with pytest.raises(BackendError, match="unknown backend 'cuda'"):  # a request for this op stands
+                choose("op", backends, ("triton", "torch"), "cuda", torch.zeros(2))
+    assert {name for names in ops.OP_BACKENDS.values() for name in names} == set(_backend.NAMES)
+    monkeypatch.setenv("SIPL_FAST_BACKEND_OP", "cuda")
+    with pytest.raises(BackendError, match="unknown backend 'cuda'"):
+        choose("op", backends, ("triton", "torch"), None, torch.zeros(2))
+    with pytest.raises(BackendError, match="must be a name"):
+        choose("op", backends, ("triton", "torch"), 1, torch.zeros(2))
 
 
 def test_a_real_op_with_one_candidate_is_not_measured():

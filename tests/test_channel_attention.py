@@ -341,6 +341,10 @@ def test_bad_projection_raises_value_error():
         channel_attention(q, k, v, t, None, torch.randn(4))
     with pytest.raises(ValueError, match=r"residual of the output's shape \(1, 3, 9\)"):
         channel_attention(q, k, v, t, torch.randn(3, 8), None, torch.randn(1, 2, 4, 9))
+    with pytest.raises(ValueError, match="temperature as a real floating-point tensor"):
+        channel_attention(q, k, v, t.bool())
+    with pytest.raises(ValueError, match="proj_weight as a real floating-point tensor"):
+        channel_attention(q, k, v, t, torch.ones(3, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"dw_weight of shape \(24, 1, 3, 3\)"):
         channel_attention(q, k, v, t, dw_weight=torch.randn(8, 1, 3, 3), width=3)
     with pytest.raises(ValueError, match="a divisor of N = 9"):

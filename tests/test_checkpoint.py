@@ -116,6 +116,20 @@ def test_garbage_files_are_not_checkpoints(tmp_path, name, content):
         sipl_fast.load_model(tmp_path / name)
 
 
+class Pickled:
+    """A class outside the safe unpickler's list."""
+
+
+def test_only_pickled_objects_get_the_trust_hint(tmp_path):
+    (tmp_path / "corrupt.pth").write_bytes(b"\x80\x02garbage" * 10)
+    with pytest.raises(ValueError, match="Unsupported operand") as corrupt:
+        sipl_fast.load_model(tmp_path / "corrupt.pth")
+    assert "weights_only" not in str(corrupt.value)  # trusting a corrupt file would not help
+    torch.save({"params": Pickled()}, tmp_path / "objects.pth")
+    with pytest.raises(ValueError, match="Unsupported global.*pass weights_only=False"):
+        sipl_fast.load_model(tmp_path / "objects.pth")
+
+
 def test_a_pickled_non_mapping_is_not_a_checkpoint(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     with pytest.raises(ValueError, match="not a checkpoint"):

@@ -177,6 +177,15 @@ def test_python_dash_m_and_help():
     assert result.returncode == 0 and "--tile-overlap" in result.stdout and "example:" in result.stdout
 
 
+@pytest.mark.parametrize("option,value", [("--tile", "-5"), ("--tile-overlap", "x")])
+def test_bad_tile_options_are_usage_errors(option, value):
+    from sipl_fast import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.build_parser().parse_args(["restore", "-i", "a.png", "-o", "out", "--weights", "w.pth", option, value])
+    assert stop.value.code == 2
+
+
 def test_bench_quick_prints_its_tables(tmp_path):
     result = console("bench", "--quick", env={"SIPL_FAST_BENCH_RESULTS": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]

@@ -435,6 +435,9 @@ def test_cuda_backend_refuses_gradients():
     (lambda q, k, v, t: (q, k.float(), v, t), "one dtype"),
     (lambda q, k, v, t: (q, k, v, t[:1]), "temperature of shape"),
     (lambda q, k, v, t: (q.long(), k, v, t), "floating-point"),
+    (lambda q, k, v, t: (q[..., :0], k[..., :0], v[..., :0], t), "D >= 1"),
+    (lambda q, k, v, t: (q, k, v, t.long()), "temperature as a real floating-point tensor"),
+    (lambda q, k, v, t: (q, k, v, t.to(torch.complex64)), "temperature as a real floating-point tensor"),
 ])
 def test_bad_input_is_a_value_error(mutate, match):
     q, k, v, t = inputs(1, 2, 3, 4, 8, [1.0, 2.0])

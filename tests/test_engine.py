@@ -117,6 +117,22 @@ def test_backend_is_applied_to_every_op(model, monkeypatch):
     assert set(calls) == set(ops.OPS) - {"layer_norm2d"}  # the others choose automatically: the reference here
 
 
+def test_a_backend_for_every_op_leaves_the_ops_without_it_to_the_automatic_choice(model, monkeypatch):
+    calls = []
+    for name in ops.OPS:
+        module = importlib.import_module(f"sipl_fast.ops.{name}")
+        if "cuda" in module.BACKENDS:  # a CUDA backend that runs here: the reference, recorded
+            ref = module.BACKENDS["torch"]
+            monkeypatch.setitem(module.BACKENDS, "cuda", type(ref)(
+                "cuda", lambda *a, _f=ref.fn, _n=name: calls.append(_n) or _f(*a), lambda *a, **k: None))
+    x = images(1, 16, 16)
+    assert err(FastSIPL(model, dtype=torch.float32, backend="cuda")(x, 1), restore(model, x, 1)) <= 1e-4
+    assert set(calls) == {op for op in ops.OPS if "cuda" in ops.OP_BACKENDS[op]}
+    assert {"conv1x1", "channel_attention"}.isdisjoint(calls)
+    with pytest.raises(ValueError, match="conv1x1"):  # asked for one op that has no such backend
+        FastSIPL(model, dtype=torch.float32, backend={"conv1x1": "cuda"})
+
+
 @pytest.mark.parametrize("band_bytes,backend,batch,iterations", [
     (1, "auto", 2, 2), (20000, "auto", 2, 2),  # one row per band; a few rows
     (200000, "triton", 1, 1),  # 2-3 bands at full resolution, which the Triton kernels read in place
@@ -189,6 +205,8 @@ def test_fp16_engine_through_the_triton_kernels(model):
     (dict(tile=20), "tile must be a multiple of 16"),
     (dict(tile=32, tile_overlap=32), "tile_overlap"),
     (dict(max_graphs=0), "max_graphs"),
+    (dict(tile="32"), "integers"),
+    (dict(tile=32, tile_overlap=3.5), "integers"),
 ])
 def test_bad_settings_are_value_errors(model, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -307,9 +307,14 @@ def test_triton_projection_int64_offsets_and_grid_limits(monkeypatch):
         _triton.check_grid(module._gated_project_kernel, grids[0](cfg.kwargs))
 
 
-def test_empty_input():
-    x, w, _ = to(torch.float32, *inputs(2, 3, 0, 4))
-    assert gated_dwconv_gelu(x, w, backend="triton").shape == (2, 3, 0, 4)
+def test_empty_batch_and_empty_images():
+    """An empty batch is an empty result; an image without pixels is a ValueError for every
+    backend (the reference's padded convolution cannot take one)."""
+    x, w, _ = to(torch.float32, *inputs(2, 3, 5, 4))
+    for backend in ("torch", "triton"):
+        assert gated_dwconv_gelu(x[:0], w, backend=backend).shape == (0, 3, 5, 4)
+        with pytest.raises(ValueError, match="H, W >= 1"):
+            gated_dwconv_gelu(x[:, :, :0], w, backend=backend)
 
 
 # ------------------------------------------------------------------ choice and errors
@@ -350,10 +355,14 @@ def test_bad_input_raises_value_error(shape, wshape, mode, match):
     (dict(proj_weight=torch.randn(5, 2), residual=torch.ones(1, 5, 3, 3, dtype=torch.int32)), "floating-point"),
     (dict(residual=torch.randn(1, 5, 3, 3)), "need proj_weight"),
     (dict(proj_bias=torch.randn(5)), "need proj_weight"),
+    (dict(proj_weight=torch.ones(5, 2, dtype=torch.int32)), "proj_weight as a real floating-point tensor"),
+    (dict(weight=torch.ones(4, 1, 3, 3, dtype=torch.int32)), "weight as a real floating-point tensor"),
+    (dict(x=torch.randn(1, 4, 3, 0)), "H, W >= 1"),
 ])
 def test_bad_projection_raises_value_error(kwargs, match):
+    args = dict(dict(x=torch.randn(1, 4, 3, 3), weight=torch.randn(4, 1, 3, 3)), **kwargs)
     with pytest.raises(ValueError, match=match):
-        gated_dwconv_gelu(torch.randn(1, 4, 3, 3), torch.randn(4, 1, 3, 3), **kwargs)
+        gated_dwconv_gelu(**args)
 
 
 def test_opcheck_and_compile_without_graph_breaks():

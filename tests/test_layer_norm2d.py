@@ -87,6 +87,33 @@ def test_bad_shapes_and_dtypes_raise_value_error(args):
         layer_norm2d(*args)
 
 
+def test_bad_parameters_raise_value_error():
+    x = torch.randn(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="weight as a real floating-point tensor"):
+        layer_norm2d(x, torch.ones(4, dtype=torch.int64), torch.zeros(4))
+    with pytest.raises(ValueError, match="eps >= 0"):
+        layer_norm2d(x, torch.ones(4), torch.zeros(4), eps=-1.0)
+
+
+def test_every_backend_returns_the_input_dtype_with_wider_weights():
+    """A 16-bit x with fp32 weights (autocast's case): x's dtype from every backend, the
+    reference being the published formula's fp32 result rounded once."""
+    x, w, b = inputs((2, 6, 3, 5), torch.float64)
+    exact = layer_norm2d(x, w, b, backend="torch")
+    half = x.half()
+    ref = layer_norm2d(half, w.float(), b.float(), backend="torch")
+    assert ref.dtype == torch.float16
+    mu = half.mean(1, keepdim=True)
+    y = (half - mu) / ((half - mu).pow(2).mean(1, keepdim=True) + 1e-5).sqrt()
+    promoted = w.float().view(1, -1, 1, 1) * y + b.float().view(1, -1, 1, 1)
+    assert promoted.dtype == torch.float32 and torch.equal(ref, promoted.half())
+    if OP_MODULE.triton is not None:
+        out = layer_norm2d(half.to(TRITON_DEVICE), w.float().to(TRITON_DEVICE), b.float().to(TRITON_DEVICE),
+                           backend="triton")
+        assert out.dtype == torch.float16
+        assert (out.double().cpu() - exact).abs().max() <= 2 * (ref.double() - exact).abs().max()
+
+
 def test_available_backends_reports_torch_and_cuda():
     info = ops.available_backends()
     assert info["torch"]["available"] is True

@@ -111,6 +111,14 @@ def test_restore_rejects_bad_images(bad):
         sipl_fast.restore(tiny_model(dtype=torch.float32), bad)
 
 
+def test_restore_says_when_the_image_and_the_model_differ_in_dtype():
+    model = tiny_model(dtype=torch.float32)
+    with pytest.raises(ValueError, match="float64 on cpu, the model's parameters torch.float32"):
+        sipl_fast.restore(model, torch.rand(1, 3, 16, 16, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: allowed
+        assert sipl_fast.restore(model, torch.rand(1, 3, 16, 16, dtype=torch.bfloat16), 0).shape == (1, 3, 16, 16)
+
+
 def test_restore_does_not_track_gradients():
     model = tiny_model(dtype=torch.float32)
     out = sipl_fast.restore(model, torch.rand(1, 3, 16, 16, requires_grad=True))

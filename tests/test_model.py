@@ -146,6 +146,18 @@ def test_bad_privileged_features_raise_value_error(tiny):
         tiny(x, privileged=feats[:2])
     with pytest.raises(ValueError, match="privileged features"):
         tiny(x, privileged=(feats[1], feats[0], feats[2]))
+    with pytest.raises(ValueError, match=r"privileged features.*\['NoneType', 'NoneType', 'NoneType'\]"):
+        tiny(x, privileged=[None, None, None])
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dim=0), "dim must be >= 1"), (dict(dim=-8), "dim must be >= 1"),
+    (dict(num_blocks=(1, -1, 1, 1)), "num_blocks must be >= 0"), (dict(dictionary_sizes=(4, 0, 2)), "dictionary_sizes"),
+    (dict(ffn_expansion_factor=0), "ffn_expansion_factor"), (dict(prompt_len=0), "prompt_len"),
+])
+def test_config_rejects_sizes_below_one(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SIPLConfig(**kwargs)
 
 
 def test_config_rejects_heads_that_do_not_divide_channels():

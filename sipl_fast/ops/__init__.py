@@ -10,6 +10,7 @@ that warms a loop up).
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Dict
 
@@ -26,7 +27,10 @@ from .layer_norm2d import layer_norm2d
 #: Every op, by the name its backend variables and ``backend_scope`` mappings use.
 OPS = ("channel_attention", "conv1x1", "cosine_attention", "gated_dwconv_gelu", "layer_norm2d")
 
-__all__ = ["FASTEST", "OPS", "BackendError", "available_backends", "backend_scope", "channel_attention",
+#: The backends of each op, the reference first.
+OP_BACKENDS = {op: tuple(importlib.import_module(f".{op}", __name__).BACKENDS) for op in OPS}
+
+__all__ = ["FASTEST", "OPS", "OP_BACKENDS", "BackendError", "available_backends", "backend_scope", "channel_attention",
            "compiling_only", "conv1x1", "cosine_attention", "cosine_attention_torch", "gated_dwconv_gelu",
            "graph_ms", "layer_norm2d", "measured_choices", "measuring_device_time", "tuned_tiles"]
 

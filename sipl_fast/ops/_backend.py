@@ -7,7 +7,9 @@ Each op lists its backends in order of preference, the pure-PyTorch reference
   variable ``SIPL_FAST_BACKEND_<OP>``
   (e.g. ``SIPL_FAST_BACKEND_LAYER_NORM2D=cuda``), else ``SIPL_FAST_BACKEND``:
   an explicit request. A backend that cannot run the call raises
-  :class:`BackendError` saying why.
+  :class:`BackendError` saying why. A name for every op (a scope's plain name,
+  ``SIPL_FAST_BACKEND``) holds for the ops that have that backend; the others
+  choose automatically.
 - otherwise (``None`` or ``"auto"``) the first backend that can run the call is
   used, falling back quietly to ``"torch"``.
 - ``"fastest"`` (the same places) measures: the first call of each signature (op,
@@ -34,12 +36,16 @@ import torch
 
 from . import _triton
 
-__all__ = ["FASTEST", "KERNEL_DTYPES", "BackendError", "Backend", "backend_scope", "choose", "cuda_problem",
+__all__ = ["FASTEST", "KERNEL_DTYPES", "BackendError", "Backend", "backend_scope", "check_real_floating", "choose",
+           "cuda_problem",
            "forward_only_problem", "graph_ms", "measured_choices", "measuring_device_time", "needs_grad",
            "result_dtype"]
 
 #: The backend name that measures (see the module docstring).
 FASTEST = "fastest"
+
+#: Every backend name some op has (``ops.OP_BACKENDS``).
+NAMES = ("torch", "triton", "cuda")
 
 
 class BackendError(ValueError):
@@ -75,16 +81,30 @@ def backend_scope(name: Union[None, str, Mapping[str, str]]):
         _scope.reset(token)
 
 
-def requested(op: str, backend: Optional[str]) -> Optional[str]:
-    """The explicitly requested backend name for ``op``, or None for automatic choice."""
+def requested(op: str, backend: Optional[str], names=()) -> Optional[str]:
+    """The explicitly requested backend name for ``op``, or None for automatic choice.
+
+    A request for one op (the argument, a mapping's entry, ``SIPL_FAST_BACKEND_<OP>``) stands
+    as made; a request for every op (a scope's plain name, ``SIPL_FAST_BACKEND``) holds for the
+    ops that have that backend (``names``) and leaves the others to the automatic choice
+    (``SIPL_FAST_BACKEND=cuda``: the CUDA C++ kernels where there are any); a name no op has
+    stays a request, which fails."""
+    every = False
     if backend is None:
         scope = _scope.get()
-        backend = scope.get(op) if isinstance(scope, dict) else scope
+        backend, every = (scope.get(op), False) if isinstance(scope, dict) else (scope, scope is not None)
     if backend is None:
-        backend = os.environ.get(f"SIPL_FAST_BACKEND_{op.upper()}") or os.environ.get("SIPL_FAST_BACKEND")
-    if backend is None or backend.strip().lower() in ("", "auto"):
+        backend = os.environ.get(f"SIPL_FAST_BACKEND_{op.upper()}")
+    if backend is None:
+        backend, every = os.environ.get("SIPL_FAST_BACKEND"), True
+    if backend is None:
         return None
-    return backend.strip().lower()
+    if not isinstance(backend, str):
+        raise BackendError(f"{op}: backend must be a name (str) or None, got {backend!r}")
+    name = backend.strip().lower()
+    if name in ("", "auto") or (every and name in NAMES and name not in names):
+        return None
+    return name
 
 
 def needs_grad(*tensors) -> bool:
@@ -99,6 +119,14 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def result_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
     """The dtype of ``residual + y`` for y in x's dtype (ops that add a residual in the same pass)."""
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+def check_real_floating(op: str, **tensors) -> None:
+    """ValueError unless every given tensor (weights, biases, temperatures; None skipped) is real
+    floating point: an integer, bool or complex one would be cast, or fail, deep inside a backend."""
+    for name, t in tensors.items():
+        if t is not None and not t.is_floating_point():
+            raise ValueError(f"{op}: expected {name} as a real floating-point tensor, got {t.dtype}")
 
 
 def forward_only_problem(kernel: str, x: torch.Tensor, *tensors, dots: bool = False) -> Optional[str]:
@@ -247,7 +275,7 @@ def measured_choices() -> Dict[str, Dict[str, int]]:
 
 def choose(op: str, backends: Dict[str, Backend], preference, backend: Optional[str], *args, **kwargs) -> Backend:
     """Pick the backend for one call of ``op`` (see the module docstring)."""
-    name = requested(op, backend)
+    name = requested(op, backend, backends)
     if name is not None and name != FASTEST:
         if name not in backends:
             raise BackendError(f"{op}: unknown backend {name!r}; expected one of {sorted(backends)}, 'auto' "

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _layout, _triton
-from ._backend import Backend, choose, forward_only_problem, result_dtype
+from ._backend import Backend, check_real_floating, choose, forward_only_problem, result_dtype
 from .conv1x1 import conv1x1_torch
 from .cosine_attention import EPS, cosine_attention_torch
 
@@ -440,6 +440,7 @@ def _check(q, k, v, temperature, proj_weight, proj_bias, residual, dw_weight, dw
         extra += [("dw_weight", dw_weight), ("dw_bias", dw_bias)]
     elif dw_bias is not None:
         raise ValueError("channel_attention: dw_bias needs dw_weight")
+    check_real_floating("channel_attention", **{name: t for name, t in extra if name != "residual"})
     for name, x in [("k", k), ("v", v)] + extra:
         if x is not None and x.device != q.device:
             raise ValueError(f"channel_attention: {name} is on {x.device}, q on {q.device}")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _layout, _triton
-from ._backend import Backend, choose, forward_only_problem, result_dtype
+from ._backend import Backend, check_real_floating, choose, forward_only_problem, result_dtype
 from .layer_norm2d import layer_norm2d_torch
 
 try:
@@ -218,7 +218,7 @@ BACKENDS = {
 PREFERENCE = ("triton", "torch")  # not yet ranked by measurement on a GPU
 
 
-def _check(x, weight, bias, residual) -> None:
+def _check(x, weight, bias, residual, eps) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"conv1x1: expected x as a floating-point (B, Cin, H, W) tensor, got "
                          f"{getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}")
@@ -228,8 +228,11 @@ def _check(x, weight, bias, residual) -> None:
         raise ValueError(f"conv1x1: expected weight of shape (Cout, {cin}) or (Cout, {cin}, 1, 1), "
                          f"got {tuple(getattr(weight, 'shape', ()))}")
     cout = weight.shape[0]
+    if cin < 1 or cout < 1:
+        raise ValueError(f"conv1x1: expected Cin, Cout >= 1, got {cin}, {cout}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (cout,)):
         raise ValueError(f"conv1x1: expected bias of shape ({cout},) or None, got {tuple(getattr(bias, 'shape', ()))}")
+    check_real_floating("conv1x1", weight=weight, bias=bias)
     if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != (b, cout, h, w)
                                  or not residual.is_floating_point()):
         raise ValueError(f"conv1x1: expected a floating-point residual of shape ({b}, {cout}, {h}, {w}) or None, "
@@ -238,6 +241,8 @@ def _check(x, weight, bias, residual) -> None:
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
         if t is not None and t.device != x.device:
             raise ValueError(f"conv1x1: {name} is on {t.device}, x on {x.device}")
+    if not eps >= 0:
+        raise ValueError(f"conv1x1: expected eps >= 0, got {eps}")
 
 
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -249,6 +254,6 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
 
     ``backend``: None/"auto" (triton where it can run, else torch), "torch" or "triton".
     """
-    _check(x, weight, bias, residual)
+    _check(x, weight, bias, residual, eps)
     return choose("conv1x1", BACKENDS, PREFERENCE, backend, x, weight, bias, residual, normalize,
                   eps).fn(x, weight, bias, residual, normalize, eps)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _triton
-from ._backend import KERNEL_DTYPES, Backend, choose, cuda_problem, needs_grad
+from ._backend import KERNEL_DTYPES, Backend, check_real_floating, choose, cuda_problem, needs_grad
 
 try:
     import triton
@@ -861,7 +861,7 @@ def _kernel_why_not(q, k, v) -> Optional[str]:
     if q.dtype not in KERNEL_DTYPES:
         return f"dtype {q.dtype} is not one of float32, float16, bfloat16"
     d = q.shape[-1]
-    if d % 8 or d > MAX_D:
+    if d < 8 or d % 8 or d > MAX_D:
         return f"head dim D={d} is not a multiple of 8 between 8 and {MAX_D}"
     return None
 
@@ -912,13 +912,15 @@ def _check(q, k, v, temperature) -> None:
     if k.shape[:2] != (b, h) or k.shape[3] != d or v.shape != k.shape:
         raise ValueError(f"cosine_attention: expected k and v of shape ({b}, {h}, Nk, {d}) like q {tuple(q.shape)}, "
                          f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.shape[2] < 1:
-        raise ValueError("cosine_attention: expected at least one key (Nk >= 1)")
+    if k.shape[2] < 1 or d < 1:
+        raise ValueError(f"cosine_attention: expected at least one key (Nk >= 1) and D >= 1, got Nk = {k.shape[2]}, "
+                         f"D = {d}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"cosine_attention: expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not isinstance(temperature, torch.Tensor) or temperature.numel() != h or temperature.shape not in ((h,), (h, 1, 1)):
         raise ValueError(f"cosine_attention: expected temperature of shape ({h},) or ({h}, 1, 1), "
                          f"got {tuple(getattr(temperature, 'shape', ()))}")
+    check_real_floating("cosine_attention", temperature=temperature)
     for name, x in (("k", k), ("v", v), ("temperature", temperature)):
         if x.device != q.device:
             raise ValueError(f"cosine_attention: {name} is on {x.device}, q on {q.device}")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _layout, _triton
-from ._backend import Backend, choose, forward_only_problem, result_dtype
+from ._backend import Backend, check_real_floating, choose, forward_only_problem, result_dtype
 from .conv1x1 import conv1x1, conv1x1_torch
 
 try:
@@ -307,6 +307,9 @@ def _check(x, weight, mode, bias, proj_weight, proj_bias, residual) -> None:
             raise ValueError(f"gated_dwconv_gelu: expected a floating-point residual of shape "
                              f"({b}, {cout}, {height}, {width}) or None, got {getattr(residual, 'dtype', type(residual))} "
                              f"of shape {tuple(getattr(residual, 'shape', ()))}")
+    if height < 1 or width < 1:
+        raise ValueError(f"gated_dwconv_gelu: expected an image of H, W >= 1, got {height} x {width}")
+    check_real_floating("gated_dwconv_gelu", weight=weight, bias=bias, proj_weight=proj_weight, proj_bias=proj_bias)
     for name, t in (("weight", weight), ("bias", bias), ("proj_weight", proj_weight), ("proj_bias", proj_bias),
                     ("residual", residual)):
         if t is not None and t.device != x.device:

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from . import _layout, _triton
-from ._backend import Backend, choose, forward_only_problem
+from ._backend import Backend, check_real_floating, choose, forward_only_problem
 
 try:
     import triton
@@ -33,12 +33,14 @@ except ImportError:  # Triton ships with Linux torch wheels only
     triton = None
 
 def layer_norm2d_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Reference: the published formula, op by op, in the input's dtype."""
+    """Reference: the published formula, op by op, in the input's dtype; the result in x's
+    dtype as every backend gives it (the formula alone would promote a bf16 x with fp32 weights
+    to fp32, as under autocast: that result, rounded once)."""
     c = x.shape[1]
     mu = x.mean(1, keepdim=True)
     var = (x - mu).pow(2).mean(1, keepdim=True)
     y = (x - mu) / (var + eps).sqrt()
-    return weight.view(1, c, 1, 1) * y + bias.view(1, c, 1, 1)
+    return (weight.view(1, c, 1, 1) * y + bias.view(1, c, 1, 1)).to(x.dtype)
 
 
 @torch.library.custom_op("sipl_fast::layer_norm2d_cuda", mutates_args=(), device_types="cuda")
@@ -133,7 +135,7 @@ BACKENDS = {
 PREFERENCE = ("cuda", "triton", "torch")  # not yet ranked by measurement on a GPU
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"layer_norm2d: expected x of shape (B, C, H, W), got {getattr(x, 'shape', type(x))}")
     if not x.is_floating_point():
@@ -145,6 +147,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
             raise ValueError(f"layer_norm2d: expected {name} as a tensor of shape ({c},), got {got}")
         if t.device != x.device:
             raise ValueError(f"layer_norm2d: {name} is on {t.device}, x on {x.device}")
+    check_real_floating("layer_norm2d", weight=weight, bias=bias)
+    if not eps >= 0:
+        raise ValueError(f"layer_norm2d: expected eps >= 0, got {eps}")
 
 
 def layer_norm2d(
@@ -154,5 +159,5 @@ def layer_norm2d(
 
     ``backend``: None/"auto" (the first of cuda, triton, torch that can run), "torch", "cuda" or "triton".
     """
-    _check(x, weight, bias)
+    _check(x, weight, bias, eps)
     return choose("layer_norm2d", BACKENDS, PREFERENCE, backend, x, weight, bias, eps).fn(x, weight, bias, eps)
