@@ -21,8 +21,10 @@ import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 from _common import nvidia_tool, ptxas_report
+from cuda_sass import sass_counts
 from fast_sipl_compile import in_children
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may have on sm_90
@@ -90,8 +92,19 @@ def measure(dtype_name: str, quick: bool, side: int) -> list:
     return compile_tiles(calls, dtype_name)
 
 
+def sass(cubin: bytes) -> dict:
+    """Static SASS instructions of a Triton kernel's one entry and the sizes of its innermost
+    loops (what one iteration issues; ``cuda_sass.sass_counts``)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        counts = next(iter(sass_counts(Path(f.name)).values()))
+    return {"instructions": counts["total"], "inner loops": counts["inner loops"]}
+
+
 def compile_tiles(calls: dict, dtype_name: str) -> list:
-    """One row per recorded launch and tile: compiled for sm_90a, with ptxas's report."""
+    """One row per recorded launch and tile: compiled for sm_90a, with ptxas's report and the
+    SASS's size."""
     os.environ.pop("TRITON_INTERPRET", None)  # compile the recorded tiles for real
     tool, rows = nvidia_tool("ptxas"), []
     for (name, key), (kernel, configs, args, constants) in calls.items():
@@ -103,7 +116,7 @@ def compile_tiles(calls: dict, dtype_name: str) -> list:
                          "tile": " ".join(f"{k}={v}" for k, v in meta.items()),
                          "warps": compiled.metadata.num_warps, "stages": compiled.metadata.num_stages,
                          "shared KiB": shared / 1024, "fits": shared <= SHARED_LIMIT,
-                         **usage(compiled.asm["ptx"], tool)})
+                         **usage(compiled.asm["ptx"], tool), **sass(compiled.asm["cubin"])})
     return rows
 
 
@@ -125,7 +138,7 @@ def main(argv=None) -> None:
                 "tiles that do not fit": str(sum(not r["fits"] for r in rows))})
     report("kernel_resources" + ("_quick" if args.quick else "") + args.tag, rows,
            ["dtype", "kernel", "key", "tile", "warps", "stages", "first", "shared KiB", "fits", "registers",
-            "spill B"], env)
+            "spill B", "instructions", "inner loops"], env)
 
 
 if __name__ == "__main__":

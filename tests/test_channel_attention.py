@@ -11,7 +11,7 @@ import importlib
 import pytest
 import torch
 
-from sipl_fast.ops import BackendError, _layout, channel_attention
+from sipl_fast.ops import BackendError, _layout, _triton, channel_attention
 from sipl_fast.ops._backend import choose
 
 from conftest import cosine_attention_f64 as independent  # channels are the tokens, pixels the features
@@ -207,6 +207,31 @@ def test_every_gpu_tile_of_the_convolving_gram_pass_in_the_interpreter(nchw, mon
         out = channel_attention(*chunks, t.float(), None, None, None, *to(torch.float32, w, dw_bias), 11,
                                 backend="triton")
         assert max_err(out, ref) <= bound, cfg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
+@pytest.mark.parametrize("nchw", [True, False], ids=["nchw", "channels_last"])
+def test_every_gpu_tile_of_the_convolving_passes_inside_the_image(nchw, monkeypatch):
+    """The stencil's unmasked path (``_triton.interior``) in each tile of the Gram pass and of
+    the product that convolve q, k and v, beside the masked one: an image 3 x 192 (row
+    segments of up to 64 pixels inside row 1, and at its ends just outside) with C = 129 (full
+    and partial blocks of 16 to 128 rows), fp16."""
+    q, k, v, w, dw_bias = dwconv_inputs(1, 1, 129, 3, 192)
+    t = torch.tensor([2.5], dtype=torch.float64)
+    args = (q, k, v, t, None, None, None, w, dw_bias)
+    ref = reference(*args, 192)
+    bound = 2 * max_err(reference(*to(torch.float16, *args), 192), ref)
+    chunks = channel_chunks(torch.float16, torch.contiguous_format if nchw else torch.channels_last, q, k, v)
+    grams = module._dw_gram_configs(nchw, False)
+    products = module._apply_configs(module._block(129, 256), True, False)
+    assert max(c.kwargs["BLOCK_N"] for c in grams + products) <= 64
+    for i in range(max(len(grams), len(products))):
+        monkeypatch.setattr(module, "_INTERPRETER_DW_GRAM", [grams[i % len(grams)]])
+        monkeypatch.setattr(module, "_INTERPRETER_APPLY", [products[i % len(products)]])
+        monkeypatch.setattr(_triton, "_fitting", {})
+        out = channel_attention(*chunks, t.float(), None, None, None, *to(torch.float32, w, dw_bias), 192,
+                                backend="triton")
+        assert max_err(out, ref) <= bound, (grams[i % len(grams)], products[i % len(products)])
 
 
 def test_fp32_convolving_gram_pass_is_offered_no_spilling_tile():

@@ -152,6 +152,30 @@ def test_every_gpu_tile_of_the_gate_in_the_interpreter(layout, monkeypatch):
         assert max_err(out, ref) <= bound, cfg
 
 
+def inside_shape(tiles, pixels: str, channels: str):
+    """(h, H, W) on which each of ``tiles`` has programs on the stencil's unmasked path
+    (``_triton.interior``: a row segment of pixels with x >= 1 and its right neighbours inside,
+    in row 1 of 3, a full block of channels) and on the masked one, some just outside the
+    interior: segments at x = 0 and ending at x = W - 1 (W three times the widest pixel block),
+    rows 0 and 2, the last channel block (h one past the widest channel block)."""
+    return (max(c.kwargs[channels] for c in tiles) + 1, 3, 3 * max(c.kwargs[pixels] for c in tiles))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_every_gpu_tile_of_the_gate_inside_the_image(layout, monkeypatch):
+    """The unmasked path of each tile the GPU's autotuner may choose for the gate alone,
+    beside the masked one (``inside_shape``), fp16."""
+    tiles = module._GATE_CONFIGS[layout == torch.contiguous_format]
+    x, w, bias = rounded(torch.float16, *inputs(1, *inside_shape(tiles, "BLOCK_P", "BLOCK_C"), bias=True))
+    ref = independent(x, w, "gdfn", bias)
+    bound = tolerance(torch.float16, x, w, "gdfn", bias, ref)
+    xl = x.to(DEVICE, torch.float16).contiguous(memory_format=layout)
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_GATE", tiles):
+        out = gated_dwconv_gelu(xl, *to(torch.float16, w), "gdfn", *to(torch.float16, bias), backend="triton")
+        assert max_err(out, ref) <= bound, cfg
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 20, 9, 11), (3, 5, 1, 1), (1, 33, 6, 1)])
@@ -230,6 +254,24 @@ def test_every_gpu_tile_of_the_projection_in_the_interpreter(layout, dtype, monk
     tiles = module._PROJECT_CONFIGS[dtype == torch.float32]
     for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_PROJECT", tiles):
         out = gated_dwconv_gelu(xl, *to(dtype, w), "dual", *to(dtype, bias, pw, pb), rl, backend="triton")
+        assert max_err(out, ref) <= bound, cfg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_every_gpu_tile_of_the_projection_inside_the_image(layout, dtype, monkeypatch):
+    """The unmasked path of each projection tile, beside the masked one (``inside_shape``)."""
+    tiles = module._PROJECT_CONFIGS[dtype == torch.float32]
+    h, height, width = inside_shape(tiles, "BLOCK_N", "BLOCK_K")
+    x, w, bias = rounded(dtype, *inputs(1, h, height, width, bias=True))
+    pw, pb, res = rounded(dtype, *projection(1, h, 24, height, width))
+    args = (x, w, bias, pw, pb, res)
+    ref = projected(independent(x, w, "gdfn", bias), pw, pb, res)
+    bound = project_tolerance(dtype, args, "gdfn", ref)
+    xl, rl = (t.to(DEVICE, dtype).contiguous(memory_format=layout) for t in (x, res))
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_PROJECT", tiles):
+        out = gated_dwconv_gelu(xl, *to(dtype, w), "gdfn", *to(dtype, bias, pw, pb), rl, backend="triton")
         assert max_err(out, ref) <= bound, cfg
 
 

@@ -63,17 +63,19 @@ def channel_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
 
 # ----------------------------------------------------------------------------- Triton kernels
 if triton is not None:
-    from ._triton import dwconv3x3
+    from ._triton import dwconv3x3, interior
 
     @triton.jit
-    def _rows_tile(rows_ptr, rows_ok, cols, cols_ok, sn, DW, DB, channels, width, N,
+    def _rows_tile(rows_ptr, rows_ok, cols, cols_ok, sn, DW, DB, channels, dw_channels, width, N, inside,
                    DWCONV: tl.constexpr, HAS_DW_BIAS: tl.constexpr, TAP_UNROLL: tl.constexpr):
         """The [rows, cols] tile of q, k or v (``rows_ptr`` [R, 1] pointers, pixels ``cols``): a
         load, or with ``DWCONV`` the depthwise 3x3 convolution (zero padding) of those rows as
-        images ``width`` pixels wide, weights DW[channel, 9] (``_triton.dwconv3x3``), in fp32
-        and rounded to the rows' dtype, as a separate convolution would store it."""
+        images ``width`` pixels wide, weights DW[tap, channel] of ``dw_channels`` (tap-major,
+        ``_triton.dwconv3x3``; unmasked where ``inside``), in fp32 and rounded to the rows'
+        dtype, as a separate convolution would store it."""
         if DWCONV:
-            acc = dwconv3x3(rows_ptr, rows_ok, cols, cols_ok, sn, DW, channels, N // width, width, TAP_UNROLL)
+            acc = dwconv3x3(rows_ptr, rows_ok, cols, cols_ok, sn, DW, dw_channels, channels, N // width, width, inside,
+                            TAP_UNROLL)
             if HAS_DW_BIAS:
                 acc += tl.where(cols_ok[None, :], tl.load(DB + channels, mask=rows_ok, other=0.0)[:, None], 0.0)
             return acc.to(rows_ptr.dtype.element_ty)
@@ -114,15 +116,17 @@ if triton is not None:
         sk = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
         lo = s * per_split
         hi = tl.minimum(lo + per_split, N)
+        rows_inside = ((ti + 1) * BLOCK_C <= C) & ((tj + 1) * BLOCK_C <= C)
         for n0 in range(lo, hi, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             if WIDE:
                 cols = cols.to(tl.int64)
             in_slice = cols < hi
-            qt = _rows_tile(q_rows, ri < C, cols, in_slice, sqn, WQ, BQ, h * C + ri, width, N, DWCONV, HAS_DW_BIAS,
-                            TAP_UNROLL)
-            kt = _rows_tile(k_rows, rj < C, cols, in_slice, skn, WK, BK, h * C + rj, width, N, DWCONV, HAS_DW_BIAS,
-                            TAP_UNROLL)
+            inside = rows_inside & (n0 + BLOCK_N <= hi) & interior(n0, BLOCK_N, N // width, width)
+            qt = _rows_tile(q_rows, ri < C, cols, in_slice, sqn, WQ, BQ, h * C + ri, H * C, width, N, inside, DWCONV,
+                            HAS_DW_BIAS, TAP_UNROLL)
+            kt = _rows_tile(k_rows, rj < C, cols, in_slice, skn, WK, BK, h * C + rj, H * C, width, N, inside, DWCONV,
+                            HAS_DW_BIAS, TAP_UNROLL)
             acc = tl.dot(qt, tl.trans(kt), acc, input_precision=PRECISION)
             qf = qt.to(tl.float32)
             kf = kt.to(tl.float32)
@@ -190,11 +194,12 @@ if triton is not None:
         v_head = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
         m_rows = M + g.to(tl.int64) * R * K + rows[:, None] * K
         acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+        cols_inside = interior(tl.program_id(0) * BLOCK_N, BLOCK_N, N // width, width)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             m = tl.load(m_rows + ks[None, :], mask=(rows < R)[:, None] & (ks < K)[None, :], other=0.0)
             vt = _rows_tile(v_head + ks.to(tl.int64)[:, None] * svk, ks < K, cols, cols < N, svn, WV, BV, h * K + ks,
-                            width, N, DWCONV, HAS_DW_BIAS, TAP_UNROLL)
+                            HG * K, width, N, cols_inside & (k0 + BLOCK_K <= K), DWCONV, HAS_DW_BIAS, TAP_UNROLL)
             acc = tl.dot(m.to(vt.dtype), vt, acc, input_precision=PRECISION)
         out_mask = (rows < R)[:, None] & (cols < N)[None, :]
         if HAS_BIAS:
@@ -218,17 +223,19 @@ _GRAM_WAVES = 2  # Gram programs per SM (of the widest channel block): the pass 
 _GRAM_CONFIGS = _triton.configs((32, 8, 3), (32, 8, 2), (32, 8, 1), (16, 4, 1)) if triton else []
 _APPLY_CONFIGS = {False: _triton.configs((64, 16, 8, 2), (32, 32, 8, 2), (32, 16, 8, 1)),
                   True: _triton.configs((32, 32, 8, 2), (32, 16, 8, 1))} if triton else {}
-# Convolving 16-bit v (R <= 128), the product may also take tiles whose stencil loop is unrolled
-# (``TAP_UNROLL``, ``_triton.dwconv3x3``): its 9 taps' loads in flight together (in fp32 they spill).
+# Convolving 16-bit v (R <= 128), the product may also take tiles whose stencil loop at the
+# borders is unrolled (``TAP_UNROLL``, ``_triton.dwconv3x3``; in fp32 they spill).
 _APPLY_UNROLLED = _triton.configs((64, 16, 8, 2), (32, 32, 8, 2), TAP_UNROLL=9) if triton else []
 # The Gram pass that convolves q and k on the fly (``dw``) picks its channel block too, on a GPU
 # by the autotuner (the first without autotuning): every program convolves BLOCK_C rows of q and
 # of k, so for C = 96 a 64-row block convolves each row twice (and 32 padding rows), a 128-row
-# one once, with one program a slice. Its stencil loop waits on the caches tap after tap; the
-# unrolled tiles issue the loads of 3 or 9 taps together. (BLOCK_C, BLOCK_N, warps, stages) per
-# layout (NCHW: True), all spill-free for sm_90a in 16 bits (99 to 255 registers a thread; the
-# 128-row tiles with the loop rolled spill, and NHWC's unrolled 9 times too); in fp32 the 128-row
-# ones spill and are not offered (``_dw_gram_configs``).
+# one once, with one program a slice. Inside the image the stencil runs its 9 taps unrolled and
+# unmasked (``_triton.dwconv3x3``); at the borders its masked loop waits on the caches tap after
+# tap, where the unrolled tiles issue the loads of 3 or 9 taps together. (BLOCK_C, BLOCK_N, warps,
+# stages) per layout (NCHW: True); for sm_90a in 16 bits 144 to 255 registers a thread, spill-free
+# but NCHW's 128-row tile (8 bytes in fp16, 36 in bf16; 128-row tiles with the border loop rolled
+# spill more); in fp32 the 128-row ones spill and are not offered (``_dw_gram_configs``), and the
+# 64 x 64 tile spills 16 bytes (``benchmarks/results/kernel_resources.md``).
 def _dw_gram_tiles(*shapes, **meta) -> list:
     return _triton.configs(*shapes, names=("BLOCK_C", "BLOCK_N"), **meta)
 
@@ -362,7 +369,7 @@ def channel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return out
     dw = None
     if dw_weight is not None:
-        dw = (dw_weight.float().reshape(3, h * c, 9).contiguous(),
+        dw = (_triton.tap_major(dw_weight, 3),
               None if dw_bias is None else dw_bias.float().reshape(3, h * c).contiguous(), width)
     a = _attention_maps(q, k, temperature.float().reshape(-1).contiguous(), dw)
     if proj_weight is None:

@@ -61,20 +61,21 @@ def gated_dwconv_gelu_torch(x: torch.Tensor, weight: torch.Tensor, mode: str = "
 
 # ----------------------------------------------------------------------------- Triton kernels
 if triton is not None:
-    from ._triton import dwconv3x3, tile
+    from ._triton import dwconv3x3, interior, tile
 
     @triton.jit
     def _gelu(v):
         return 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
 
     @triton.jit
-    def _gate(x_img, Wt, Bs, ch, pix, h, H, W, sxc, sxp, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    def _gate(x_img, Wt, Bs, ch, pix, h, H, W, sxc, sxp, inside, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
               WIDE: tl.constexpr, TAP_UNROLL: tl.constexpr):
         """[channels, pixels] fp32: the gate of the depthwise convolution of channels ch and
         ch + h at pixels pix (linear, y * W + x) of the image at ``x_img``; 0 at channels >= h.
 
-        Both halves are convolved in fp32 (``_triton.dwconv3x3``, zero outside the image); then
-        bias and gate.
+        Both halves are convolved in fp32 (``_triton.dwconv3x3``, zero outside the image;
+        weights tap-major, ``_triton.tap_major``; without masks where ``inside``: all channels
+        < h, the pixels consecutive and ``_triton.interior``); then bias and gate.
         """
         in_channels = ch < h
         if WIDE:
@@ -84,9 +85,10 @@ if triton is not None:
             pixels = pix
             c1 = ch
         in_image = pix < H * W
-        acc1 = dwconv3x3(x_img + c1[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, ch, H, W, TAP_UNROLL)
-        acc2 = dwconv3x3(x_img + (c1 + h)[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, ch + h, H, W,
+        acc1 = dwconv3x3(x_img + c1[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, 2 * h, ch, H, W, inside,
                          TAP_UNROLL)
+        acc2 = dwconv3x3(x_img + (c1 + h)[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, 2 * h, ch + h, H, W,
+                         inside, TAP_UNROLL)
         if HAS_BIAS:
             acc1 += tl.load(Bs + ch, mask=in_channels, other=0.0)[:, None]
             acc2 += tl.load(Bs + ch + h, mask=in_channels, other=0.0)[:, None]
@@ -104,7 +106,8 @@ if triton is not None:
         pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         b = tl.program_id(2).to(tl.int64)
-        y = _gate(X + b * sxb, Wt, Bs, ch, pix, h, H, W, sxc, sxp, DUAL, HAS_BIAS, WIDE, TAP_UNROLL)
+        inside = interior(tl.program_id(0) * BLOCK_P, BLOCK_P, H, W) & ((tl.program_id(1) + 1) * BLOCK_C <= h)
+        y = _gate(X + b * sxb, Wt, Bs, ch, pix, h, H, W, sxc, sxp, inside, DUAL, HAS_BIAS, WIDE, TAP_UNROLL)
         tl.store(tile(O + b * sob, ch, pix, soc, sop, WIDE), y.to(O.dtype.element_ty),
                  mask=(ch < h)[:, None] & (pix < H * W)[None, :])
 
@@ -125,13 +128,16 @@ if triton is not None:
         """
         blocks_o = tl.cdiv(Cout, BLOCK_O)
         outs = (tl.program_id(0) % blocks_o) * BLOCK_O + tl.arange(0, BLOCK_O)
-        pix = (tl.program_id(0) // blocks_o) * BLOCK_N + tl.arange(0, BLOCK_N)
+        first = (tl.program_id(0) // blocks_o) * BLOCK_N
+        pix = first + tl.arange(0, BLOCK_N)
+        pixels_inside = interior(first, BLOCK_N, H, W)
         b = tl.program_id(1).to(tl.int64)
         x_img = X + b * sxb
         acc = tl.zeros([BLOCK_O, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, h, BLOCK_K):
             ch = k0 + tl.arange(0, BLOCK_K)
-            g = _gate(x_img, Wt, Bs, ch, pix, h, H, W, sxc, sxp, DUAL, HAS_BIAS, WIDE, TAP_UNROLL).to(X.dtype.element_ty)
+            g = _gate(x_img, Wt, Bs, ch, pix, h, H, W, sxc, sxp, pixels_inside & (k0 + BLOCK_K <= h), DUAL, HAS_BIAS,
+                      WIDE, TAP_UNROLL).to(X.dtype.element_ty)
             w = tl.load(P + outs[:, None] * h + ch[None, :], mask=(outs < Cout)[:, None] & (ch < h)[None, :], other=0.0)
             acc = tl.dot(w, g, acc, input_precision=PRECISION)
         out_mask = (outs < Cout)[:, None] & (pix < H * W)[None, :]
@@ -145,9 +151,9 @@ if triton is not None:
 # (BLOCK_N, BLOCK_K, warps, stages) of the projecting kernel, 16-bit and fp32 (whose exact
 # products run without tensor cores). On a GPU the autotuner picks among them per shape (the
 # first without autotuning); each compiles for sm_90a without register spills, for either
-# BLOCK_O and with int64 offsets too (bf16: 106 to 222 registers a thread). The 16-bit list's
-# last two unroll the stencil's tap loop (``TAP_UNROLL``, ``_triton.dwconv3x3``): more loads in
-# flight.
+# BLOCK_O and with int64 offsets too (bf16: 80 to 233 registers a thread). The 16-bit list's
+# last two unroll the stencil's tap loop at the borders too (``TAP_UNROLL``,
+# ``_triton.dwconv3x3``; inside the image it is always unrolled).
 _PROJECT_CONFIGS = {False: _triton.configs((64, 32, 8, 1), (32, 32, 8, 1), (32, 16, 4, 1))
                     + _triton.configs((32, 32, 8, 1), TAP_UNROLL=3) + _triton.configs((32, 16, 4, 1), TAP_UNROLL=9),
                     True: _triton.configs((32, 16, 4, 1), (16, 16, 8, 1))} if triton else {}
@@ -213,7 +219,7 @@ def gated_dwconv_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
     """Triton forward: (B, h, H, W), or (B, Cout, H, W) with the projection, in x's layout (NCHW
     or channels-last)."""
     x = _layout.pixels(x)
-    w32, b32 = _fp32(weight), _fp32(bias)
+    w32, b32 = _triton.tap_major(weight), _fp32(bias)
     if proj_weight is not None:
         return _project(x, w32, b32, dual, proj_weight, proj_bias, residual)
     b, c2, hh, ww = x.shape
