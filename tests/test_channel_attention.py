@@ -190,22 +190,29 @@ def channel_chunks(dtype, fmt, *qkv):
     return [t.reshape(b, heads, c, n) for t in image.chunk(3, dim=1)]
 
 
+def convolving_case(b, c, height, width, nchw):
+    """MDTA with its depthwise convolution on one head of C channels, t = 2.5: q, k, v as fp16
+    channel chunks of one image in the layout, (t, w, dw_bias) as the kernels take them, the
+    float64 reference and the bound (2x the naive fp16 error)."""
+    q, k, v, w, dw_bias = dwconv_inputs(b, 1, c, height, width)
+    t = torch.tensor([2.5], dtype=torch.float64)
+    args = (q, k, v, t, None, None, None, w, dw_bias)
+    ref = reference(*args, width)
+    bound = 2 * max_err(reference(*to(torch.float16, *args), width), ref)
+    chunks = channel_chunks(torch.float16, torch.contiguous_format if nchw else torch.channels_last, q, k, v)
+    assert (chunks[0].stride(3) == 1) == nchw
+    return chunks, (t.float(), *to(torch.float32, w, dw_bias)), ref, bound
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
 @pytest.mark.parametrize("nchw", [True, False], ids=["nchw", "channels_last"])
 def test_every_gpu_tile_of_the_convolving_gram_pass_in_the_interpreter(nchw, monkeypatch):
     """Each (channel block, pixel block, tap unrolling) the GPU's autotuner may choose for the
     Gram pass that convolves q and k, in its layout, run by the interpreter in fp16 (C = 96:
     one or two channel blocks)."""
-    q, k, v, w, dw_bias = dwconv_inputs(2, 1, 96, 5, 11)
-    t = torch.tensor([2.5], dtype=torch.float64)
-    args = (q, k, v, t, None, None, None, w, dw_bias)
-    ref = reference(*args, 11)
-    bound = 2 * max_err(reference(*to(torch.float16, *args), 11), ref)
-    chunks = channel_chunks(torch.float16, torch.contiguous_format if nchw else torch.channels_last, q, k, v)
-    assert (chunks[0].stride(3) == 1) == nchw
+    chunks, (t, w, dw_bias), ref, bound = convolving_case(2, 96, 5, 11, nchw)
     for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_DW_GRAM", module._dw_gram_configs(nchw, False)):
-        out = channel_attention(*chunks, t.float(), None, None, None, *to(torch.float32, w, dw_bias), 11,
-                                backend="triton")
+        out = channel_attention(*chunks, t, None, None, None, w, dw_bias, 11, backend="triton")
         assert max_err(out, ref) <= bound, cfg
 
 
@@ -216,12 +223,7 @@ def test_every_gpu_tile_of_the_convolving_passes_inside_the_image(nchw, monkeypa
     the product that convolve q, k and v, beside the masked one: an image 3 x 192 (row
     segments of up to 64 pixels inside row 1, and at its ends just outside) with C = 129 (full
     and partial blocks of 16 to 128 rows), fp16."""
-    q, k, v, w, dw_bias = dwconv_inputs(1, 1, 129, 3, 192)
-    t = torch.tensor([2.5], dtype=torch.float64)
-    args = (q, k, v, t, None, None, None, w, dw_bias)
-    ref = reference(*args, 192)
-    bound = 2 * max_err(reference(*to(torch.float16, *args), 192), ref)
-    chunks = channel_chunks(torch.float16, torch.contiguous_format if nchw else torch.channels_last, q, k, v)
+    chunks, (t, w, dw_bias), ref, bound = convolving_case(1, 129, 3, 192, nchw)
     grams = module._dw_gram_configs(nchw, False)
     products = module._apply_configs(module._block(129, 256), True, False)
     assert max(c.kwargs["BLOCK_N"] for c in grams + products) <= 64
@@ -229,8 +231,7 @@ def test_every_gpu_tile_of_the_convolving_passes_inside_the_image(nchw, monkeypa
         monkeypatch.setattr(module, "_INTERPRETER_DW_GRAM", [grams[i % len(grams)]])
         monkeypatch.setattr(module, "_INTERPRETER_APPLY", [products[i % len(products)]])
         monkeypatch.setattr(_triton, "_fitting", {})
-        out = channel_attention(*chunks, t.float(), None, None, None, *to(torch.float32, w, dw_bias), 192,
-                                backend="triton")
+        out = channel_attention(*chunks, t, None, None, None, w, dw_bias, 192, backend="triton")
         assert max_err(out, ref) <= bound, (grams[i % len(grams)], products[i % len(products)])
 
 
