@@ -268,19 +268,20 @@ def test_every_gpu_tile_of_the_product_in_the_interpreter(c, monkeypatch):
 def test_every_autotuned_tile_on_the_gpu(nchw, monkeypatch):
     """bf16 MDTA as FastSIPL calls it (q, k, v convolved on the fly, project_out and the residual
     folded in) through every tile of the convolving Gram pass and of the product, in either
-    layout, against float64."""
-    q, k, v, w, dw_bias = dwconv_inputs(2, 1, 96, 13, 11)
+    layout, against float64; the image 192 wide, so that the stencil's unmasked path
+    (``_triton.interior``) runs too (not in the 128-row Gram tiles: C = 96)."""
+    q, k, v, w, dw_bias = dwconv_inputs(2, 1, 96, 13, 192)
     g = torch.Generator().manual_seed(6)
     t = torch.tensor([2.5], dtype=torch.float64)
     proj = torch.randn(96, 96, generator=g, dtype=torch.float64) / 96 ** 0.5
-    res = torch.randn(2, 96, 13 * 11, generator=g, dtype=torch.float64)
+    res = torch.randn(2, 96, 13 * 192, generator=g, dtype=torch.float64)
     args = (q, k, v, t, proj, None, res, w, dw_bias)
-    ref = reference(*args, 11)
-    bound = 2 * max_err(reference(*to(torch.bfloat16, *args), 11), ref)
+    ref = reference(*args, 192)
+    bound = 2 * max_err(reference(*to(torch.bfloat16, *args), 192), ref)
     chunks = channel_chunks(torch.bfloat16, torch.contiguous_format if nchw else torch.channels_last, q, k, v)
     outs = every_offered_tile(monkeypatch, lambda: channel_attention(
         *chunks, t.float().to(DEVICE), *to(torch.bfloat16, proj), None, *to(torch.bfloat16, res),
-        *to(torch.float32, w, dw_bias), 11, backend="triton"))
+        *to(torch.float32, w, dw_bias), 192, backend="triton"))
     assert len(outs) == max(len(module._dw_gram_configs(nchw, False)), len(module._apply_configs(128, True, False)))
     for i, out in enumerate(outs):
         assert max_err(out, ref) <= bound, i

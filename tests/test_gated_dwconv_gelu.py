@@ -281,13 +281,14 @@ def test_every_gpu_tile_of_the_projection_inside_the_image(layout, dtype, monkey
 def test_every_autotuned_tile_on_the_gpu(project, layout, monkeypatch):
     """bf16 through every tile the autotuners may choose for the gate alone (per layout) and for
     the gate with its projection (its dots: what the interpreter cannot check), unrolled tap
-    loops included, dual mode with biases and residual, against float64."""
+    loops included, dual mode with biases and residual, against float64; the image 1030 wide,
+    so that every tile also runs the stencil's unmasked path (``_triton.interior``)."""
     h = 64
-    x, w, bias = rounded(torch.bfloat16, *inputs(2, h, 13, 11, bias=True))
+    x, w, bias = rounded(torch.bfloat16, *inputs(2, h, 5, 1030, bias=True))
     xl = x.to(DEVICE, torch.bfloat16).contiguous(memory_format=layout)
     nchw = layout == torch.contiguous_format
     if project:
-        pw, pb, res = rounded(torch.bfloat16, *projection(2, h, 96, 13, 11))
+        pw, pb, res = rounded(torch.bfloat16, *projection(2, h, 96, 5, 1030))
         args = (x, w, bias, pw, pb, res)
         ref = projected(independent(x, w, "dual", bias), pw, pb, res)
         bound = project_tolerance(torch.bfloat16, args, "dual", ref)

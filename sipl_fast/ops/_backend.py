@@ -36,10 +36,9 @@ import torch
 
 from . import _triton
 
-__all__ = ["FASTEST", "KERNEL_DTYPES", "BackendError", "Backend", "backend_scope", "check_real_floating", "choose",
-           "cuda_problem",
-           "forward_only_problem", "graph_ms", "measured_choices", "measuring_device_time", "needs_grad",
-           "result_dtype"]
+__all__ = ["FASTEST", "KERNEL_DTYPES", "NAMES", "BackendError", "Backend", "backend_scope", "check_real_floating",
+           "choose", "cuda_problem", "forward_only_problem", "graph_ms", "measured_choices", "measuring_device_time",
+           "needs_grad", "result_dtype"]
 
 #: The backend name that measures (see the module docstring).
 FASTEST = "fastest"
@@ -121,12 +120,15 @@ def result_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dty
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
-def check_real_floating(op: str, **tensors) -> None:
+def check_real_floating(op: str, eps: float = 0.0, **tensors) -> None:
     """ValueError unless every given tensor (weights, biases, temperatures; None skipped) is real
-    floating point: an integer, bool or complex one would be cast, or fail, deep inside a backend."""
+    floating point (an integer, bool or complex one would be cast, or fail, deep inside a
+    backend), and a norm's ``eps`` is >= 0."""
     for name, t in tensors.items():
         if t is not None and not t.is_floating_point():
             raise ValueError(f"{op}: expected {name} as a real floating-point tensor, got {t.dtype}")
+    if not eps >= 0:
+        raise ValueError(f"{op}: expected eps >= 0, got {eps}")
 
 
 def forward_only_problem(kernel: str, x: torch.Tensor, *tensors, dots: bool = False) -> Optional[str]:

@@ -232,7 +232,7 @@ def _check(x, weight, bias, residual, eps) -> None:
         raise ValueError(f"conv1x1: expected Cin, Cout >= 1, got {cin}, {cout}")
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (cout,)):
         raise ValueError(f"conv1x1: expected bias of shape ({cout},) or None, got {tuple(getattr(bias, 'shape', ()))}")
-    check_real_floating("conv1x1", weight=weight, bias=bias)
+    check_real_floating("conv1x1", eps, weight=weight, bias=bias)
     if residual is not None and (not isinstance(residual, torch.Tensor) or residual.shape != (b, cout, h, w)
                                  or not residual.is_floating_point()):
         raise ValueError(f"conv1x1: expected a floating-point residual of shape ({b}, {cout}, {h}, {w}) or None, "
@@ -241,8 +241,6 @@ def _check(x, weight, bias, residual, eps) -> None:
     for name, t in (("weight", weight), ("bias", bias), ("residual", residual)):
         if t is not None and t.device != x.device:
             raise ValueError(f"conv1x1: {name} is on {t.device}, x on {x.device}")
-    if not eps >= 0:
-        raise ValueError(f"conv1x1: expected eps >= 0, got {eps}")
 
 
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -147,9 +147,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
             raise ValueError(f"layer_norm2d: expected {name} as a tensor of shape ({c},), got {got}")
         if t.device != x.device:
             raise ValueError(f"layer_norm2d: {name} is on {t.device}, x on {x.device}")
-    check_real_floating("layer_norm2d", weight=weight, bias=bias)
-    if not eps >= 0:
-        raise ValueError(f"layer_norm2d: expected eps >= 0, got {eps}")
+    check_real_floating("layer_norm2d", eps, weight=weight, bias=bias)
 
 
 def layer_norm2d(
