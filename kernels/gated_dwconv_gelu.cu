@@ -7,11 +7,12 @@
 //   dual (dual != 0): out = gelu(y2) * y1 + gelu(y1) * y2  out: (B, h, H, W)
 // with the exact (erf) GELU v Phi(v) (see gelu below). The conv is a
 // cross-correlation with zero padding:
-//   y[b,k,i,j] = bias[k] + sum_{dy,dx in 0..2} weight[k*9 + dy*3 + dx] * x[b,k,i+dy-1,j+dx-1]
+//   y[b,k,i,j] = bias[k] + sum_{dy,dx in 0..2} weight[k, 0, dy, dx] * x[b,k,i+dy-1,j+dx-1]
 // (x outside the image = 0). The 2h-channel y never reaches global memory:
 // each output needs only the 3x3 neighbourhoods of input channels c and c+h,
-// so one kernel reads x and writes out. weight is passed as fp32 (2h*9,
-// contiguous), bias as fp32 (2h,) or a null pointer.
+// so one kernel reads x and writes out. weight is passed as fp32 (9, 2h),
+// tap-major (weight[k, 0, dy, dx] at (dy*3 + dx) * 2h + k: NHWC lanes on neighbouring
+// channels load neighbours), bias as fp32 (2h,) or a null pointer.
 //
 // Every entry is launched with blockDim = (32, 8) (256 threads; required by
 // the thread mappings below) and a 1-D grid of any size >= 1: blocks (NCHW:
@@ -125,8 +126,8 @@ __device__ __forceinline__ void load_pair(const float* __restrict__ weight,
                                           float (&w1)[9], float (&w2)[9], float& b1, float& b2) {
 #pragma unroll
   for (int t = 0; t < 9; ++t) {
-    w1[t] = valid ? weight[c * 9 + t] : 0.0f;
-    w2[t] = valid ? weight[(c + h) * 9 + t] : 0.0f;
+    w1[t] = valid ? weight[t * 2 * h + c] : 0.0f;  // tap-major (9, 2h)
+    w2[t] = valid ? weight[t * 2 * h + c + h] : 0.0f;
   }
   b1 = valid && bias ? bias[c] : 0.0f;
   b2 = valid && bias ? bias[c + h] : 0.0f;
@@ -386,7 +387,7 @@ __device__ __forceinline__ void fwd(const typename S::T* __restrict__ x,
 
 // Unmangled entry points (looked up by name from CuPy, by host-stub address
 // from csrc/sipl_fast_ext.cpp), one per layout x storage dtype; f16/bf16 as
-// raw 16-bit storage. Parameters: x, weight (fp32, 2h*9), bias (fp32, 2h, or
+// raw 16-bit storage. Parameters: x, weight (fp32, (9, 2h)), bias (fp32, 2h, or
 // null), out, B, h (output channels; x has 2h), H, W, dual (0: gdfn, else dual).
 // Launch with blockDim (32, 8) and any 1-D grid. __launch_bounds__(256, 2): at
 // most 128 registers, 2 blocks an SM (the strip loop, unrolled twice, keeps

@@ -212,26 +212,43 @@ def _pad_hidden(ffn: FeedForward) -> None:
 def engine_blocks(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Turn ``net``'s TransformerBlocks and CrossBlocks (in place) into the engine's: LayerNorm
     affines folded into the 1x1 convolutions after them, the GDFNs' hidden widths padded
-    (``_pad_hidden``), and the forward passes above. The
-    weights of the 1x1 convolutions that run as ``ops.conv1x1`` are stored in ``dtype``, the
-    loop's (what autocast would round them to on every call), so no call casts them."""
+    (``_pad_hidden``), and the forward passes above; then store every weight as the loop
+    reads it, so that no call copies one: the weights of the 1x1 convolutions that run as
+    ``ops.conv1x1`` and of every convolution and linear layer that runs under autocast in
+    ``dtype`` (autocast rounds them to the same values on every call; the loop's graph would
+    replay each cast), the depthwise weights that the fused ops read tap-major in fp32
+    (``_layout.as_tap_major``), MDTA's ``project_out`` in fp32 (its fold into the product)."""
+    fused, tap_major = set(), []  # modules whose weights the fused ops read
     for module in net.modules():
         convs = []
         if isinstance(module, TransformerBlock):
             _fold_norm_affine(module.norm1, module.attn.qkv)
             convs = [module.attn.qkv]
+            fused.add(module.attn.project_out)
+            tap_major.append(module.attn.qkv_dwconv)
         if isinstance(module, CrossBlock):
             _fold_norm_affine(module.norm12, module.attn.kv)  # norm11's output is also the residual
             convs = [module.attn.kv, module.attn.project_out]
         if isinstance(module, (TransformerBlock, CrossBlock)):
             _fold_norm_affine(module.norm2, module.ffn.project_in)
             _pad_hidden(module.ffn)
+            tap_major.append(module.ffn.dwconv)
             for conv in convs + [module.ffn.project_in, module.ffn.project_out]:
                 conv.weight.data = conv.weight.data.to(dtype)
+                fused.add(conv)
         if type(module) is TransformerBlock:
             module.__class__ = _EngineTransformerBlock
         if type(module) is CrossBlock:
             module.__class__ = _EngineCrossBlock
+    for conv in tap_major:
+        conv.weight.data = _layout.as_tap_major(conv.weight.data)
+    fused.update(tap_major)
+    if dtype != torch.float32:
+        for module in net.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and module not in fused:
+                for p in (module.weight, module.bias):
+                    if p is not None:
+                        p.data = p.data.to(dtype)
     return net
 
 
@@ -305,10 +322,10 @@ class FastSIPL:
         if param.dtype != torch.float32:  # weights in fp32 (the fused 1x1 convolutions: see engine_blocks)
             net.float()
         net.__class__ = _EngineSIPL
-        engine_blocks(net, dtype)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for conv in (m for m in net.modules() if isinstance(m, torch.nn.Conv2d)):
             conv.weight.data = conv.weight.data.contiguous(memory_format=self.memory_format)
+        engine_blocks(net, dtype)
         for name, param in net.named_parameters():  # the dictionaries are images too
             if name.startswith("privileged_dictionary"):
                 param.data = param.data.contiguous(memory_format=self.memory_format)

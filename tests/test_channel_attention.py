@@ -110,6 +110,18 @@ def test_triton_adds_the_residual(dtype, project):
     assert promoted.dtype == torch.float32  # as residual + attention promotes
 
 
+def test_triton_folds_project_out_in_fp32_under_autocast():
+    """W_o blockdiag(A) is computed in fp32 inside autocast too (FastSIPL's loop), not in
+    autocast's dtype: the same result as outside it."""
+    q, k, v, t = inputs(2, 2, 40, 97, [0.7, 3.0])
+    w = torch.randn(48, 80, 1, 1, generator=torch.Generator().manual_seed(1), dtype=torch.float64) / 9
+    args = (*to(torch.float16, q, k, v), t.float().to(DEVICE), *to(torch.float32, w))
+    outside = channel_attention(*args, backend="triton")
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        inside = channel_attention(*args, backend="triton")
+    assert torch.equal(inside, outside)
+
+
 def dwconv_inputs(b, heads, c, height, width, seed=3):
     """The unconvolved q, k, v (channel chunks of one qkv image, as MDTA's) and MDTA's depthwise weights."""
     g = torch.Generator().manual_seed(seed)

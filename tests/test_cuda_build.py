@@ -288,7 +288,7 @@ def test_gated_dwconv_gelu_validates_without_gpu():
     from sipl_fast.ops import _cuda
 
     x = torch.zeros(2, 6, 5, 7)
-    w = torch.ones(6, 1, 3, 3)
+    w = torch.ones(9, 6)  # tap-major
     b = torch.zeros(6)
     out = torch.empty(2, 3, 5, 7)
     fwd = _cuda.gated_dwconv_gelu_fwd
@@ -304,6 +304,8 @@ def test_gated_dwconv_gelu_validates_without_gpu():
         fwd(x, w, b, True, out.half())
     with pytest.raises(ValueError, match="weight32"):
         fwd(x, w[:3], b, False, out)
+    with pytest.raises(ValueError, match="weight32"):
+        fwd(x, w.t().contiguous(), b, False, out)  # channel-major
     with pytest.raises(ValueError, match="weight32"):
         fwd(x, w.double(), b, False, out)
     with pytest.raises(ValueError, match="bias32"):

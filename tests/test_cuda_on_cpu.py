@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sipl_fast.ops import _cuda
+from sipl_fast.ops import _cuda, _layout
 from sipl_fast.ops.gated_dwconv_gelu import gated_dwconv_gelu_torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def run_gated(lib, x, weight, bias, dual, grid=None):
     layout = 0 if x.is_contiguous() else 1
     out = torch.empty((b, c2 // 2, hh, ww), dtype=x.dtype,
                       memory_format=torch.channels_last if layout else torch.contiguous_format)
-    w32 = weight.float().contiguous()
+    w32 = _layout.tap_major(weight)
     b32 = None if bias is None else bias.float().contiguous()
     sizes = (b, c2 // 2, hh, ww)
     grid = grid or _cuda._gdg_blocks(layout, *sizes)

@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_model
 from sipl_fast import FastSIPL, ops, restore, save_model
 from sipl_fast.model import CrossBlock, FeedForward, TransformerBlock
+from sipl_fast.ops import _layout
 from sipl_fast.tiling import tiled
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -289,3 +290,24 @@ def test_capture_failure_falls_back_to_eager(monkeypatch):
         out = fast(x, 1)
     assert any("capture failed" in str(w.message) for w in caught)
     assert err(out, restore(model, x, 1)) <= 1e-4
+
+
+def test_no_call_of_the_loop_casts_or_copies_a_weight(model):
+    """Weights are stored as the loop reads them (each copy would be a kernel in the replayed
+    graph): the depthwise weights that the fused ops read tap-major in fp32 (``tap_major`` is
+    then a view), the convolutions and linear layers that run under autocast in the engine's
+    dtype (to which autocast rounds them)."""
+    fast = FastSIPL(model, dtype=torch.bfloat16, cuda_graphs=False)
+    blocks = [m for m in fast.model.modules() if isinstance(m, (TransformerBlock, CrossBlock))]
+    dw = [b.ffn.dwconv.weight for b in blocks] + [b.attn.qkv_dwconv.weight for b in blocks
+                                                  if isinstance(b, TransformerBlock)]
+    for w in dw:
+        assert w.dtype == torch.float32 and _layout.tap_major(w).data_ptr() == w.data_ptr()
+        assert torch.equal(_layout.tap_major(w), _layout.tap_major(w.contiguous()))
+    called = []
+    for m in fast.model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            m.register_forward_pre_hook(lambda m, i: called.append(m))
+    fast(images(1, 19, 23), 2)
+    assert len(called) > 20
+    assert all(p.dtype == torch.bfloat16 for m in called for p in (m.weight, m.bias) if p is not None)

@@ -463,9 +463,9 @@ def _gdg_check(x, weight32, bias32, dual, out) -> tuple[int, int, tuple[int, int
     if tuple(out.shape) != (b, h, hh, ww) or out.dtype != x.dtype:
         raise ValueError(f"{name}: out must be a {x.dtype} tensor of shape {(b, h, hh, ww)}, got "
                          f"{out.dtype} {tuple(out.shape)}")
-    if weight32.dtype != torch.float32 or weight32.numel() != c2 * 9 or not weight32.is_contiguous():
-        raise ValueError(f"{name}: weight32 must be a contiguous float32 tensor of {c2 * 9} elements "
-                         f"(({c2}, 1, 3, 3)), got {weight32.dtype} {tuple(weight32.shape)}")
+    if weight32.dtype != torch.float32 or tuple(weight32.shape) != (9, c2) or not weight32.is_contiguous():
+        raise ValueError(f"{name}: weight32 must be a contiguous float32 (9, {c2}) tensor (tap-major, "
+                         f"_layout.tap_major), got {weight32.dtype} {tuple(weight32.shape)}")
     if bias32 is not None and (bias32.dtype != torch.float32 or bias32.numel() != c2
                                or not bias32.is_contiguous()):
         raise ValueError(f"{name}: bias32 must be None or a contiguous float32 tensor of {c2} elements, "
@@ -521,8 +521,8 @@ def gated_dwconv_gelu_fwd(x, weight32, bias32, dual: bool, out) -> None:
     y = F.conv2d(x, weight, bias, padding=1, groups=2h), y1, y2 = y.chunk(2, dim=1);
     out = gelu(y1) * y2, or gelu(y2) * y1 + gelu(y1) * y2 when ``dual`` (exact erf GELU).
     x (B, 2h, H, W): CUDA float32/float16/bfloat16, contiguous NCHW or channels-last;
-    out (B, h, H, W): x's dtype, device and layout. weight32: contiguous float32 with
-    2h*9 elements ((2h, 1, 3, 3)); bias32: contiguous float32 (2h,) or None.
+    out (B, h, H, W): x's dtype, device and layout. weight32: contiguous float32 (9, 2h),
+    tap-major (``_layout.tap_major``); bias32: contiguous float32 (2h,) or None.
     Raises ValueError on bad arguments; never synchronizes (CUDA-graph capturable
     after a warm-up call).
     """

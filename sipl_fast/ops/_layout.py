@@ -1,4 +1,5 @@
-"""The memory layouts of (B, C, H, W) image tensors that the kernels read directly.
+"""The memory layouts of (B, C, H, W) image tensors that the kernels read directly, and of
+the depthwise 3x3 weights they read (:func:`tap_major`).
 
 NCHW (``torch.contiguous_format``) and NHWC (``torch.channels_last``). Element (b, c, y, x)
 sits at ``b * sb + c * sc + (y * W + x) * sp``: NCHW has (sb, sc, sp) = (C*H*W, H*W, 1),
@@ -65,3 +66,17 @@ def empty(x: torch.Tensor, channels: int, dtype: Optional[torch.dtype] = None) -
     b, _, h, w = x.shape
     fmt = torch.channels_last if channels_last(x) else torch.contiguous_format
     return torch.empty((b, channels, h, w), dtype=dtype or x.dtype, device=x.device, memory_format=fmt)
+
+
+def tap_major(weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise 3x3 weights (C, 1, 3, 3) as the stencil kernels read them: fp32 (9, C), a tap's
+    weights of neighbouring channels neighbours (vector loads). A view, without a copy, of fp32
+    weights stored so (:func:`as_tap_major`), as FastSIPL stores them: otherwise a small
+    transposing copy on every call."""
+    return weight.float().reshape(weight.shape[0], 9).t().contiguous()
+
+
+def as_tap_major(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (C, 1, 3, 3) in fp32, its memory tap-major (strides (1, 9C, 3C, C)), so that
+    :func:`tap_major` is a view; F.conv2d takes it as it is."""
+    return tap_major(weight).t().reshape(weight.shape)

@@ -50,8 +50,8 @@ if triton is not None:
         """[R, P] fp32: the depthwise 3x3 convolution (zero padding) of R channels of an H x W
         image at P pixels ``pix`` (linear, y * W + x): ``rows`` are [R, 1] pointers to each
         channel's pixel 0 (pixel p at + p * sp), weights tap-major, Wt[tap * w_tap + channel]
-        (a tap's weights of neighbouring channels are neighbours: vector loads). Neighbouring
-        taps re-read the same lines, which the caches serve.
+        (``_layout.tap_major``: a tap's weights of neighbouring channels are neighbours, vector
+        loads). Neighbouring taps re-read the same lines, which the caches serve.
 
         ``inside`` (a scalar: every row valid, ``pix`` consecutive and ``interior``; most
         tiles of a large image) runs the 9 taps unrolled and without masks: no bounds
@@ -80,12 +80,6 @@ if triton is not None:
                             other=0.0)
                 acc += w[:, None] * t.to(tl.float32)
         return acc
-
-
-def tap_major(weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
-    """Depthwise 3x3 weights (C, 1, 3, 3) as ``dwconv3x3`` reads them: fp32, (groups, 9,
-    C / groups), each group's channels (MDTA's q, k and v) on their own."""
-    return weight.float().reshape(groups, -1, 9).transpose(1, 2).contiguous()
 
 
 def problem(x: torch.Tensor, dots: bool = False) -> Optional[str]:

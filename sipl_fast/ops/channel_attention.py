@@ -70,7 +70,7 @@ if triton is not None:
                    DWCONV: tl.constexpr, HAS_DW_BIAS: tl.constexpr, TAP_UNROLL: tl.constexpr):
         """The [rows, cols] tile of q, k or v (``rows_ptr`` [R, 1] pointers, pixels ``cols``): a
         load, or with ``DWCONV`` the depthwise 3x3 convolution (zero padding) of those rows as
-        images ``width`` pixels wide, weights DW[tap, channel] of ``dw_channels`` (tap-major,
+        images ``width`` pixels wide, weights DW[tap * dw_channels + channel] (tap-major,
         ``_triton.dwconv3x3``; unmasked where ``inside``), in fp32 and rounded to the rows'
         dtype, as a separate convolution would store it."""
         if DWCONV:
@@ -123,10 +123,10 @@ if triton is not None:
                 cols = cols.to(tl.int64)
             in_slice = cols < hi
             inside = rows_inside & (n0 + BLOCK_N <= hi) & interior(n0, BLOCK_N, N // width, width)
-            qt = _rows_tile(q_rows, ri < C, cols, in_slice, sqn, WQ, BQ, h * C + ri, H * C, width, N, inside, DWCONV,
-                            HAS_DW_BIAS, TAP_UNROLL)
-            kt = _rows_tile(k_rows, rj < C, cols, in_slice, skn, WK, BK, h * C + rj, H * C, width, N, inside, DWCONV,
-                            HAS_DW_BIAS, TAP_UNROLL)
+            qt = _rows_tile(q_rows, ri < C, cols, in_slice, sqn, WQ, BQ, h * C + ri, 3 * H * C, width, N, inside,
+                            DWCONV, HAS_DW_BIAS, TAP_UNROLL)
+            kt = _rows_tile(k_rows, rj < C, cols, in_slice, skn, WK, BK, h * C + rj, 3 * H * C, width, N, inside,
+                            DWCONV, HAS_DW_BIAS, TAP_UNROLL)
             acc = tl.dot(qt, tl.trans(kt), acc, input_precision=PRECISION)
             qf = qt.to(tl.float32)
             kf = kt.to(tl.float32)
@@ -169,7 +169,7 @@ if triton is not None:
         tl.store(A + bh.to(tl.int64) * C * C + rows[:, None] * C + cols[None, :], p, mask=mask)
 
     @triton.jit
-    def _apply_kernel(M, V, BIAS, RES, O, WV, BV, R, K, N, HG, width,
+    def _apply_kernel(M, V, BIAS, RES, O, WV, BV, R, K, KB, smh, N, HG, width,
                       svb, svh, svk, svn, srb, srh, srr, srn, sob, soh, sor, son,
                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DWCONV: tl.constexpr,
                       HAS_DW_BIAS: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -177,8 +177,10 @@ if triton is not None:
         """``O[g, r, n] = sum_k M[g, r, k] V[g, k, n] (+ bias[r]) (+ RES[g, r, n])`` for g = (b, h)
         of HG heads.
 
-        M is fp32 (B*HG, R, K): the attention maps (R = K = C), or the folded ``W_o
-        blockdiag(A)`` (HG = 1, R = C_out, K = H*C). Program (n block, r block, g) streams v
+        M is fp32, its columns in blocks of KB: M[g, r, k] at g*R*K + (k // KB)*smh + r*KB + k % KB.
+        The attention maps (B*H, R, K) (R = K = KB = C), or the folded ``W_o blockdiag(A)`` as
+        (B, H, C_out, C) (HG = 1, R = C_out, K = H*C, KB = C, smh = C_out*C): head h's block
+        W_o[:, h] A_h. Program (n block, r block, g) streams v
         once through [BLOCK_K, BLOCK_N] tiles (convolved on the fly with ``DWCONV``, channel
         h*K + k, ``_rows_tile``); M is rounded to v's dtype before the product,
         as the eager expression rounds the map, and accumulated in fp32; bias and residual are
@@ -192,14 +194,15 @@ if triton is not None:
         b = g // HG
         h = g % HG
         v_head = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-        m_rows = M + g.to(tl.int64) * R * K + rows[:, None] * K
+        m_rows = M + g.to(tl.int64) * R * K + rows[:, None] * KB
         acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
         cols_inside = interior(tl.program_id(0) * BLOCK_N, BLOCK_N, N // width, width)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            m = tl.load(m_rows + ks[None, :], mask=(rows < R)[:, None] & (ks < K)[None, :], other=0.0)
+            m = tl.load(m_rows + ((ks // KB) * smh + ks % KB)[None, :], mask=(rows < R)[:, None] & (ks < K)[None, :],
+                        other=0.0)
             vt = _rows_tile(v_head + ks.to(tl.int64)[:, None] * svk, ks < K, cols, cols < N, svn, WV, BV, h * K + ks,
-                            HG * K, width, N, cols_inside & (k0 + BLOCK_K <= K), DWCONV, HAS_DW_BIAS, TAP_UNROLL)
+                            3 * HG * K, width, N, cols_inside & (k0 + BLOCK_K <= K), DWCONV, HAS_DW_BIAS, TAP_UNROLL)
             acc = tl.dot(m.to(vt.dtype), vt, acc, input_precision=PRECISION)
         out_mask = (rows < R)[:, None] & (cols < N)[None, :]
         if HAS_BIAS:
@@ -277,7 +280,8 @@ def _block(n: int, cap: int) -> int:
 
 def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Optional[tuple]) -> torch.Tensor:
     """A (B*H, C, C) fp32: the softmax of the scaled cosine similarities of q's and k's rows
-    (convolved first with ``dw = (weights (3, H*C, 9), biases (3, H*C) or None, width)``)."""
+    (convolved first with ``dw = (q's, k's, v's weights as (9, H*C) column blocks of one
+    tap-major (9, 3*H*C), biases (3, H*C) or None, width)``)."""
     b, h, c, n = q.shape
     # Slices of N: enough programs for _GRAM_WAVES per SM (counting the channel tiles of one
     # slice, with dw those of the widest channel block), each slice >= _MIN_SLICE pixels.
@@ -316,8 +320,9 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Opt
 
 def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
            out: torch.Tensor, dw: Optional[tuple]) -> None:
-    """out (B, HG, R, N) = m (B*HG, R, K) @ v (B, HG, K, N) (+ bias (R,)) (+ residual (B, HG, R, N));
-    any strides of v, residual, out; v convolved first with ``dw`` (see ``_attention_maps``)."""
+    """out (B, HG, R, N) = m @ v (B, HG, K, N) (+ bias (R,)) (+ residual (B, HG, R, N)), m
+    contiguous fp32 (B*HG, K / KB, R, KB): column block j of m[g] is m[g, j]; any strides of v,
+    residual, out; v convolved first with ``dw`` (see ``_attention_maps``)."""
     b, hg, r, n = out.shape
     kk = v.shape[2]
     block_r = _block(r, 256)
@@ -330,7 +335,8 @@ def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], resid
                          else _INTERPRETER_APPLY,
                          lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r), b * hg),
                          m, v, bias if bias is not None else m, res, out, w[2 if dw else 0],
-                         dw_bias[2] if dw_bias is not None else m, r, kk, n, hg, width, *v.stride(), *res.stride(),
+                         dw_bias[2] if dw_bias is not None else m, r, kk, m.shape[3], m.stride(1), n, hg, width,
+                         *v.stride(), *res.stride(),
                          *out.stride(), HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                          DWCONV=dw is not None, HAS_DW_BIAS=dw_bias is not None, WIDE=wide, BLOCK_R=block_r,
                          PRECISION=_triton.precision(v.dtype))
@@ -369,15 +375,16 @@ def channel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return out
     dw = None
     if dw_weight is not None:
-        dw = (_triton.tap_major(dw_weight, 3),
+        dw = (_layout.tap_major(dw_weight).chunk(3, dim=1),
               None if dw_bias is None else dw_bias.float().reshape(3, h * c).contiguous(), width)
     a = _attention_maps(q, k, temperature.float().reshape(-1).contiguous(), dw)
     if proj_weight is None:
-        _apply(a, v, None, residual, out, dw)
+        _apply(a.unsqueeze(1), v, None, residual, out, dw)
         return out
-    # W_o (C_out, H, C) times blockdiag(A_h): M[b, o, (h, j)] = sum_i W_o[o, h, i] A[b, h, i, j]
-    w = proj_weight.float().reshape(-1, h, c)
-    m = torch.einsum("ohi,bhij->bohj", w, a.view(b, h, c, c)).reshape(b, -1, h * c).contiguous()
+    # W_o (C_out, H*C) times blockdiag(A_h), as its H column blocks (B, H, C_out, C):
+    # M[b, h] = W_o[:, h] A[b, h], one batched product in fp32 (not autocast's dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        m = torch.matmul(proj_weight.float().reshape(-1, h, c).transpose(0, 1), a.view(b, h, c, c)).contiguous()
     bias = None if proj_bias is None else proj_bias.float().contiguous()
     _apply(m, v.reshape(b, 1, h * c, n), bias, None if residual is None else residual.unsqueeze(1), out.view(b, 1, -1, n),
            dw)

@@ -74,7 +74,7 @@ if triton is not None:
         ch + h at pixels pix (linear, y * W + x) of the image at ``x_img``; 0 at channels >= h.
 
         Both halves are convolved in fp32 (``_triton.dwconv3x3``, zero outside the image;
-        weights tap-major, ``_triton.tap_major``; without masks where ``inside``: all channels
+        weights tap-major, ``_layout.tap_major``; without masks where ``inside``: all channels
         < h, the pixels consecutive and ``_triton.interior``); then bias and gate.
         """
         in_channels = ch < h
@@ -219,7 +219,7 @@ def gated_dwconv_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
     """Triton forward: (B, h, H, W), or (B, Cout, H, W) with the projection, in x's layout (NCHW
     or channels-last)."""
     x = _layout.pixels(x)
-    w32, b32 = _triton.tap_major(weight), _fp32(bias)
+    w32, b32 = _layout.tap_major(weight), _fp32(bias)
     if proj_weight is not None:
         return _project(x, w32, b32, dual, proj_weight, proj_bias, residual)
     b, c2, hh, ww = x.shape
@@ -246,7 +246,7 @@ def gated_dwconv_gelu_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional
 
     x = _layout.dense(x)
     out = _layout.empty(x, x.shape[1] // 2)
-    _cuda.gated_dwconv_gelu_fwd(x, _fp32(weight), _fp32(bias), dual, out)
+    _cuda.gated_dwconv_gelu_fwd(x, _layout.tap_major(weight), _fp32(bias), dual, out)
     return out
 
 
