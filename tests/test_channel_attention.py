@@ -79,6 +79,23 @@ def test_triton_matches_the_reference(case, dtype):
     assert max_err(out, ref) <= tolerance(dtype, (q, k, v, t), ref)
 
 
+@pytest.mark.parametrize("tile", [256, 1024])
+def test_softmax_sums_many_gram_partials_several_at_a_time(tile, monkeypatch):
+    """Many slices of N (here 31), summed by the softmax kernel one (tile 256) or four at a
+    time (1024: seven full loads, then one of three slices masked): the same maps."""
+    monkeypatch.setattr(module, "_MIN_SLICE", 63)  # slices of 64 pixels (the Gram tile), the last 59
+    monkeypatch.setattr(module._triton, "sm_count", lambda device: 64)
+    monkeypatch.setattr(module, "_SOFTMAX_TILE", tile)
+    launches = []
+    launch = module._triton.launch
+    monkeypatch.setattr(module._triton, "launch", lambda kernel, grid, *a, **kw: (
+        kernel is module._softmax_kernel and launches.append((a[6], kw)), launch(kernel, grid, *a, **kw)))
+    q, k, v, t = inputs(1, 1, 40, 31 * 64 - 5, [4.0])
+    out = channel_attention(*to(torch.float32, q, k, v), t.float().to(DEVICE), backend="triton")
+    assert launches == [(31, dict(BLOCK_S=tile // 256, BLOCK_R=4, BLOCK_CC=64))]
+    assert max_err(out, independent(q, k, v, t)) <= 1e-5
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_triton_folds_project_out(dtype, bias):

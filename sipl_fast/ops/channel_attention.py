@@ -140,12 +140,16 @@ if triton is not None:
             tl.store(SK + part * C + rj, tl.sum(sk, axis=1), mask=rj < C)
 
     @triton.jit
-    def _softmax_kernel(G, SQ, SK, T, A, C, S, H, eps, BLOCK_R: tl.constexpr, BLOCK_CC: tl.constexpr):
+    def _softmax_kernel(G, SQ, SK, T, A, C, S, H, eps, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+                        BLOCK_CC: tl.constexpr):
         """Rows r.. of the attention map of head (b, h): ``A = softmax(t_h * G / (|q| |k|^T))``.
 
-        Sums the S partials of the Gram matrix and the norms in a fixed order, divides by the
-        norms (each clamped at eps, as F.normalize does), scales by the temperature and takes
-        the softmax over the C columns; A is fp32 (B*H, C, C).
+        Sums the S partials of the Gram matrix and the norms BLOCK_S slices a load (a
+        [BLOCK_S, rows, columns] tile summed over the slices in registers; one slice a load
+        left every iteration waiting on the caches, S = 256 of them at a 512x512 input's first
+        level) in a fixed order, so the result is deterministic; divides by the norms (each
+        clamped at eps, as F.normalize does), scales by the temperature and takes the softmax
+        over the C columns; A is fp32 (B*H, C, C).
         """
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_CC)
@@ -154,11 +158,16 @@ if triton is not None:
         g = tl.zeros([BLOCK_R, BLOCK_CC], dtype=tl.float32)
         sq = tl.zeros([BLOCK_R], dtype=tl.float32)
         sk = tl.zeros([BLOCK_CC], dtype=tl.float32)
-        for s in range(S):
-            part = bh.to(tl.int64) * S + s
-            g += tl.load(G + part * C * C + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
-            sq += tl.load(SQ + part * C + rows, mask=rows < C, other=0.0)
-            sk += tl.load(SK + part * C + cols, mask=cols < C, other=0.0)
+        for s0 in range(0, S, BLOCK_S):
+            slices = s0 + tl.arange(0, BLOCK_S)
+            part = bh.to(tl.int64) * S + slices
+            ok = slices < S
+            g += tl.sum(tl.load(G + part[:, None, None] * C * C + (rows[:, None] * C + cols[None, :])[None, :, :],
+                                mask=ok[:, None, None] & mask[None, :, :], other=0.0), axis=0)
+            sq += tl.sum(tl.load(SQ + part[:, None] * C + rows[None, :], mask=ok[:, None] & (rows < C)[None, :],
+                                 other=0.0), axis=0)
+            sk += tl.sum(tl.load(SK + part[:, None] * C + cols[None, :], mask=ok[:, None] & (cols < C)[None, :],
+                                 other=0.0), axis=0)
         nq = tl.maximum(tl.sqrt(sq), eps)
         nk = tl.maximum(tl.sqrt(sk), eps)
         t = tl.load(T + bh % H)
@@ -217,6 +226,7 @@ if triton is not None:
 _GRAM_BLOCK_N = 64  # slices of N are multiples of this (and so of every BLOCK_N below)
 _MIN_SLICE = 512  # pixels per slice of the Gram pass: bounds the partials at C*C*N/512 floats
 _GRAM_WAVES = 2  # Gram programs per SM (of the widest channel block): the pass is latency-bound
+_SOFTMAX_TILE = 4096  # partials the softmax kernel loads at once (32 fp32 registers a thread)
 
 
 # (BLOCK_N, [BLOCK_K,] warps, stages), chosen to compile without register spills for sm_90a.
@@ -313,8 +323,9 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Opt
     a = torch.empty((b * h, c, c), **f32)
     block_cc = max(16, triton.next_power_of_2(c))
     block_r = max(1, min(4, 4096 // block_cc))  # few rows a program: many programs sum the partials
+    block_s = max(1, min(_SOFTMAX_TILE // (block_r * block_cc), triton.next_power_of_2(slices)))
     _triton.launch(_softmax_kernel, (triton.cdiv(c, block_r), b * h), g, sq, sk, t32, a, c, slices, h, EPS,
-                   BLOCK_R=block_r, BLOCK_CC=block_cc)
+                   BLOCK_S=block_s, BLOCK_R=block_r, BLOCK_CC=block_cc)
     return a
 
 
