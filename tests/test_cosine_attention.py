@@ -106,6 +106,22 @@ def test_triton_key_splits_agree(splits, temperature, online):
     assert max_err(lse_got, lse_ref) <= 1e-5 * max(1.0, lse_ref.abs().max().item())
 
 
+@pytest.mark.parametrize("temperature", [0.0, -5.0])
+def test_combining_many_splits_a_few_at_a_time(temperature, monkeypatch):
+    """Five key splits merged two at a time (the last load half masked) over two column
+    blocks of D = 96 (the second half masked), at t = 0 too (w = 1: masked splits must stay 0)."""
+    monkeypatch.setattr(module, "_COMBINE_TILE", 2048)
+    launches = []
+    launch = module._triton.launch
+    monkeypatch.setattr(module._triton, "launch", lambda kernel, grid, *a, **kw: (
+        kernel is module._combine_kernel and launches.append((grid, kw)), launch(kernel, grid, *a, **kw)))
+    q, k, v, t = inputs(2, 1, 37, 600, 96, [temperature])
+    out, lse = module._triton_forward(*to(torch.float32, q, k, v), t.view(-1).float().to(DEVICE), 5)
+    assert launches == [((3, 2, 2), dict(BLOCK_S=2, BLOCK_M=16, BLOCK_D=64))]
+    ref = cosine_attention_torch(q, k, v, t)
+    assert max_err(out, ref) <= fp32_tolerance(q, k, v, t, ref)
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_non_contiguous_inputs(backend):
     """The model's layout: (B, H*D, Hi, Wi) viewed as (B, H, Hi*Wi, D), and k, v halves of one tensor."""

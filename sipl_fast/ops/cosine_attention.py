@@ -395,11 +395,16 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(PO, PL, PM, T, O, LSE, Nq, D, H, SPLITS, sob, soh, son, sod,
-                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Merge the key splits of ``_fwd_kernel``: with w_s = 2^((m_s - M) |t| log2 e) and M the
-        largest m_s, O = sum_s w_s acc_s / sum_s w_s l_s; LSE as ``_fwd_kernel`` writes it.
+                        BLOCK_S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Merge the key splits of ``_fwd_kernel`` for BLOCK_M rows and BLOCK_D columns (program
+        (row block, b * H + h, column block)): with w_s = 2^((m_s - M) |t| log2 e) and M the
+        largest m_s, O = sum_s w_s acc_s / sum_s w_s l_s; LSE as ``_fwd_kernel`` writes it
+        (column block 0).
 
-        Splits are read in order, so the result does not depend on scheduling.
+        The splits are read BLOCK_S at a time ([BLOCK_S, rows(, columns)] tiles summed over the
+        splits in registers; one split a load left every iteration waiting on the caches, and
+        few queries over many keys, e.g. 256 x 65536 at D = 384, make 66 splits and 8 programs)
+        in a fixed order, so the result does not depend on scheduling.
         """
         bh = tl.program_id(1)
         BH = tl.num_programs(1)
@@ -409,26 +414,31 @@ if triton is not None:
         row_ok = rows < Nq
         row_offsets = bh.to(tl.int64) * Nq + rows
         m = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-        for s in range(0, SPLITS):
-            m = tl.maximum(m, tl.load(PM + s * BH * Nq + row_offsets, mask=row_ok, other=0.0))
+        for s0 in range(0, SPLITS, BLOCK_S):
+            splits = s0 + tl.arange(0, BLOCK_S)
+            ok = (splits < SPLITS)[:, None] & row_ok[None, :]
+            pm = tl.load(PM + splits.to(tl.int64)[:, None] * BH * Nq + row_offsets[None, :], mask=ok, other=0.0)
+            m = tl.maximum(m, tl.max(tl.where(ok, pm, float("-inf")), axis=0))
+        m = tl.where(row_ok, m, 0.0)
+        cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
         l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for s in range(0, SPLITS):
-            stat = s * BH * Nq + row_offsets
-            l_sum += tl.load(PL + stat, mask=row_ok, other=0.0) * tl.math.exp2(
-                (tl.load(PM + stat, mask=row_ok, other=0.0) - m) * at2)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            splits = s0 + tl.arange(0, BLOCK_S)
+            ok = (splits < SPLITS)[:, None] & row_ok[None, :]
+            stat = splits.to(tl.int64)[:, None] * BH * Nq + row_offsets[None, :]
+            w = tl.where(ok, tl.math.exp2((tl.load(PM + stat, mask=ok, other=0.0) - m[None, :]) * at2), 0.0)
+            l_sum += tl.sum(tl.load(PL + stat, mask=ok, other=0.0) * w, axis=0)
+            po = tl.load(PO + stat[:, :, None] * D + cols[None, None, :], mask=ok[:, :, None] & (cols < D)[None, None, :],
+                         other=0.0)
+            acc += tl.sum(po * w[:, :, None], axis=0)
         l_sum = tl.where(row_ok, l_sum, 1.0)
-        tl.store(LSE + row_offsets, m, mask=row_ok)
-        tl.store(LSE + BH.to(tl.int64) * Nq + row_offsets, tl.math.log2(l_sum), mask=row_ok)
+        if tl.program_id(2) == 0:
+            tl.store(LSE + row_offsets, m, mask=row_ok)
+            tl.store(LSE + BH.to(tl.int64) * Nq + row_offsets, tl.math.log2(l_sum), mask=row_ok)
         Ob = O + (bh // H).to(tl.int64) * sob + (bh % H).to(tl.int64) * soh + rows.to(tl.int64)[:, None] * son
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            mask = row_ok[:, None] & (cols[None, :] < D)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            for s in range(0, SPLITS):
-                stat = s * BH * Nq + row_offsets
-                w = tl.math.exp2((tl.load(PM + stat, mask=row_ok, other=0.0) - m) * at2)
-                acc += tl.load(PO + stat[:, None] * D + cols[None, :], mask=mask, other=0.0) * w[:, None]
-            tl.store(Ob + cols[None, :] * sod, (acc / l_sum[:, None]).to(O.dtype.element_ty), mask=mask)
+        tl.store(Ob + cols[None, :] * sod, (acc / l_sum[:, None]).to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & (cols < D)[None, :])
 
     @triton.jit
     def _unnormalize_grad(x_a, x_b, g_a, g_b, r, DB: tl.constexpr):
@@ -678,6 +688,7 @@ _P_TOP = {torch.float32: 0.0, torch.bfloat16: 0.0, torch.float16: 15.0}
 
 
 _SPLIT_ALIGN = 128  # loop items per split: a multiple of every tile's BLOCK_M and BLOCK_N
+_COMBINE_TILE = 8192  # partial outputs the combining kernel loads at once (64 fp32 registers a thread)
 
 
 def _split_range(programs: int, n: int, device: torch.device, splits: Optional[int] = None) -> Tuple[int, int]:
@@ -745,9 +756,10 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
     _triton.launch_tuned(_fwd_kernel, _fwd_kernel_tuned, (d, q.dtype, splits > 1, online_only), configs,
                          lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args, **constants)
     if splits > 1:
-        block_d = min(128, max(16, triton.next_power_of_2(d)))
-        _triton.launch(_combine_kernel, (triton.cdiv(nq, 32), b * h), po, pl, pm, t32, out, lse, nq, d, h, splits,
-                       *out.stride(), BLOCK_M=32, BLOCK_D=block_d)
+        block_m, block_d = 16, min(64, max(16, triton.next_power_of_2(d)))
+        block_s = min(_COMBINE_TILE // (block_m * block_d), triton.next_power_of_2(splits))
+        _triton.launch(_combine_kernel, (triton.cdiv(nq, block_m), b * h, triton.cdiv(d, block_d)), po, pl, pm, t32,
+                       out, lse, nq, d, h, splits, *out.stride(), BLOCK_S=block_s, BLOCK_M=block_m, BLOCK_D=block_d)
     return out, lse
 
 
