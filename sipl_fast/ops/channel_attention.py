@@ -178,7 +178,7 @@ if triton is not None:
         tl.store(A + bh.to(tl.int64) * C * C + rows[:, None] * C + cols[None, :], p, mask=mask)
 
     @triton.jit
-    def _apply_kernel(M, V, BIAS, RES, O, WV, BV, R, K, KB, smh, N, HG, width,
+    def _apply_kernel(M, V, BIAS, RES, O, WV, BV, R, K, N, HG, width,
                       svb, svh, svk, svn, srb, srh, srr, srn, sob, soh, sor, son,
                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DWCONV: tl.constexpr,
                       HAS_DW_BIAS: tl.constexpr, WIDE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -186,10 +186,8 @@ if triton is not None:
         """``O[g, r, n] = sum_k M[g, r, k] V[g, k, n] (+ bias[r]) (+ RES[g, r, n])`` for g = (b, h)
         of HG heads.
 
-        M is fp32, its columns in blocks of KB: M[g, r, k] at g*R*K + (k // KB)*smh + r*KB + k % KB.
-        The attention maps (B*H, R, K) (R = K = KB = C), or the folded ``W_o blockdiag(A)`` as
-        (B, H, C_out, C) (HG = 1, R = C_out, K = H*C, KB = C, smh = C_out*C): head h's block
-        W_o[:, h] A_h. Program (n block, r block, g) streams v
+        M is fp32 (B*HG, R, K): the attention maps (R = K = C), or the folded ``W_o
+        blockdiag(A)`` (HG = 1, R = C_out, K = H*C). Program (n block, r block, g) streams v
         once through [BLOCK_K, BLOCK_N] tiles (convolved on the fly with ``DWCONV``, channel
         h*K + k, ``_rows_tile``); M is rounded to v's dtype before the product,
         as the eager expression rounds the map, and accumulated in fp32; bias and residual are
@@ -203,13 +201,12 @@ if triton is not None:
         b = g // HG
         h = g % HG
         v_head = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-        m_rows = M + g.to(tl.int64) * R * K + rows[:, None] * KB
+        m_rows = M + g.to(tl.int64) * R * K + rows[:, None] * K
         acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
         cols_inside = interior(tl.program_id(0) * BLOCK_N, BLOCK_N, N // width, width)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            m = tl.load(m_rows + ((ks // KB) * smh + ks % KB)[None, :], mask=(rows < R)[:, None] & (ks < K)[None, :],
-                        other=0.0)
+            m = tl.load(m_rows + ks[None, :], mask=(rows < R)[:, None] & (ks < K)[None, :], other=0.0)
             vt = _rows_tile(v_head + ks.to(tl.int64)[:, None] * svk, ks < K, cols, cols < N, svn, WV, BV, h * K + ks,
                             3 * HG * K, width, N, cols_inside & (k0 + BLOCK_K <= K), DWCONV, HAS_DW_BIAS, TAP_UNROLL)
             acc = tl.dot(m.to(vt.dtype), vt, acc, input_precision=PRECISION)
@@ -331,9 +328,8 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Opt
 
 def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
            out: torch.Tensor, dw: Optional[tuple]) -> None:
-    """out (B, HG, R, N) = m @ v (B, HG, K, N) (+ bias (R,)) (+ residual (B, HG, R, N)), m
-    contiguous fp32 (B*HG, K / KB, R, KB): column block j of m[g] is m[g, j]; any strides of v,
-    residual, out; v convolved first with ``dw`` (see ``_attention_maps``)."""
+    """out (B, HG, R, N) = m (B*HG, R, K) @ v (B, HG, K, N) (+ bias (R,)) (+ residual (B, HG, R, N));
+    any strides of v, residual, out; v convolved first with ``dw`` (see ``_attention_maps``)."""
     b, hg, r, n = out.shape
     kk = v.shape[2]
     block_r = _block(r, 256)
@@ -346,8 +342,7 @@ def _apply(m: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], resid
                          else _INTERPRETER_APPLY,
                          lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(r, block_r), b * hg),
                          m, v, bias if bias is not None else m, res, out, w[2 if dw else 0],
-                         dw_bias[2] if dw_bias is not None else m, r, kk, m.shape[3], m.stride(1), n, hg, width,
-                         *v.stride(), *res.stride(),
+                         dw_bias[2] if dw_bias is not None else m, r, kk, n, hg, width, *v.stride(), *res.stride(),
                          *out.stride(), HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                          DWCONV=dw is not None, HAS_DW_BIAS=dw_bias is not None, WIDE=wide, BLOCK_R=block_r,
                          PRECISION=_triton.precision(v.dtype))
@@ -390,12 +385,15 @@ def channel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
               None if dw_bias is None else dw_bias.float().reshape(3, h * c).contiguous(), width)
     a = _attention_maps(q, k, temperature.float().reshape(-1).contiguous(), dw)
     if proj_weight is None:
-        _apply(a.unsqueeze(1), v, None, residual, out, dw)
+        _apply(a, v, None, residual, out, dw)
         return out
-    # W_o (C_out, H*C) times blockdiag(A_h), as its H column blocks (B, H, C_out, C):
-    # M[b, h] = W_o[:, h] A[b, h], one batched product in fp32 (not autocast's dtype)
+    # W_o (C_out, H*C) times blockdiag(A_h): column block h of M[b] is W_o[:, h] A[b, h], a
+    # product batched over the heads written in place (strided), in fp32 (not autocast's dtype)
+    m = torch.empty((b, proj_weight.shape[0], h * c), device=q.device, dtype=torch.float32)
+    w = proj_weight.float().reshape(-1, h, c).transpose(0, 1)
     with torch.autocast(q.device.type, enabled=False):
-        m = torch.matmul(proj_weight.float().reshape(-1, h, c).transpose(0, 1), a.view(b, h, c, c)).contiguous()
+        for i in range(b):
+            torch.bmm(w, a.view(b, h, c, c)[i], out=m[i].view(-1, h, c).transpose(0, 1))
     bias = None if proj_bias is None else proj_bias.float().contiguous()
     _apply(m, v.reshape(b, 1, h * c, n), bias, None if residual is None else residual.unsqueeze(1), out.view(b, 1, -1, n),
            dw)
