@@ -451,7 +451,7 @@ PyMethodDef methods[] = {
      "gated_dwconv_gelu_fwd(dtype_code, layout, dual, x, w32, b32, out, B, h, H, W, stream) -> None\n"
      "Depthwise 3x3 conv (zero padding 1) of x (B, 2h, H, W) + GELU gate into out (B, h, H, W), on\n"
      "`stream` (no sync). dtype_code: 0=f32, 1=f16, 2=bf16; layout: 0=NCHW, 1=NHWC (channels-last;\n"
-     "x and out alike); dual: 0 -> gelu(y1)*y2, 1 -> gelu(y2)*y1 + gelu(y1)*y2. w32: fp32 (2h*9),\n"
+     "x and out alike); dual: 0 -> gelu(y1)*y2, 1 -> gelu(y2)*y1 + gelu(y1)*y2. w32: fp32 (9, 2h) tap-major,\n"
      "b32: fp32 (2h,) or 0 for no bias."},
     {"runtime_problem", runtime_problem, METH_NOARGS,
      "runtime_problem() -> str | None: why this build cannot run on this machine, or None."},

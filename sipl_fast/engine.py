@@ -28,6 +28,9 @@ returns. Every change is an exact rewrite of the published computation:
   bands of rows with one row of halo (``BAND_BYTES`` of intermediates per band), so their wide
   intermediates never exist for the whole image: at 2048x2048 the bf16 loop's peak is about a
   fifth of the published fp32 loop's (``benchmarks/fast_sipl_memory.py``);
+- **weights stored as the loop reads them** (``engine_blocks``): in the loop's dtype where
+  autocast would cast them on every call, tap-major where the fused stencils read them, so no
+  call casts or copies a weight (each copy would be one more kernel in the replayed graph);
 - **reduced precision**: ``dtype=torch.bfloat16`` (or float16) runs the loop under autocast,
   PyTorch's mixed precision (convolutions and matrix products in the dtype with fp32
   accumulation; the fused kernels accumulate in fp32 too); ``torch.float32`` keeps
