@@ -112,6 +112,13 @@ def precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def per_load(values: int, per_item: int, items: int) -> int:
+    """How many of ``items`` partials (slices, splits) of ``per_item`` values each a reduction
+    kernel loads at once: a power of two, about ``values`` values a load, no more than the items
+    need, at least one. One partial a load left every iteration waiting on the caches."""
+    return max(1, min(values // per_item, triton.next_power_of_2(items)))
+
+
 def configs(*shapes, names=("BLOCK_N", "BLOCK_K"), **meta) -> list:
     """triton.Config list from (size, [size,] warps, stages) tuples, the sizes named by ``names``,
     each with the fixed meta-parameters ``meta`` too; first choice first (the image ops'

@@ -320,7 +320,7 @@ def _attention_maps(q: torch.Tensor, k: torch.Tensor, t32: torch.Tensor, dw: Opt
     a = torch.empty((b * h, c, c), **f32)
     block_cc = max(16, triton.next_power_of_2(c))
     block_r = max(1, min(4, 4096 // block_cc))  # few rows a program: many programs sum the partials
-    block_s = max(1, min(_SOFTMAX_TILE // (block_r * block_cc), triton.next_power_of_2(slices)))
+    block_s = _triton.per_load(_SOFTMAX_TILE, block_r * block_cc, slices)
     _triton.launch(_softmax_kernel, (triton.cdiv(c, block_r), b * h), g, sq, sk, t32, a, c, slices, h, EPS,
                    BLOCK_S=block_s, BLOCK_R=block_r, BLOCK_CC=block_cc)
     return a

@@ -757,7 +757,7 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
                          lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args, **constants)
     if splits > 1:
         block_m, block_d = 16, min(64, max(16, triton.next_power_of_2(d)))
-        block_s = min(_COMBINE_TILE // (block_m * block_d), triton.next_power_of_2(splits))
+        block_s = _triton.per_load(_COMBINE_TILE, block_m * block_d, splits)
         _triton.launch(_combine_kernel, (triton.cdiv(nq, block_m), b * h, triton.cdiv(d, block_d)), po, pl, pm, t32,
                        out, lse, nq, d, h, splits, *out.stride(), BLOCK_S=block_s, BLOCK_M=block_m, BLOCK_D=block_d)
     return out, lse
