@@ -164,8 +164,9 @@ def test_tuned_tiles_say_what_each_autotuner_chose(monkeypatch):
 
 def test_device_time_decides_inside_measuring_device_time(monkeypatch):
     """Wall time favours few launches; device time (graph replays) what the GPU spends. Inside
-    ``measuring_device_time`` the latter decides, and a candidate that cannot be captured (None)
-    makes every candidate compare by wall time. The two modes keep separate choices."""
+    ``measuring_device_time`` the latter decides among the candidates that can be captured
+    (a None leaves one out; if all are None, all compare by wall time). The two modes keep
+    separate choices."""
     times = {False: {"cuda": 1.0, "torch": 2.0}, True: {"cuda": 3.0, "torch": 2.0}}
     backends = fake_backends({"cuda": 0.0, "torch": 0.0}, [])
     for b in backends.values():
@@ -177,8 +178,11 @@ def test_device_time_decides_inside_measuring_device_time(monkeypatch):
         assert choose("op", backends, ("cuda", "torch"), "fastest", x).name == "torch"
     times[True]["cuda"] = None
     with ops.measuring_device_time():
-        assert choose("op", backends, ("cuda", "torch"), "fastest", torch.zeros(3)).name == "cuda"
-    assert ops.measured_choices() == {"op": {"cuda": 2, "torch": 1}}
+        assert choose("op", backends, ("cuda", "torch"), "fastest", torch.zeros(3)).name == "torch"
+    times[True]["torch"] = None
+    with ops.measuring_device_time():
+        assert choose("op", backends, ("cuda", "torch"), "fastest", torch.zeros(4)).name == "cuda"
+    assert ops.measured_choices() == {"op": {"cuda": 2, "torch": 2}}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

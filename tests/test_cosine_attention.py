@@ -91,6 +91,50 @@ def test_forward_matches_reference(backend, dtype, case):
         assert max_err(out, ref) <= 2 * max_err(naive, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # PyTorch's kernels: any device
+@pytest.mark.parametrize("case", CASES + [(2, 2, 60, 31, 24, [500.0, -40.0])], ids=lambda c: "x".join(map(str, c[:5])))
+def test_sdpa_matches_reference(dtype, case):
+    """PyTorch's fused attention on the normalised, scaled q and k, within the kernels'
+    tolerances; q and v with a unit stride along the tokens, as the model's are (the fused
+    kernels need one along D)."""
+    *shape, temps = case
+    q, k, v, t = inputs(*shape, temps)
+    q, v = (x.transpose(-1, -2).contiguous().transpose(-1, -2) for x in (q, v))
+    ref = cosine_attention_torch(q, k, v, t)
+    out = cosine_attention(*to(dtype, q, k, v), t.float().to(DEVICE), backend="sdpa")
+    assert out.shape == q.shape and out.dtype == dtype
+    if dtype == torch.float32:
+        assert max_err(out, ref) <= fp32_tolerance(q, k, v, t, ref)
+    else:
+        assert max_err(out, ref) <= 2 * max_err(cosine_attention_torch(*to(dtype, q, k, v, t)), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sdpa_zero_rows_normalise_to_zero(dtype):
+    """A zero row's factor t / eps overflows 16 bits, its product with the row does not (the
+    naive 16-bit expression gives NaN there, so its error is taken with those rows nonzero)."""
+    q, k, v, t = inputs(2, 2, 40, 30, 24, [5.0, -50.0])
+    ref_nonzero = cosine_attention_torch(q, k, v, t)
+    naive = cosine_attention_torch(*to(dtype, q, k, v, t))
+    q[0, 1, 3] = 0
+    k[1, 0, 7] = 0
+    out = cosine_attention(*to(dtype, q, k, v), t.float().to(DEVICE), backend="sdpa")
+    assert out.isfinite().all()
+    assert max_err(out, cosine_attention_torch(q, k, v, t)) <= max(1e-5, 2 * max_err(naive, ref_nonzero))
+
+
+def test_sdpa_backward_matches_autograd():
+    q, k, v, t = inputs(2, 2, 41, 67, 24, [50.0, -3.0])
+    q[0, 0, 3] = 0
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = grads(cosine_attention_torch, torch.float64, q, k, v, t, dout)
+    got = grads(lambda *a: cosine_attention(*a, backend="sdpa"), torch.float32, q, k, v, t, dout)
+    naive = grads(cosine_attention_torch, torch.float32, q, k, v, t, dout)
+    for name, g, n, r in zip("qkvt", got, naive, ref):
+        assert g.shape == r.shape and g.dtype == torch.float32, name
+        assert max_err(g, r) <= 10 * max_err(n, r), name
+
+
 @pytest.mark.parametrize("splits", [1, 2, 5])
 @pytest.mark.parametrize("temperature,online", [(3.0, False), (3.0, True), (60.0, False)])  # fixed shift, online
 def test_triton_key_splits_agree(splits, temperature, online):
@@ -335,7 +379,7 @@ def test_compiles_without_graph_breaks():
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "cuda", "sdpa"])
 def test_cuda_graph_replay_equals_eager(backend):
     q, k, v, t = to(torch.bfloat16, *inputs(1, 2, 1000, 3000, 96, [2.0, 30.0]))
     t = t.float()
@@ -412,6 +456,8 @@ def test_environment_selects_the_backend(monkeypatch):
     ("triton", torch.float64, 16, "dtype torch.float64 is not one of"),
     ("triton", torch.float32, 20, "head dim D=20 is not a multiple of 8"),
     ("triton", torch.float32, 520, "between 8 and 512"),
+    ("sdpa", torch.float64, 16, "dtype torch.float64 is not one of"),
+    ("sdpa", torch.float32, 20, "head dim D=20 is not a multiple of 8"),
     ("cuda", torch.float32, 16, "CUDA"),
 ])
 def test_explicit_backend_that_cannot_run_says_why(backend, dtype, d, why):

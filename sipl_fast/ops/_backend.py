@@ -21,7 +21,8 @@ Each op lists its backends in order of preference, the pure-PyTorch reference
   that measuring may take). FastSIPL chooses this way during its warm-up.
   Measuring compares wall time per call (host launch overhead included: what eager code
   pays), or, inside :func:`measuring_device_time`, device time of the calls replayed as a
-  CUDA graph (what a captured graph pays; FastSIPL with CUDA graphs measures so).
+  CUDA graph (what a captured graph pays; FastSIPL with CUDA graphs measures so), among the
+  candidates that can be captured (one that cannot would break the loop's graph).
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ __all__ = ["FASTEST", "KERNEL_DTYPES", "NAMES", "BackendError", "Backend", "back
 FASTEST = "fastest"
 
 #: Every backend name some op has (``ops.OP_BACKENDS``).
-NAMES = ("torch", "triton", "cuda")
+NAMES = ("torch", "triton", "cuda", "sdpa")
 
 
 class BackendError(ValueError):
@@ -260,8 +261,10 @@ def _fastest(op: str, candidates, args, kwargs) -> Backend:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return candidates[0]
         times = {c.name: _seconds(c.fn, args, kwargs, device_time) for c in candidates}
-        if None in times.values():  # a candidate cannot be captured: compare them all by wall time
-            times = {c.name: _seconds(c.fn, args, kwargs, False) for c in candidates}
+        # a candidate that cannot be captured would break the loop's graph: the others compete;
+        # if none can be captured, all of them by wall time
+        times = {n: s for n, s in times.items() if s is not None} or {
+            c.name: _seconds(c.fn, args, kwargs, False) for c in candidates}
         name = _measured[key] = min(times, key=times.get)
     return next(c for c in candidates if c.name == name)
 

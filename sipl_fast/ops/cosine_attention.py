@@ -16,6 +16,11 @@ Backends (first the reference):
   whose dots the interpreter gets wrong.
 - ``"cuda"``: the CUDA C++ forward ``kernels/cosine_attention.cu`` (through the
   compiled extension or CuPy), inference only.
+- ``"sdpa"``: PyTorch's fused attention (flash, cuDNN or memory-efficient: never its
+  math fallback, which would store the scores) on ``normalize(q) * t_h`` and
+  ``normalize(k)``, differentiable. Not ours, but where it is faster (bf16 at D = 96 on
+  Hopper) FastSIPL's measured choice takes it; the automatic choice takes it on a GPU only
+  after the kernels above, and never on a CPU (the reference stays the reference).
 
 Each fast backend is a ``torch.library`` custom op with a fake implementation,
 so it traces under ``torch.compile`` without graph breaks, and launches without
@@ -29,6 +34,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _triton
 from ._backend import KERNEL_DTYPES, Backend, check_real_floating, choose, cuda_problem, needs_grad
@@ -111,6 +117,27 @@ def cosine_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, te
     # a temperature in a wider dtype promotes the map (as under autocast, which then casts it
     # for the product with v; cast here too, so that it also runs without autocast)
     return ((q @ k.transpose(-2, -1)) * t).softmax(dim=-1).to(v.dtype) @ v
+
+
+#: PyTorch's fused attention kernels that ``"sdpa"`` may use (not the math fallback).
+_SDPA_KERNELS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
+
+
+def cosine_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(normalize(q) * t_h, normalize(k), v, scale=1)``. The
+    norms are reduced in fp32 and each row is multiplied by ``t_h / max(|x|, eps)`` in fp32,
+    rounded once to the inputs' dtype on store (no fp32 copy of q unless autograd records);
+    the fused kernels need a unit stride along D, so v gets one if it lacks it."""
+    def scaled(x, t):
+        factor = t / torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(EPS)
+        if needs_grad(x, factor):
+            return (x * factor).to(x.dtype).contiguous()
+        return torch.mul(x, factor, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+    v = v if v.stride(-1) == 1 else v.contiguous()
+    with sdpa_kernel(list(_SDPA_KERNELS)):
+        return F.scaled_dot_product_attention(scaled(q, temperature.reshape(1, -1, 1, 1).float()), scaled(k, 1.0), v,
+                                              scale=1.0)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -907,12 +934,16 @@ BACKENDS = {
     "torch": Backend("torch", cosine_attention_torch, lambda *a: None, automatic=_naive_fits),
     "triton": Backend("triton", _run_triton, _triton_why_not, automatic=lambda q, *a: q.is_cuda),
     "cuda": Backend("cuda", lambda q, k, v, t: cosine_attention_cuda(q, k, v, t.reshape(-1)), _cuda_why_not),
+    "sdpa": Backend("sdpa", cosine_attention_sdpa, lambda q, k, v, t: _kernel_why_not(q, k, v),
+                    automatic=lambda q, *a: q.is_cuda),
 }
 # Automatic choice, from benchmarks/results/cosine_attention.md (H200, bf16): the CUDA C++
 # forward beat the Triton one on every shape (1.2-1.6x); with gradients the CUDA kernel
 # refuses, so training takes Triton, whose memory stays linear (naive autograd needs 2.5 GiB
-# at 65536 x 4096 and ~40 GiB at a 2048^2 input).
-PREFERENCE = ("cuda", "triton", "torch")
+# at 65536 x 4096 and ~40 GiB at a 2048^2 input). SDPA (cuDNN or flash) beat both at D = 96
+# (1.0-2.5x) and lost at D = 384 (mem-efficient, 10x slower): it comes after our kernels,
+# and "fastest" (FastSIPL) takes it where it measures faster.
+PREFERENCE = ("cuda", "triton", "sdpa", "torch")
 
 
 def _check(q, k, v, temperature) -> None:
@@ -943,7 +974,8 @@ def cosine_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperat
     """``softmax((normalize(q) @ normalize(k)^T) * t_h) @ v``: (B, H, Nq, D) from q (B, H, Nq, D),
     k and v (B, H, Nk, D), temperature (H,) or (H, 1, 1).
 
-    ``backend``: None/"auto" (the first of cuda, triton, torch that can run), "torch", "triton" or "cuda".
+    ``backend``: None/"auto" (the first of cuda, triton, sdpa (GPU only), torch that can run), "torch",
+    "triton", "cuda" or "sdpa" (PyTorch's fused attention on the normalised, scaled q and k).
     """
     _check(q, k, v, temperature)
     return choose("cosine_attention", BACKENDS, PREFERENCE, backend, q, k, v, temperature).fn(q, k, v, temperature)
