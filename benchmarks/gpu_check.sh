@@ -30,11 +30,11 @@ TESTS=("$@")
 # never run on a GPU first: conv1x1, the CUDA gated conv, bf16 dots, the changed attention kernels, graphs
 [ ${#TESTS[@]} -eq 0 ] && TESTS=(tests/test_backend_choice.py tests/test_conv1x1.py tests/test_gated_dwconv_gelu.py
                                   tests/test_channel_attention.py tests/test_engine.py tests/test_cosine_attention.py
-                                  tests/test_layer_norm2d.py)
+                                  tests/test_layer_norm2d.py tests/test_depthwise_conv3x3.py)
 # the issues' targets first: the attention; FastSIPL at 256^2 (batch 1 and 4) and 512^2 (NCHW
 # and channels-last); its kernels by device time per backend and layout; the backbone's target shapes;
-# FastSIPL's peaks at 2048^2 and 3840x2160; the gate at every shape
-BENCHMARKS=${BENCHMARKS-"cosine_attention|--variants naive,sdpa,triton,cuda --backward-shapes 0|120;fast_sipl|--sizes 256,256b4,512 --variants eager-fp32,eager-bf16,fast-bf16,fast-bf16-cl|170;fast_sipl_profile|--sizes 512 --backends auto,triton --layouts nchw,channels-last|120;backbone|--headline|80;fast_sipl|--sizes 2048,3840x2160 --variants fast-bf16 --tag _large|100;gated_dwconv_gelu|--variants eager-bf16,triton-bf16,cuda-bf16|60"}
+# FastSIPL's peaks at 2048^2 and 3840x2160; the gate and the cross blocks' depthwise convolution at every shape
+BENCHMARKS=${BENCHMARKS-"cosine_attention|--variants naive,sdpa,triton,cuda --backward-shapes 0|120;fast_sipl|--sizes 256,256b4,512 --variants eager-fp32,eager-bf16,fast-bf16,fast-bf16-cl|170;fast_sipl_profile|--sizes 512 --backends auto,triton --layouts nchw,channels-last|120;backbone|--headline|80;fast_sipl|--sizes 2048,3840x2160 --variants fast-bf16 --tag _large|100;gated_dwconv_gelu|--variants eager-bf16,triton-bf16,cuda-bf16|60;depthwise_conv3x3|--variants eager-bf16,triton-bf16|40"}
 COLD_TRITON_CACHE=${COLD_TRITON_CACHE:-fast_sipl}
 DEADLINE=${DEADLINE_SECONDS:-560}
 

@@ -18,6 +18,9 @@ returns. Every change is an exact rewrite of the published computation:
   its projection): neither the gate nor the convolution's output reaches memory; its hidden
   width (255, 127, 425, ...) padded with zero channels to a multiple of 16, for aligned
   (vector) memory accesses;
+- **the cross blocks' depthwise convolutions** (``q_dwconv``, ``kv_dwconv``) as
+  ``ops.depthwise_conv3x3`` (the stencil of the gate kernel, or PyTorch's where that measures
+  faster);
 - **residual adds inside the products before them**: MDTA's (in that product), the GDFN's
   (above) and the cross attention's (in ``project_out``, ``ops.conv1x1``);
 - **dictionary keys/values once**: in the dictionary-only pass, Proxy Fusion attends to the
@@ -137,13 +140,22 @@ class _EngineTransformerBlock(TransformerBlock):
         return _feed_forward(self.norm2, self.ffn, x)
 
 
+def _dwconv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a depthwise 3x3 ``conv`` (``ops.depthwise_conv3x3``), x first cast to
+    autocast's dtype where autocast is on, as it casts a convolution's input."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        x = x.to(torch.get_autocast_dtype(device))
+    return ops.depthwise_conv3x3(x, conv.weight, conv.bias)
+
+
 class _EngineCrossBlock(CrossBlock):
     """The cross block with its local stages by rows (``_by_rows``), LN12 and LN2 inside the 1x1
     convolutions after them, and the residual adds inside the output projections."""
 
     def keys_values(self, x_kv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         attn = self.attn
-        k, v = _by_rows(lambda t: attn.kv_dwconv(_normed_conv(self.norm12, attn.kv, t)), x_kv).chunk(2, dim=1)
+        k, v = _by_rows(lambda t: _dwconv(attn.kv_dwconv, _normed_conv(self.norm12, attn.kv, t)), x_kv).chunk(2, dim=1)
         return tuple(rearrange(t, "b (head c) h w -> b head (h w) c", head=attn.num_heads) for t in (k, v))
 
     def forward(self, x_q: torch.Tensor, x_kv: Optional[torch.Tensor] = None,
@@ -151,7 +163,7 @@ class _EngineCrossBlock(CrossBlock):
         attn = self.attn
         h, w = x_q.shape[-2:]
         a = self.norm11(x_q)
-        q = rearrange(_by_rows(lambda t: attn.q_dwconv(attn.q(t)), a), "b (head c) h w -> b head (h w) c",
+        q = rearrange(_by_rows(lambda t: _dwconv(attn.q_dwconv, attn.q(t)), a), "b (head c) h w -> b head (h w) c",
                       head=attn.num_heads)
         k, v = self.keys_values(x_kv) if kv is None else kv
         out = ops.cosine_attention(q, k, v, attn.temperature)
@@ -232,6 +244,7 @@ def engine_blocks(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
         if isinstance(module, CrossBlock):
             _fold_norm_affine(module.norm12, module.attn.kv)  # norm11's output is also the residual
             convs = [module.attn.kv, module.attn.project_out]
+            tap_major += [module.attn.q_dwconv, module.attn.kv_dwconv]
         if isinstance(module, (TransformerBlock, CrossBlock)):
             _fold_norm_affine(module.norm2, module.ffn.project_in)
             _pad_hidden(module.ffn)

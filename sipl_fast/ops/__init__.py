@@ -21,18 +21,19 @@ from ._triton import compiling_only, tuned_tiles
 from .channel_attention import channel_attention
 from .conv1x1 import conv1x1
 from .cosine_attention import cosine_attention, cosine_attention_torch
+from .depthwise_conv3x3 import depthwise_conv3x3
 from .gated_dwconv_gelu import gated_dwconv_gelu
 from .layer_norm2d import layer_norm2d
 
 #: Every op, by the name its backend variables and ``backend_scope`` mappings use.
-OPS = ("channel_attention", "conv1x1", "cosine_attention", "gated_dwconv_gelu", "layer_norm2d")
+OPS = ("channel_attention", "conv1x1", "cosine_attention", "depthwise_conv3x3", "gated_dwconv_gelu", "layer_norm2d")
 
 #: The backends of each op, the reference first.
 OP_BACKENDS = {op: tuple(importlib.import_module(f".{op}", __name__).BACKENDS) for op in OPS}
 
 __all__ = ["FASTEST", "OPS", "OP_BACKENDS", "BackendError", "available_backends", "backend_scope", "channel_attention",
-           "compiling_only", "conv1x1", "cosine_attention", "cosine_attention_torch", "gated_dwconv_gelu",
-           "graph_ms", "layer_norm2d", "measured_choices", "measuring_device_time", "tuned_tiles"]
+           "compiling_only", "conv1x1", "cosine_attention", "cosine_attention_torch", "depthwise_conv3x3",
+           "gated_dwconv_gelu", "graph_ms", "layer_norm2d", "measured_choices", "measuring_device_time", "tuned_tiles"]
 
 
 def _triton_status() -> dict:

@@ -69,9 +69,11 @@ if triton is not None:
 
     @triton.jit
     def _gate(x_img, Wt, Bs, ch, pix, h, H, W, sxc, sxp, inside, DUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-              WIDE: tl.constexpr, TAP_UNROLL: tl.constexpr):
+              WIDE: tl.constexpr, TAP_UNROLL: tl.constexpr, GATED: tl.constexpr = True):
         """[channels, pixels] fp32: the gate of the depthwise convolution of channels ch and
         ch + h at pixels pix (linear, y * W + x) of the image at ``x_img``; 0 at channels >= h.
+        Not ``GATED``: the convolution (and bias) of channels ch < h of an h-channel image
+        (``ops.depthwise_conv3x3``).
 
         Both halves are convolved in fp32 (``_triton.dwconv3x3``, zero outside the image;
         weights tap-major, ``_layout.tap_major``; without masks where ``inside``: all channels
@@ -85,8 +87,12 @@ if triton is not None:
             pixels = pix
             c1 = ch
         in_image = pix < H * W
-        acc1 = dwconv3x3(x_img + c1[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, 2 * h, ch, H, W, inside,
-                         TAP_UNROLL)
+        acc1 = dwconv3x3(x_img + c1[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt,
+                         2 * h if GATED else h, ch, H, W, inside, TAP_UNROLL)
+        if not GATED:
+            if HAS_BIAS:
+                acc1 += tl.load(Bs + ch, mask=in_channels, other=0.0)[:, None]
+            return acc1
         acc2 = dwconv3x3(x_img + (c1 + h)[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, 2 * h, ch + h, H, W,
                          inside, TAP_UNROLL)
         if HAS_BIAS:
@@ -99,15 +105,17 @@ if triton is not None:
     @triton.jit
     def _gated_dwconv_gelu_kernel(X, Wt, Bs, O, h, H, W, sxb, sxc, sxp, sob, soc, sop,
                                   DUAL: tl.constexpr, HAS_BIAS: tl.constexpr, WIDE: tl.constexpr,
-                                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TAP_UNROLL: tl.constexpr = 1):
+                                  BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TAP_UNROLL: tl.constexpr = 1,
+                                  GATED: tl.constexpr = True):
         """Program (pixel block, channel block, image): BLOCK_C output channels at BLOCK_P pixels
-        (``_gate``), one store. NCHW (sxp = 1) tiles are wide in pixels, NHWC (sxc = 1) tiles
-        wide in channels, so loads coalesce in both layouts."""
+        (``_gate``; not ``GATED``: the plain depthwise convolution of h channels), one store.
+        NCHW (sxp = 1) tiles are wide in pixels, NHWC (sxc = 1) tiles wide in channels, so
+        loads coalesce in both layouts."""
         pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         b = tl.program_id(2).to(tl.int64)
         inside = interior(tl.program_id(0) * BLOCK_P, BLOCK_P, H, W) & ((tl.program_id(1) + 1) * BLOCK_C <= h)
-        y = _gate(X + b * sxb, Wt, Bs, ch, pix, h, H, W, sxc, sxp, inside, DUAL, HAS_BIAS, WIDE, TAP_UNROLL)
+        y = _gate(X + b * sxb, Wt, Bs, ch, pix, h, H, W, sxc, sxp, inside, DUAL, HAS_BIAS, WIDE, TAP_UNROLL, GATED)
         tl.store(tile(O + b * sob, ch, pix, soc, sop, WIDE), y.to(O.dtype.element_ty),
                  mask=(ch < h)[:, None] & (pix < H * W)[None, :])
 
@@ -222,8 +230,16 @@ def gated_dwconv_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
     w32, b32 = _layout.tap_major(weight), _fp32(bias)
     if proj_weight is not None:
         return _project(x, w32, b32, dual, proj_weight, proj_bias, residual)
-    b, c2, hh, ww = x.shape
-    h = c2 // 2
+    return stencil(x, w32, b32, dual)
+
+
+def stencil(x: torch.Tensor, w32: torch.Tensor, b32: Optional[torch.Tensor], dual: bool,
+            gated: bool = True) -> torch.Tensor:
+    """The gate kernel's launch on x (``_layout.pixels``), weights tap-major fp32 (9, C), bias
+    fp32 or None: the gate (B, C/2, H, W), or not ``gated`` the depthwise convolution
+    (B, C, H, W) (``ops.depthwise_conv3x3``), in x's layout."""
+    b, c, hh, ww = x.shape
+    h = c // 2 if gated else c
     out = _layout.empty(x, h)
     if out.numel() == 0:
         return out
@@ -231,10 +247,10 @@ def gated_dwconv_gelu_triton(x: torch.Tensor, weight: torch.Tensor, bias: Option
     wide = _layout.wide(x, out)
     configs = _GATE_CONFIGS[sxp == 1] if x.is_cuda else _INTERPRETER_GATE
     grid = lambda meta: (triton.cdiv(hh * ww, meta["BLOCK_P"]), triton.cdiv(h, meta["BLOCK_C"]), b)  # noqa: E731
-    _triton.launch_tuned(_gated_dwconv_gelu_kernel, _gate_tuned, (x.dtype, sxp == 1, dual, b32 is not None, wide),
+    _triton.launch_tuned(_gated_dwconv_gelu_kernel, _gate_tuned, (x.dtype, sxp == 1, dual, b32 is not None, wide, gated),
                          configs, grid,
                          x, w32, b32 if b32 is not None else w32, out, h, hh, ww, sxb, sxc, sxp,
-                         *_layout.strides(out), DUAL=dual, HAS_BIAS=b32 is not None, WIDE=wide)
+                         *_layout.strides(out), DUAL=dual, HAS_BIAS=b32 is not None, WIDE=wide, GATED=gated)
     return out
 
 
