@@ -8,6 +8,7 @@ against float64 on the same inputs).
 """
 import importlib
 
+import numpy
 import pytest
 import torch
 
@@ -403,10 +404,15 @@ def test_bad_projection_raises_value_error():
         channel_attention(q, k, v, t, torch.ones(3, 8, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"dw_weight of shape \(24, 1, 3, 3\)"):
         channel_attention(q, k, v, t, dw_weight=torch.randn(8, 1, 3, 3), width=3)
-    with pytest.raises(ValueError, match="a divisor of N = 9"):
-        channel_attention(q, k, v, t, dw_weight=torch.randn(24, 1, 3, 3), width=2)
-    with pytest.raises(ValueError, match="dw_bias needs dw_weight"):
+    for width in (2, True, 3.0, "3"):
+        with pytest.raises(ValueError, match="an integer dividing N = 9"):
+            channel_attention(q, k, v, t, dw_weight=torch.randn(24, 1, 3, 3), width=width)
+    with pytest.raises(ValueError, match="need dw_weight"):
         channel_attention(q, k, v, t, dw_bias=torch.randn(24))
+    with pytest.raises(ValueError, match="need dw_weight"):
+        channel_attention(q, k, v, t, width=3)
+    out = channel_attention(q, k, v, t, dw_weight=torch.randn(24, 1, 3, 3), width=numpy.int64(3))  # any integer
+    assert out.shape == q.shape
 
 
 def test_opcheck_and_compile_without_graph_breaks():

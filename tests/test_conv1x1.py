@@ -202,9 +202,13 @@ def test_triton_promotes_with_the_residual_and_takes_fp32_weights():
     assert max_err(out, ref) <= tolerance(torch.float16, (x, w, b, r), True, ref)
 
 
-def test_empty_input():
-    x, w, b, r = to(torch.float32, *inputs(2, 8, 4, 0, 3))
-    assert conv1x1(x, w, b, r, True, backend="triton").shape == (2, 4, 0, 3)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_input(backend):
+    """An image without pixels (which F.conv2d refuses) or an empty batch: the empty result."""
+    for shape in ((2, 8, 4, 0, 3), (2, 8, 4, 3, 0), (0, 8, 4, 3, 3)):
+        x, w, b, r = to(torch.float16, *inputs(*shape))
+        out = conv1x1(x, w, b, r.float(), True, backend=backend)
+        assert out.shape == (shape[0], 4, *shape[3:]) and out.dtype == torch.float32
 
 
 # ------------------------------------------------------------------ choice and errors

@@ -291,6 +291,21 @@ def test_backward_matches_autograd(dtype, case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_backward_with_one_key_is_exact(dtype):
+    """One key: every softmax is 1, so dq, dk and dt are exactly 0, as autograd gets them (a
+    zero key would scale any rounding noise by 1 / eps), and dv sums dout over the queries."""
+    q, k, v, t = inputs(2, 2, 37, 1, 24, [3.0, -20.0])
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    naive_dv = grads(cosine_attention_torch, dtype, q, k, v, t, dout)[2]  # (a zero key is NaN in 16 bits)
+    k[0, 1] = 0
+    got = grads(lambda *a: cosine_attention(*a, backend="triton"), dtype, q, k, v, t, dout)
+    ref = grads(cosine_attention_torch, torch.float64, q, k, v, t, dout)
+    for name, g, r in zip("qkt", (got[0], got[1], got[3]), (ref[0], ref[1], ref[3])):
+        assert g.dtype == dtype and not r.any() and not g.any(), name
+    assert max_err(got[2], ref[2]) <= 2 * max_err(naive_dv, ref[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("splits", [(2, 1), (1, 3), (3, 2)], ids=lambda s: f"dkdv{s[0]}-dq{s[1]}")
 def test_triton_backward_splits_agree(dtype, splits, monkeypatch):
     """Split query ranges (dk/dv) and key ranges (dq), summed by the finish kernel, give the

@@ -25,6 +25,7 @@ block's skip connection before the one store.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -457,12 +458,13 @@ def _check(q, k, v, temperature, proj_weight, proj_bias, residual, dw_weight, dw
         if dw_bias is not None and (not isinstance(dw_bias, torch.Tensor) or tuple(dw_bias.shape) != (3 * h * c,)):
             raise ValueError(f"channel_attention: expected dw_bias of shape ({3 * h * c},), "
                              f"got {tuple(getattr(dw_bias, 'shape', ()))}")
-        if not isinstance(width, int) or width < 1 or n % width:
-            raise ValueError(f"channel_attention: with dw_weight, width must be the image width, a divisor of N = {n}, "
-                             f"got {width!r}")
+        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1 or n % width:
+            raise ValueError(f"channel_attention: with dw_weight, width must be the image width, an integer dividing "
+                             f"N = {n}, got {width!r}")
         extra += [("dw_weight", dw_weight), ("dw_bias", dw_bias)]
-    elif dw_bias is not None:
-        raise ValueError("channel_attention: dw_bias needs dw_weight")
+    elif dw_bias is not None or width != 0:
+        raise ValueError(f"channel_attention: dw_bias and width (the image width) need dw_weight, got "
+                         f"dw_bias {'None' if dw_bias is None else 'given'}, width {width!r}")
     check_real_floating("channel_attention", **{name: t for name, t in extra if name != "residual"})
     for name, x in [("k", k), ("v", v)] + extra:
         if x is not None and x.device != q.device:
@@ -487,5 +489,5 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tempera
     ``backend``: None/"auto" (triton where it can run, else torch), "torch" or "triton".
     """
     _check(q, k, v, temperature, proj_weight, proj_bias, residual, dw_weight, dw_bias, width)
-    args = (q, k, v, temperature, proj_weight, proj_bias, residual, dw_weight, dw_bias, width)
+    args = (q, k, v, temperature, proj_weight, proj_bias, residual, dw_weight, dw_bias, int(width))
     return choose("channel_attention", BACKENDS, PREFERENCE, backend, *args).fn(*args)

@@ -43,10 +43,12 @@ except ImportError:  # Triton ships with Linux torch wheels only
 def conv1x1_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   residual: Optional[torch.Tensor] = None, normalize: bool = False, eps: float = 1e-5) -> torch.Tensor:
     """Reference: the norm, the convolution and the add op by op, in x's dtype."""
+    cout = weight.shape[0]
+    if 0 in x.shape[2:]:  # an image without pixels, which F.conv2d refuses: the empty result
+        return x.new_empty((x.shape[0], cout, *x.shape[2:]), dtype=result_dtype(x, residual))
     if normalize:
         c = x.shape[1]
         x = layer_norm2d_torch(x, x.new_ones(c), x.new_zeros(c), eps)
-    cout = weight.shape[0]
     y = F.conv2d(x, weight.reshape(cout, -1, 1, 1).to(x.dtype), None if bias is None else bias.to(x.dtype))
     return y if residual is None else residual + y
 

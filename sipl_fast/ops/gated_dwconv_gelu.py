@@ -187,8 +187,10 @@ _GATE_CONFIGS = {True: _gate_tiles((4, 256, 4, 1), (2, 512, 4, 1), (8, 256, 8, 1
 # The interpreter runs programs one by one: large tiles, few programs.
 _INTERPRETER_GATE = _gate_tiles((32, 512, 4, 1)) if triton else []
 if triton is not None:
+    # tuned per shape and kind: the gdfn and dual gates and the plain convolution of one shape differ
     _gate_tuned = _triton.autotune(_gated_dwconv_gelu_kernel, [c for group in _GATE_CONFIGS.values() for c in group],
-                                   ["h", "H", "W", "sxp"], lambda nargs, kw: _GATE_CONFIGS[nargs["sxp"] == 1])
+                                   ["h", "H", "W", "sxp", "DUAL", "GATED"],
+                                   lambda nargs, kw: _GATE_CONFIGS[nargs["sxp"] == 1])
 
 
 def _fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
