@@ -176,3 +176,9 @@ def test_graph_replay_equals_eager():
     graph.replay()
     torch.testing.assert_close(out, depthwise_conv3x3(x, w, b, backend="triton"), rtol=0, atol=0)
     assert not torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch(backend):
+    x, w, b = (t.float().to(DEVICE) for t in inputs(2, 4, 5, 5))
+    assert depthwise_conv3x3(x[:0], w, b, backend=backend).shape == (0, 4, 5, 5)
