@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _layout
-from ._backend import Backend, check_real_floating, choose, forward_only_problem
-from .gated_dwconv_gelu import _fp32, stencil
+from ._backend import Backend, choose, forward_only_problem
+from .gated_dwconv_gelu import _fp32, check_depthwise, stencil
 
 
 def depthwise_conv3x3_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -54,16 +54,9 @@ def _check(x, weight, bias) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"depthwise_conv3x3: expected x as a floating-point (B, C, H, W) tensor, got "
                          f"{getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}")
-    c, height, width = x.shape[1:]
-    if not isinstance(weight, torch.Tensor) or weight.shape != (c, 1, 3, 3):
-        raise ValueError(f"depthwise_conv3x3: expected weight of shape ({c}, 1, 3, 3), "
-                         f"got {tuple(getattr(weight, 'shape', ()))}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (c,)):
-        raise ValueError(f"depthwise_conv3x3: expected bias of shape ({c},) or None, "
-                         f"got {tuple(getattr(bias, 'shape', ()))}")
-    if c < 1 or height < 1 or width < 1:
-        raise ValueError(f"depthwise_conv3x3: expected C, H, W >= 1, got {c}, {height}, {width}")
-    check_real_floating("depthwise_conv3x3", weight=weight, bias=bias)
+    if x.shape[1] < 1:
+        raise ValueError("depthwise_conv3x3: expected C >= 1 channels, got 0")
+    check_depthwise("depthwise_conv3x3", x, weight, bias)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise ValueError(f"depthwise_conv3x3: {name} is on {t.device}, x on {x.device}")

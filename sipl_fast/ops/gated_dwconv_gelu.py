@@ -298,6 +298,19 @@ BACKENDS = {
 PREFERENCE = ("triton", "cuda", "torch")
 
 
+def check_depthwise(op: str, x: torch.Tensor, weight, bias) -> None:
+    """ValueError unless ``weight`` is a real floating (C, 1, 3, 3) tensor and ``bias`` one of
+    shape (C,) or None, for x (B, C, H, W) with H, W >= 1 (which a padded convolution needs)."""
+    c, height, width = x.shape[1:]
+    if not isinstance(weight, torch.Tensor) or weight.shape != (c, 1, 3, 3):
+        raise ValueError(f"{op}: expected weight of shape ({c}, 1, 3, 3), got {tuple(getattr(weight, 'shape', ()))}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (c,)):
+        raise ValueError(f"{op}: expected bias of shape ({c},) or None, got {tuple(getattr(bias, 'shape', ()))}")
+    if height < 1 or width < 1:
+        raise ValueError(f"{op}: expected an image of H, W >= 1, got {height} x {width}")
+    check_real_floating(op, weight=weight, bias=bias)
+
+
 def _check(x, weight, mode, bias, proj_weight, proj_bias, residual) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"gated_dwconv_gelu: expected x as a floating-point (B, 2h, H, W) tensor, got "
@@ -307,12 +320,7 @@ def _check(x, weight, mode, bias, proj_weight, proj_bias, residual) -> None:
         raise ValueError(f"gated_dwconv_gelu: expected an even channel count 2h, got {c2}")
     if mode not in MODES:
         raise ValueError(f"gated_dwconv_gelu: mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(weight, torch.Tensor) or weight.shape != (c2, 1, 3, 3):
-        raise ValueError(f"gated_dwconv_gelu: expected weight of shape ({c2}, 1, 3, 3), "
-                         f"got {tuple(getattr(weight, 'shape', ()))}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (c2,)):
-        raise ValueError(f"gated_dwconv_gelu: expected bias of shape ({c2},) or None, "
-                         f"got {tuple(getattr(bias, 'shape', ()))}")
+    check_depthwise("gated_dwconv_gelu", x, weight, bias)
     b, h, height, width = x.shape[0], c2 // 2, *x.shape[2:]
     if proj_weight is None:
         if proj_bias is not None or residual is not None:
@@ -331,9 +339,7 @@ def _check(x, weight, mode, bias, proj_weight, proj_bias, residual) -> None:
             raise ValueError(f"gated_dwconv_gelu: expected a floating-point residual of shape "
                              f"({b}, {cout}, {height}, {width}) or None, got {getattr(residual, 'dtype', type(residual))} "
                              f"of shape {tuple(getattr(residual, 'shape', ()))}")
-    if height < 1 or width < 1:
-        raise ValueError(f"gated_dwconv_gelu: expected an image of H, W >= 1, got {height} x {width}")
-    check_real_floating("gated_dwconv_gelu", weight=weight, bias=bias, proj_weight=proj_weight, proj_bias=proj_bias)
+    check_real_floating("gated_dwconv_gelu", proj_weight=proj_weight, proj_bias=proj_bias)
     for name, t in (("weight", weight), ("bias", bias), ("proj_weight", proj_weight), ("proj_bias", proj_bias),
                     ("residual", residual)):
         if t is not None and t.device != x.device:
