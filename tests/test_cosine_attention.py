@@ -123,6 +123,17 @@ def test_sdpa_zero_rows_normalise_to_zero(dtype):
     assert max_err(out, cosine_attention_torch(q, k, v, t)) <= max(1e-5, 2 * max_err(naive, ref_nonzero))
 
 
+def test_sdpa_copies_a_v_whose_rows_are_not_aligned():
+    """The fused kernels need 16-byte aligned rows (on a GPU: else no kernel would run)."""
+    q, k, _, t = inputs(1, 2, 40, 30, 24, [5.0, -3.0])
+    big = torch.randn(1, 2, 31, 25, dtype=torch.float64)
+    v = big.to(DEVICE, torch.float16)[:, :, 1:, 1:]
+    assert v.storage_offset() % 8 and v.stride(2) % 8
+    out = cosine_attention(*to(torch.float16, q, k), v, t.float().to(DEVICE), backend="sdpa")
+    ref = cosine_attention_torch(q, k, big[:, :, 1:, 1:], t)
+    assert max_err(out, ref) <= 2 * max_err(cosine_attention_torch(*to(torch.float16, q, k, t), v), ref)
+
+
 def test_sdpa_backward_matches_autograd():
     q, k, v, t = inputs(2, 2, 41, 67, 24, [50.0, -3.0])
     q[0, 0, 3] = 0
@@ -442,7 +453,8 @@ def test_measuring_leaves_out_the_reference_where_its_scores_are_huge(monkeypatc
         return cosine_attention_torch(*args)
 
     monkeypatch.setitem(module.BACKENDS, "triton", module.Backend("triton", kernel, lambda *a: None))
-    monkeypatch.setitem(module.BACKENDS, "cuda", module.Backend("cuda", kernel, lambda *a: "not in this test"))
+    for name in ("cuda", "sdpa"):
+        monkeypatch.setitem(module.BACKENDS, name, module.Backend(name, kernel, lambda *a: "not in this test"))
     timed = []
     monkeypatch.setattr(_backend, "_seconds", lambda fn, *rest: timed.append(fn) or (0.0 if fn is kernel else 1.0))
     monkeypatch.setattr(_backend, "_measured", {})

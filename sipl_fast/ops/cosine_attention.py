@@ -127,14 +127,16 @@ def cosine_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tem
     """``F.scaled_dot_product_attention(normalize(q) * t_h, normalize(k), v, scale=1)``. The
     norms are reduced in fp32 and each row is multiplied by ``t_h / max(|x|, eps)`` in fp32,
     rounded once to the inputs' dtype on store (no fp32 copy of q unless autograd records);
-    the fused kernels need a unit stride along D, so v gets one if it lacks it."""
+    the fused kernels need a unit stride along D and 16-byte aligned rows, so v is copied where
+    it lacks them (q and k are fresh, D a multiple of 8)."""
     def scaled(x, t):
         factor = t / torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(EPS)
         if needs_grad(x, factor):
             return (x * factor).to(x.dtype).contiguous()
         return torch.mul(x, factor, out=torch.empty(x.shape, dtype=x.dtype, device=x.device))
 
-    v = v if v.stride(-1) == 1 else v.contiguous()
+    if v.stride(-1) != 1 or any(n % 8 for n in (v.storage_offset(), *v.stride()[:-1])):
+        v = v.clone(memory_format=torch.contiguous_format)
     with sdpa_kernel(list(_SDPA_KERNELS)):
         return F.scaled_dot_product_attention(scaled(q, temperature.reshape(1, -1, 1, 1).float()), scaled(k, 1.0), v,
                                               scale=1.0)
