@@ -118,7 +118,8 @@ def test_op_variants_take_only_the_ops_own_backends(monkeypatch):
     assert "cuda-bf16" in common.op_variants("layer_norm2d", lambda *a: None, args, "all", torch.device("cpu"), None)
 
 
-@pytest.mark.parametrize("script", ["layer_norm2d", "conv1x1", "channel_attention", "depthwise_conv3x3", "gated_dwconv_gelu"])
+@pytest.mark.parametrize("script", ["layer_norm2d", "conv1x1", "channel_attention", "depthwise_conv3x3",
+                                    "gated_dwconv_gelu"])
 def test_op_scripts_quick_cpu(script, tmp_path, monkeypatch):
     """Each one-op script: the quick shapes, eager fp32 and bf16, GB/s against the copy bandwidth."""
     proc = run_bench(f"{script}.py", "--variants", "eager-fp32,eager-bf16", results=tmp_path)

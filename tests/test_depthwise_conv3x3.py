@@ -45,7 +45,8 @@ def independent(x, w, bias=None):
     """Sum of the 9 shifted, zero-padded images times the taps, in float64."""
     c, height, width = x.shape[1:]
     padded = F.pad(x, (1, 1, 1, 1))
-    y = sum(padded[:, :, i:i + height, j:j + width] * w[:, 0, i, j].view(1, c, 1, 1) for i in range(3) for j in range(3))
+    y = sum(padded[:, :, i:i + height, j:j + width] * w[:, 0, i, j].view(1, c, 1, 1)
+            for i in range(3) for j in range(3))
     return y if bias is None else y + bias.view(1, c, 1, 1)
 
 
