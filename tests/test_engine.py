@@ -294,13 +294,14 @@ def test_capture_failure_falls_back_to_eager(monkeypatch):
 
 def test_no_call_of_the_loop_casts_or_copies_a_weight(model):
     """Weights are stored as the loop reads them (each copy would be a kernel in the replayed
-    graph): the depthwise weights that the fused ops read tap-major in fp32 (``tap_major`` is
-    then a view), the convolutions and linear layers that run under autocast in the engine's
+    graph): the depthwise weights that the fused ops and ``ops.depthwise_conv3x3`` read
+    tap-major in fp32 (``tap_major`` is then a view), the convolutions and linear layers that run under autocast in the engine's
     dtype (to which autocast rounds them)."""
     fast = FastSIPL(model, dtype=torch.bfloat16, cuda_graphs=False)
     blocks = [m for m in fast.model.modules() if isinstance(m, (TransformerBlock, CrossBlock))]
     dw = [b.ffn.dwconv.weight for b in blocks] + [b.attn.qkv_dwconv.weight for b in blocks
                                                   if isinstance(b, TransformerBlock)]
+    dw += [w for b in blocks if isinstance(b, CrossBlock) for w in (b.attn.q_dwconv.weight, b.attn.kv_dwconv.weight)]
     for w in dw:
         assert w.dtype == torch.float32 and _layout.tap_major(w).data_ptr() == w.data_ptr()
         assert torch.equal(_layout.tap_major(w), _layout.tap_major(w.contiguous()))

@@ -89,14 +89,13 @@ if triton is not None:
         in_image = pix < H * W
         acc1 = dwconv3x3(x_img + c1[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt,
                          2 * h if GATED else h, ch, H, W, inside, TAP_UNROLL)
+        if HAS_BIAS:
+            acc1 += tl.load(Bs + ch, mask=in_channels, other=0.0)[:, None]
         if not GATED:
-            if HAS_BIAS:
-                acc1 += tl.load(Bs + ch, mask=in_channels, other=0.0)[:, None]
             return acc1
         acc2 = dwconv3x3(x_img + (c1 + h)[:, None] * sxc, in_channels, pixels, in_image, sxp, Wt, 2 * h, ch + h, H, W,
                          inside, TAP_UNROLL)
         if HAS_BIAS:
-            acc1 += tl.load(Bs + ch, mask=in_channels, other=0.0)[:, None]
             acc2 += tl.load(Bs + ch + h, mask=in_channels, other=0.0)[:, None]
         if DUAL:
             return _gelu(acc2) * acc1 + _gelu(acc1) * acc2
