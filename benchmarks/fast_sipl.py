@@ -105,30 +105,16 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     model = SIPL(SIPLConfig(**QUICK_CONFIG) if quick else SIPLConfig()).to(device).eval()
     rows: List[dict] = []
-    for b, h, w in sizes:
-        x = torch.rand(b, 3, h, w, device=device)
-        pixels = b * h * w
-        row = {"size": f"{b}x{h}x{w}", "pixels": pixels}
-        tflop = (TFLOP_ITERATION_512 * args.iterations or TFLOP_PASS_512) * pixels / 512**2
-        for name in names:
-            result = measure(variant(name, model, args.iterations, device), x, device)
-            for key, value in result.items():
-                row[f"{name} {key}"] = value
-            if isinstance(result["ms"], float) and not quick:
-                row[f"{name} TFLOP/s"] = tflop / (result["ms"] / 1e3)
-            print(f"[{row['size']}] {name}: {result}", flush=True)
-        for name in names[1:]:
-            a, base = row.get(f"{name} ms"), row.get(f"{names[0]} ms")
-            if isinstance(a, float) and isinstance(base, float):
-                row[f"{name} speedup"] = base / a
-        rows.append(row)
-        del x
     columns = (["size"] + [f"{n} ms" for n in names] + [f"{n} speedup" for n in names[1:]]
                + [f"{n} TFLOP/s" for n in names] + [f"{n} peak MiB" for n in names] + [f"{n} first call s" for n in names])
     env = environment(device)
-    env.update({"model": "tiny (quick)" if quick else "published configuration, random weights",
-                "iterations": str(args.iterations), "speedup": f"{names[0]} ms / variant ms",
-                "FastSIPL's measured backends (op: backend: call signatures)": str(ops.measured_choices())})
+
+    def save() -> None:
+        """The table so far (a run stopped by a time limit keeps the sizes it finished)."""
+        env.update({"model": "tiny (quick)" if quick else "published configuration, random weights",
+                    "iterations": str(args.iterations), "speedup": f"{names[0]} ms / variant ms",
+                    "FastSIPL's measured backends (op: backend: call signatures)": str(ops.measured_choices())})
+        report(f"fast_sipl{'_quick' if quick else ''}_{device.type}{args.tag}", rows, columns, env, plot)
 
     def plot(plt):
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -148,7 +134,25 @@ def main(argv=None) -> None:
         ax1.set_title(f"SIPL loop, {args.iterations} iterations, {env['device']}")
         return fig
 
-    report(f"fast_sipl{'_quick' if quick else ''}_{device.type}{args.tag}", rows, columns, env, plot)
+    for b, h, w in sizes:
+        x = torch.rand(b, 3, h, w, device=device)
+        pixels = b * h * w
+        row = {"size": f"{b}x{h}x{w}", "pixels": pixels}
+        tflop = (TFLOP_ITERATION_512 * args.iterations or TFLOP_PASS_512) * pixels / 512**2
+        for name in names:
+            result = measure(variant(name, model, args.iterations, device), x, device)
+            for key, value in result.items():
+                row[f"{name} {key}"] = value
+            if isinstance(result["ms"], float) and not quick:
+                row[f"{name} TFLOP/s"] = tflop / (result["ms"] / 1e3)
+            print(f"[{row['size']}] {name}: {result}", flush=True)
+        for name in names[1:]:
+            a, base = row.get(f"{name} ms"), row.get(f"{names[0]} ms")
+            if isinstance(a, float) and isinstance(base, float):
+                row[f"{name} speedup"] = base / a
+        rows.append(row)
+        del x
+        save()
 
 
 if __name__ == "__main__":

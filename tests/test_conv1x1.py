@@ -129,6 +129,18 @@ def test_triton_int64_offsets_for_huge_images(monkeypatch):
     assert max_err(out, ref) <= tolerance(torch.float32, (x, w, b, r), True, ref)
 
 
+@pytest.mark.parametrize("cin, offset, spread", [(48, 100.0, 1e-3), (176, -300.0, 1e-2), (96, 1e4, 1.0)])
+def test_normalizing_keeps_its_digits_where_the_mean_dwarfs_the_spread(cin, offset, spread):
+    """fp32 pixels whose mean is 1e4-1e5 times their spread: the naive fp32 error is 3e-3 to 1e-2
+    there (x - mean after the mean's rounding); the kernel's shifted sums stay within 1e-5."""
+    x, w, b, r = inputs(2, cin, 37, 7, 9)
+    x = (offset + spread * x).float().double()  # the values the kernel reads
+    ref = independent(x, w, b, r, True)
+    naive = max_err(reference(*to(torch.float32, x, w, b, r), True), ref)
+    out = conv1x1(*to(torch.float32, x, w, b, r), True, backend="triton")
+    assert max_err(out, ref) <= min(1e-5, naive / 100)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("cin, cout", [(37, 40), (37, 70), (37, 150), (131, 150)])

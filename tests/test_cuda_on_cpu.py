@@ -16,6 +16,7 @@ import torch
 
 from sipl_fast.ops import _cuda, _layout
 from sipl_fast.ops.gated_dwconv_gelu import gated_dwconv_gelu_torch
+from sipl_fast.ops.layer_norm2d import layer_norm2d_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CXX = shutil.which("g++") or shutil.which("clang++")
@@ -31,13 +32,16 @@ void run(void (*entry)(const T*, const float*, const float*, T*, i64, i64, i64, 
 """
 
 
-def build(folder: Path, source: str, runner: str, entries, defines=()) -> ctypes.CDLL:
-    """``source`` from kernels/ compiled for the host, with ``extern "C" run_<entry>`` for each entry
-    (and the macro definitions ``defines``, "NAME=VALUE")."""
-    params = ("unsigned grid, const void* x, const float* w, const float* b, void* out, i64 B, i64 h, i64 H, i64 W, "
-              "int dual")
-    wrappers = "".join(f'extern "C" void run_{e}({params}) {{ run({e}, grid, x, w, b, out, B, h, H, W, dual); }}\n'
-                       for e in entries)
+GATED_SIGNATURE = ("unsigned grid, const void* x, const float* w, const float* b, void* out, i64 B, i64 h, i64 H, "
+                   "i64 W, int dual", "grid, x, w, b, out, B, h, H, W, dual")
+
+
+def build(folder: Path, source: str, runner: str, entries, defines=(), signature=GATED_SIGNATURE) -> ctypes.CDLL:
+    """``source`` from kernels/ compiled for the host, with ``extern "C" run_<entry>(params)`` calling
+    ``run(entry, args)`` for each entry, ``signature`` = (params, args) (and the macro definitions
+    ``defines``, "NAME=VALUE")."""
+    params, args = signature
+    wrappers = "".join(f'extern "C" void run_{e}({params}) {{ run({e}, {args}); }}\n' for e in entries)
     (folder / "harness.cpp").write_text(f'#include "cuda_on_cpu.h"\n#include "{source}"\n{runner}{wrappers}')
     lib = folder / "harness.so"
     proc = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-DSIPL_CUDA_ON_CPU",
@@ -135,3 +139,44 @@ def test_gelu_keeps_relative_accuracy_in_the_tails(tmp_path):
     assert (err[core] / ref[core].abs()).max() <= 1e-5
     naive = (torch.nn.functional.gelu(v).double() - ref).abs()
     assert (naive[core] / ref[core].abs()).max() > 1e-5
+
+
+# run_<entry>(grid, threads, x, weight, bias, out, N, C, HW, eps): the entry on a 1-D grid of 1-D blocks
+LAYER_NORM_RUNNER = """
+template <typename T>
+void run(void (*entry)(const T*, const float*, const float*, T*, i64, i64, i64, float), unsigned grid,
+         unsigned threads, const void* x, const float* w, const float* b, void* out, i64 N, i64 C, i64 HW, float eps) {
+  launch(entry, grid, dim3{threads, 1, 1}, (const T*)x, w, b, (T*)out, N, C, HW, eps);
+}
+"""
+LAYER_NORM_SIGNATURE = ("unsigned grid, unsigned threads, const void* x, const float* w, const float* b, void* out, "
+                        "i64 N, i64 C, i64 HW, float eps", "grid, threads, x, w, b, out, N, C, HW, eps")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape, grid, offset, spread", [
+    ((2, 13, 7, 5), None, 0.0, 1.0),     # C not a multiple of the 4 partial sums, B > 1
+    ((1, 48, 3, 11), 2, 100.0, 1e-3),    # 2 blocks of 32 walk 33 pixels; a mean 1e5 times the spread
+    ((3, 176, 2, 3), None, -300.0, 1e-2),
+], ids=["odd", "grid2-offset", "wide-offset"])
+def test_layer_norm2d_device_code(tmp_path, dtype, shape, grid, offset, spread):
+    """The CUDA LayerNorm on the host with the launcher's geometry (or a grid walking many pixels):
+    fp32 within 1e-5 of float64, or within PyTorch's own fp32 error where it is larger (the shifted
+    sums keep far below it: the test fails for x - mean); 16-bit within 2x PyTorch's own error."""
+    lib = build(tmp_path, "layer_norm2d.cu", LAYER_NORM_RUNNER, _cuda._KERNEL_NAMES, signature=LAYER_NORM_SIGNATURE)
+    gen = torch.Generator().manual_seed(0)
+    x = (offset + spread * torch.randn(shape, generator=gen)).to(dtype)
+    weight, bias = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
+    out = torch.empty_like(x)
+    n, c, hh, ww = shape
+    threads = 32 if grid else _cuda._THREADS
+    grid = grid or min(-(-n * hh * ww // threads), _cuda._MAX_BLOCKS)
+    entry = getattr(lib, "run_" + _cuda._KERNEL_NAMES[_cuda._DTYPE_CODES[dtype]])
+    entry.argtypes = [ctypes.c_uint, ctypes.c_uint, *[ctypes.c_void_p] * 4, *[ctypes.c_longlong] * 3, ctypes.c_float]
+    entry(grid, threads, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), n, c, hh * ww, 1e-5)
+    ref = layer_norm2d_torch(x.double(), weight.double(), bias.double())
+    torch_err = err(layer_norm2d_torch(x, weight.to(dtype), bias.to(dtype)), ref)
+    if dtype == torch.float32:
+        assert err(out, ref) <= max(1e-5, torch_err / 100)
+    else:
+        assert err(out, ref) <= 2 * torch_err

@@ -157,6 +157,19 @@ def test_triton_keeps_channels_last_reads_bands_and_refuses_gradients(shape):
         layer_norm2d(x.requires_grad_(True), w, b, backend="triton")
 
 
+@needs_triton
+@pytest.mark.parametrize("c, offset, spread", [(48, 100.0, 1e-3), (176, -300.0, 1e-2), (96, 1e4, 1.0)])
+def test_triton_keeps_its_digits_where_the_mean_dwarfs_the_spread(c, offset, spread):
+    """fp32 pixels whose mean is 1e4-1e5 times their spread: PyTorch's own fp32 error is 3e-3 to
+    1e-2 there (x - mean after the mean's rounding); the kernel's shifted sums stay within 1e-5."""
+    x, w, b = inputs((2, c, 7, 9), device=TRITON_DEVICE)
+    x = offset + spread * x
+    y = layer_norm2d(x, w, b, backend="triton")
+    ref = independent(x, w, b)
+    torch_err = (layer_norm2d(x, w, b, backend="torch").double() - ref).abs().max().item()
+    assert (y.double() - ref).abs().max().item() <= min(1e-5, torch_err / 100)
+
+
 def test_auto_never_picks_the_triton_interpreter():
     x, w, b = inputs((1, 6, 4, 4))
     chosen = choose("layer_norm2d", OP_MODULE.BACKENDS, OP_MODULE.PREFERENCE, None, x, w, b, 1e-5)

@@ -37,6 +37,13 @@ if triton is not None:
         return base + (rows[:, None] * s_row + cols[None, :] * s_col)
 
     @triton.jit
+    def shifted(ptrs, mask, shift):
+        """The tile at ``ptrs`` in fp32 minus ``shift`` (each pixel's channel 0), 0 where masked:
+        what a LayerNorm sums. x - x[0] is exact where the channels lie within a factor 2 of
+        each other, so a mean that dwarfs the spread costs no digits (x - mean would)."""
+        return tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
+
+    @triton.jit
     def interior(first, count, H, W):
         """Whether the pixels first .. first + count - 1 (linear, y * W + x) lie in one row of an
         H x W image with every 3x3 neighbourhood inside it (a scalar): ``dwconv3x3``'s

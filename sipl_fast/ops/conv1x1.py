@@ -55,7 +55,7 @@ def conv1x1_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 # ----------------------------------------------------------------------------- Triton kernel
 if triton is not None:
-    from ._triton import tile
+    from ._triton import shifted, tile
 
     @triton.jit
     def _finish(acc, rows, pixels, in_image, b, Cout, BIAS, R, O, srb, src, srp, sob, soc, sop,
@@ -67,6 +67,12 @@ if triton is not None:
         if HAS_RESIDUAL:
             acc += tl.load(tile(R + b * srb, rows, pixels, src, srp, WIDE), mask=out_mask, other=0.0).to(tl.float32)
         tl.store(tile(O + b * sob, rows, pixels, soc, sop, WIDE), acc.to(O.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _shift(x_img, pixels, in_image, sxc, sxp, WIDE: tl.constexpr):
+        """[1, BLOCK_N]: channel 0 at ``pixels``, what the normalising sweeps subtract first."""
+        return tl.load(tile(x_img, tl.arange(0, 1), pixels, sxc, sxp, WIDE), mask=in_image[None, :],
+                       other=0.0).to(tl.float32)
 
     @triton.jit
     def _conv1x1_kernel(X, Wt, BIAS, R, O, Cin, Cout, HW, sxb, sxc, sxp, srb, src, srp, sob, soc, sop, eps,
@@ -85,7 +91,8 @@ if triton is not None:
         65535 blocks, which a 2048x2048 image's pixel blocks pass), and with ``NORMALIZE`` two
         sweeps over the Cin channels give each pixel's mean, then the biased variance of the
         deviations (two-pass, in fp32, as ``layer_norm2d`` computes it), before the product
-        sweep; each sweep adds its [BLOCK_K, BLOCK_N] tiles elementwise and reduces over the
+        sweep (each reads x - x[channel 0], ``_triton.shifted``, so a mean that dwarfs the
+        spread costs no digits); each sweep adds its [BLOCK_K, BLOCK_N] tiles elementwise and reduces over the
         channels once at its end (a reduction per tile took 8 barriers and 40 shuffles a
         tile, sm_90a SASS: 192 barriers a program at Cin = 384). Either way each normalised
         [Cin, BLOCK_N] tile is rounded to x's dtype (what a separate norm would store) and
@@ -99,11 +106,12 @@ if triton is not None:
             in_image = pixels < HW
             ks = tl.arange(0, CIN_P)
             mask = (ks < Cin)[:, None] & in_image[None, :]
-            xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0)
             if NORMALIZE:
-                xf = xt.to(tl.float32)
+                xf = shifted(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask, _shift(x_img, pixels, in_image, sxc, sxp, WIDE))
                 d = tl.where(mask, xf - (tl.sum(xf, axis=0) / Cin)[None, :], 0.0)
                 xt = (d * (1.0 / tl.sqrt(tl.sum(d * d, axis=0) / Cin + eps))[None, :]).to(X.dtype.element_ty)
+            else:
+                xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0)
             for m0 in range(0, Cout, BLOCK_M):
                 rows = m0 + tl.arange(0, BLOCK_M)
                 w = tl.load(Wt + rows[:, None] * Cin + ks[None, :], mask=(rows < Cout)[:, None] & (ks < Cin)[None, :],
@@ -118,27 +126,28 @@ if triton is not None:
             in_image = pixels < HW
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             if NORMALIZE:  # each sweep sums elementwise and reduces over channels once, at its end
+                shift = _shift(x_img, pixels, in_image, sxc, sxp, WIDE)
                 part = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
                 for k0 in range(0, Cin, BLOCK_K):
                     ks = k0 + tl.arange(0, BLOCK_K)
                     mask = (ks < Cin)[:, None] & in_image[None, :]
-                    part += tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
-                mean = tl.sum(part, axis=0) / Cin
+                    part += shifted(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask, shift)
+                mean = (tl.sum(part, axis=0) / Cin)[None, :]  # of x - shift
                 part = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
                 for k0 in range(0, Cin, BLOCK_K):
                     ks = k0 + tl.arange(0, BLOCK_K)
                     mask = (ks < Cin)[:, None] & in_image[None, :]
-                    xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0).to(tl.float32)
-                    d = tl.where(mask, xt - mean[None, :], 0.0)
+                    d = tl.where(mask, shifted(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask, shift) - mean, 0.0)
                     part += d * d
                 rstd = 1.0 / tl.sqrt(tl.sum(part, axis=0) / Cin + eps)
             for k0 in range(0, Cin, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 mask = (ks < Cin)[:, None] & in_image[None, :]
-                xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0)
                 if NORMALIZE:
-                    xt = tl.where(mask, (xt.to(tl.float32) - mean[None, :]) * rstd[None, :], 0.0)
-                    xt = xt.to(X.dtype.element_ty)
+                    xt = shifted(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask, shift) - mean
+                    xt = tl.where(mask, xt * rstd[None, :], 0.0).to(X.dtype.element_ty)
+                else:
+                    xt = tl.load(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask=mask, other=0.0)
                 w = tl.load(Wt + rows[:, None] * Cin + ks[None, :], mask=(rows < Cout)[:, None] & (ks < Cin)[None, :],
                             other=0.0)
                 acc = tl.dot(w, xt, acc, input_precision=PRECISION)
