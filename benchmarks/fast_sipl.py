@@ -16,7 +16,9 @@ peak memory above the model and input, and the one-time seconds of the first cal
 (compilation, autotuning, measuring the backends, graph capture); also which backend
 FastSIPL's measurement chose for each op. JSON, markdown and a plot of latency and memory
 against pixels under ``benchmarks/results/fast_sipl*``.
-Usage: ``python benchmarks/fast_sipl.py [--sizes 256,512,1024,2048,3840x2160] [--variants ...]``.
+Usage: ``python benchmarks/fast_sipl.py [--sizes 256,512,1024,2048,3840x2160] [--variants ...]``; on a
+CPU the tiny model unless ``--published`` (e.g. ``--device cpu --published --sizes 128,256
+--variants eager-fp32,fast-fp32``).
 """
 from __future__ import annotations
 
@@ -93,11 +95,13 @@ def main(argv=None) -> None:
                                            "eager-fp32,fast-fp32 with --quick or on the CPU)")
     parser.add_argument("--iterations", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a tiny model and small images (the CPU default)")
+    parser.add_argument("--published", action="store_true",
+                        help="the published configuration on the CPU too (name --sizes and --variants)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default="", help="suffix of the result files' names (runs that must not overwrite)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    quick = args.quick or device.type == "cpu"
+    quick = args.quick or (device.type == "cpu" and not args.published)
     sizes = [parse_size(s) for s in (args.sizes or ("32,40x24b2" if quick else GPU_SIZES)).split(",")]
     names = [v.strip() for v in (args.variants or ("eager-fp32,fast-fp32" if quick else ",".join(VARIANTS))).split(",")]
     if set(names) - set(VARIANTS):

@@ -30,7 +30,8 @@ returns. Every change is an exact rewrite of the published computation:
   attention (the GDFN with its residual; the cross blocks' q and k, v) run in
   bands of rows with one row of halo (``BAND_BYTES`` of intermediates per band), so their wide
   intermediates never exist for the whole image: at 2048x2048 the bf16 loop's peak is about a
-  fifth of the published fp32 loop's (``benchmarks/fast_sipl_memory.py``);
+  fifth of the published fp32 loop's (``benchmarks/fast_sipl_memory.py``); on a CPU the bands
+  are small enough (``CPU_BAND_BYTES``) to stay in the caches;
 - **weights stored as the loop reads them** (``engine_blocks``): in the loop's dtype where
   autocast would cast them on every call, tap-major where the fused stencils read them, so no
   call casts or copies a weight (each copy would be one more kernel in the replayed graph);
@@ -79,8 +80,19 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
 
-#: The most bytes one band's intermediates may take in the banded stages below.
+#: The most bytes one band's intermediates may take in the banded stages below: on a GPU, a
+#: bound on memory; on a CPU, less, so that a band's intermediates stay in the caches (the
+#: published model's fp32 loop on a 2-core CPU: 1.3x faster at 128^2 and 256^2 with 16 MiB
+#: bands than unbanded, and 8 MiB or 4 MiB bands slower again, as halo rows add up).
 BAND_BYTES = 512 * 2**20
+CPU_BAND_BYTES = 16 * 2**20
+
+
+def _band_rows(x: torch.Tensor) -> int:
+    """Rows per band of x (B, C, H, W) for ``_by_rows``: the GDFN's intermediates are 5.3 C wide."""
+    budget = min(BAND_BYTES, CPU_BAND_BYTES) if x.device.type == "cpu" else BAND_BYTES
+    b, c, _, w = x.shape
+    return max(1, budget // max(1, 8 * c * b * w * x.element_size()))
 
 
 def _by_rows(fn, x: torch.Tensor) -> torch.Tensor:
@@ -88,9 +100,9 @@ def _by_rows(fn, x: torch.Tensor) -> torch.Tensor:
     depthwise 3x3 convolutions, per-pixel norms, gates and residual adds): computed in bands of
     rows, each with one row of halo on either side, so that fn's wide intermediates (the GDFN's
     2*hidden channels, the cross blocks' k, v before their depthwise convolution) exist one
-    band at a time. Images whose intermediates fit ``BAND_BYTES`` run whole."""
+    band at a time. Images whose intermediates fit a band (``_band_rows``) run whole."""
     b, c, h, w = x.shape
-    rows = max(1, BAND_BYTES // max(1, 8 * c * b * w * x.element_size()))  # GDFN: 5.3 c wide
+    rows = _band_rows(x)
     if rows >= h:
         return fn(x)
     out = None

@@ -146,6 +146,17 @@ def test_local_stages_by_rows_equal_the_whole_image(model, monkeypatch, band_byt
     assert err(out, restore(model, x, iterations)) <= 1e-4
 
 
+def test_bands_are_small_on_a_cpu(monkeypatch):
+    """A CPU's bands hold CPU_BAND_BYTES of intermediates (in the caches), another device's
+    BAND_BYTES; the smaller of the two wins on a CPU (the tests shrink BAND_BYTES)."""
+    engine = importlib.import_module("sipl_fast.engine")
+    x = torch.empty(1, 96, 128, 128)
+    assert engine._band_rows(x) == 16 * 2**20 // (8 * 96 * 128 * 4) == 42
+    assert engine._band_rows(x.to("meta")) == 512 * 2**20 // (8 * 96 * 128 * 4)
+    monkeypatch.setattr(engine, "BAND_BYTES", 200000)
+    assert engine._band_rows(x) == 1
+
+
 def test_layer_norm_affine_is_folded_into_the_next_convolution(model):
     fast = FastSIPL(model, dtype=torch.float32)
     blocks = [m for m in fast.model.modules() if isinstance(m, (TransformerBlock, CrossBlock))]
