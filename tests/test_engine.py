@@ -115,7 +115,30 @@ def test_backend_is_applied_to_every_op(model, monkeypatch):
     assert set(ops.OPS) <= set(calls)
     calls.clear()
     FastSIPL(model, dtype=torch.float32, backend={"layer_norm2d": "triton"})(images(1, 16, 16), 1)
-    assert set(calls) == set(ops.OPS) - {"layer_norm2d"}  # the others choose automatically: the reference here
+    # the others choose automatically: the reference here, but for Proxy Fusion (sdpa on a CPU)
+    assert set(calls) == set(ops.OPS) - {"layer_norm2d", "cosine_attention"}
+
+
+def test_proxy_fusion_runs_through_sdpa_on_a_cpu(model, monkeypatch):
+    """On a CPU "auto" takes PyTorch's fused attention for Proxy Fusion (fp32 within 1e-4 of the
+    reference loop) wherever every head dim suits it, else the automatic choice."""
+    engine = importlib.import_module("sipl_fast.engine")
+    module = importlib.import_module("sipl_fast.ops.cosine_attention")
+    calls = []
+    for name in ("torch", "sdpa"):
+        b = module.BACKENDS[name]
+        monkeypatch.setitem(module.BACKENDS, name, type(b)(name, lambda *a, _f=b.fn, _n=name: calls.append(_n) or _f(*a),
+                                                           b.why_not, b.automatic))
+    x = images(2, 19, 23)
+    out = FastSIPL(model, dtype=torch.float32)(x, 2)
+    assert calls and set(calls) == {"sdpa"}
+    assert err(out, restore(model, x, 2)) <= 1e-4  # the reference model keeps the reference
+    assert calls[-1] == "torch"
+    calls.clear()
+    assert FastSIPL(model, dtype=torch.float32, backend="torch")._scope["cosine_attention"] == "torch"
+    monkeypatch.setattr(engine, "MAX_D", 31)  # a head dim of 32 or more: not every block suits
+    FastSIPL(model, dtype=torch.float32)(x, 1)
+    assert set(calls) == {"torch"}
 
 
 def test_a_backend_for_every_op_leaves_the_ops_without_it_to_the_automatic_choice(model, monkeypatch):
