@@ -127,8 +127,8 @@ def test_proxy_fusion_runs_through_sdpa_on_a_cpu(model, monkeypatch):
     calls = []
     for name in ("torch", "sdpa"):
         b = module.BACKENDS[name]
-        monkeypatch.setitem(module.BACKENDS, name, type(b)(name, lambda *a, _f=b.fn, _n=name: calls.append(_n) or _f(*a),
-                                                           b.why_not, b.automatic))
+        spy = type(b)(name, lambda *a, _f=b.fn, _n=name: calls.append(_n) or _f(*a), b.why_not, b.automatic)
+        monkeypatch.setitem(module.BACKENDS, name, spy)
     x = images(2, 19, 23)
     out = FastSIPL(model, dtype=torch.float32)(x, 2)
     assert calls and set(calls) == {"sdpa"}

@@ -92,9 +92,9 @@ if triton is not None:
         sweeps over the Cin channels give each pixel's mean, then the biased variance of the
         deviations (two-pass, in fp32, as ``layer_norm2d`` computes it), before the product
         sweep (each reads x - x[channel 0], ``_triton.shifted``, so a mean that dwarfs the
-        spread costs no digits); each sweep adds its [BLOCK_K, BLOCK_N] tiles elementwise and reduces over the
-        channels once at its end (a reduction per tile took 8 barriers and 40 shuffles a
-        tile, sm_90a SASS: 192 barriers a program at Cin = 384). Either way each normalised
+        spread costs no digits); each sweep adds its [BLOCK_K, BLOCK_N] tiles elementwise and
+        reduces over the channels once at its end (a reduction per tile took 8 barriers and
+        40 shuffles a tile, sm_90a SASS: 192 barriers a program at Cin = 384). Either way each normalised
         [Cin, BLOCK_N] tile is rounded to x's dtype (what a separate norm would store) and
         multiplied with the weights on tensor cores, fp32 accumulation; bias and residual are
         added in fp32 before the one store (``_finish``).
@@ -107,7 +107,8 @@ if triton is not None:
             ks = tl.arange(0, CIN_P)
             mask = (ks < Cin)[:, None] & in_image[None, :]
             if NORMALIZE:
-                xf = shifted(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask, _shift(x_img, pixels, in_image, sxc, sxp, WIDE))
+                shift = _shift(x_img, pixels, in_image, sxc, sxp, WIDE)
+                xf = shifted(tile(x_img, ks, pixels, sxc, sxp, WIDE), mask, shift)
                 d = tl.where(mask, xf - (tl.sum(xf, axis=0) / Cin)[None, :], 0.0)
                 xt = (d * (1.0 / tl.sqrt(tl.sum(d * d, axis=0) / Cin + eps))[None, :]).to(X.dtype.element_ty)
             else:
