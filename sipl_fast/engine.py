@@ -69,7 +69,7 @@ from einops import rearrange
 
 from . import ops
 from .ops import _layout
-from .ops.cosine_attention import MAX_D
+from .ops.cosine_attention import BACKENDS as ATTENTION_BACKENDS
 from .checkpoint import load_model
 from .loops import _check_images, _check_iterations, ieee_fp32, pad_to_multiple
 from .model import SIPL, CrossBlock, FeedForward, LayerNorm, TransformerBlock
@@ -204,14 +204,16 @@ def _fold_norm_affine(norm: LayerNorm, conv: nn.Conv2d) -> None:
     norm.body.bias.zero_()
 
 
-def _sdpa_runs(net: nn.Module) -> bool:
-    """Whether every cross block's head dim D suits ``cosine_attention``'s sdpa backend (a
-    multiple of 8 up to MAX_D). On a CPU FastSIPL then runs Proxy Fusion through PyTorch's
-    fused attention: 3.5x the reference's speed at D = 96 on a 2-core x86 CPU, and memory
-    linear in the tokens where the reference stores the scores (the reference model keeps
-    the published expression)."""
-    dims = [m.attn.q.out_channels // m.attn.num_heads for m in net.modules() if isinstance(m, CrossBlock)]
-    return all(d % 8 == 0 and 8 <= d <= MAX_D for d in dims)
+def _sdpa_runs(net: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether ``cosine_attention``'s sdpa backend takes every cross block's head dim in
+    ``dtype`` (its own check, on shape-only tensors). On a CPU FastSIPL then runs Proxy Fusion
+    through PyTorch's fused attention: 3.5x the reference's speed at D = 96 on a 2-core x86
+    CPU, and memory linear in the tokens where the reference stores the scores (the
+    reference model keeps the published expression)."""
+    sdpa = ATTENTION_BACKENDS["sdpa"]
+    attns = [m.attn for m in net.modules() if isinstance(m, CrossBlock)]
+    qs = [torch.empty(1, a.num_heads, 1, a.q.out_channels // a.num_heads, dtype=dtype, device="meta") for a in attns]
+    return all(sdpa.why_not(q, q, q, torch.empty(q.shape[1], device="meta")) is None for q in qs)
 
 
 #: The GDFN's hidden channels are padded to a multiple of this (see ``_pad_hidden``).
@@ -367,7 +369,7 @@ class FastSIPL:
         for conv in (m for m in net.modules() if isinstance(m, torch.nn.Conv2d)):
             conv.weight.data = conv.weight.data.contiguous(memory_format=self.memory_format)
         engine_blocks(net, dtype)
-        if self.device.type == "cpu" and self._scope["cosine_attention"] == "auto" and _sdpa_runs(net):
+        if self.device.type == "cpu" and self._scope["cosine_attention"] == "auto" and _sdpa_runs(net, dtype):
             self._scope["cosine_attention"] = "sdpa"
         for name, param in net.named_parameters():  # the dictionaries are images too
             if name.startswith("privileged_dictionary"):

@@ -122,7 +122,6 @@ def test_backend_is_applied_to_every_op(model, monkeypatch):
 def test_proxy_fusion_runs_through_sdpa_on_a_cpu(model, monkeypatch):
     """On a CPU "auto" takes PyTorch's fused attention for Proxy Fusion (fp32 within 1e-4 of the
     reference loop) wherever every head dim suits it, else the automatic choice."""
-    engine = importlib.import_module("sipl_fast.engine")
     module = importlib.import_module("sipl_fast.ops.cosine_attention")
     calls = []
     for name in ("torch", "sdpa"):
@@ -136,7 +135,7 @@ def test_proxy_fusion_runs_through_sdpa_on_a_cpu(model, monkeypatch):
     assert calls[-1] == "torch"
     calls.clear()
     assert FastSIPL(model, dtype=torch.float32, backend="torch")._scope["cosine_attention"] == "torch"
-    monkeypatch.setattr(engine, "MAX_D", 31)  # a head dim of 32 or more: not every block suits
+    monkeypatch.setattr(module, "MAX_D", 31)  # a head dim of 32 or more: not every block suits
     FastSIPL(model, dtype=torch.float32)(x, 1)
     assert set(calls) == {"torch"}
 

@@ -57,9 +57,6 @@ def _check(x, weight, bias) -> None:
     if x.shape[1] < 1:
         raise ValueError("depthwise_conv3x3: expected C >= 1 channels, got 0")
     check_depthwise("depthwise_conv3x3", x, weight, bias)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"depthwise_conv3x3: {name} is on {t.device}, x on {x.device}")
 
 
 def depthwise_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,

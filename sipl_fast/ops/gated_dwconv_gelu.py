@@ -299,7 +299,8 @@ PREFERENCE = ("triton", "cuda", "torch")
 
 def check_depthwise(op: str, x: torch.Tensor, weight, bias) -> None:
     """ValueError unless ``weight`` is a real floating (C, 1, 3, 3) tensor and ``bias`` one of
-    shape (C,) or None, for x (B, C, H, W) with H, W >= 1 (which a padded convolution needs)."""
+    shape (C,) or None, both on x's device, for x (B, C, H, W) with H, W >= 1 (which a padded
+    convolution needs)."""
     c, height, width = x.shape[1:]
     if not isinstance(weight, torch.Tensor) or weight.shape != (c, 1, 3, 3):
         raise ValueError(f"{op}: expected weight of shape ({c}, 1, 3, 3), got {tuple(getattr(weight, 'shape', ()))}")
@@ -308,6 +309,9 @@ def check_depthwise(op: str, x: torch.Tensor, weight, bias) -> None:
     if height < 1 or width < 1:
         raise ValueError(f"{op}: expected an image of H, W >= 1, got {height} x {width}")
     check_real_floating(op, weight=weight, bias=bias)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
 
 
 def _check(x, weight, mode, bias, proj_weight, proj_bias, residual) -> None:
@@ -339,8 +343,7 @@ def _check(x, weight, mode, bias, proj_weight, proj_bias, residual) -> None:
                              f"({b}, {cout}, {height}, {width}) or None, got {getattr(residual, 'dtype', type(residual))} "
                              f"of shape {tuple(getattr(residual, 'shape', ()))}")
     check_real_floating("gated_dwconv_gelu", proj_weight=proj_weight, proj_bias=proj_bias)
-    for name, t in (("weight", weight), ("bias", bias), ("proj_weight", proj_weight), ("proj_bias", proj_bias),
-                    ("residual", residual)):
+    for name, t in (("proj_weight", proj_weight), ("proj_bias", proj_bias), ("residual", residual)):
         if t is not None and t.device != x.device:
             raise ValueError(f"gated_dwconv_gelu: {name} is on {t.device}, x on {x.device}")
 
