@@ -54,6 +54,22 @@ def tiny():
     return tiny_model()
 
 
+def tf32_flags():
+    """(cuDNN's, cuBLAS's) TF32 switches."""
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.fixture
+def tf32_on():
+    """Both TF32 switches on for the test, the caller's values back after it. Assigned and
+    restored by hand: monkeypatch's undo deletes cuBLAS's switch (pytest >= 9.2 restores an
+    instance's ``__dict__`` entry, which that module-like object does not have)."""
+    saved = tf32_flags()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def interpreter_tiles(monkeypatch, module, name: str, configs):
     """Each of ``configs`` (a GPU launcher's tiles) in turn as ``module.<name>``, the tile list
     that the interpreter's launches take, with the launchers' remembered choices cleared."""

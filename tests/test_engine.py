@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tf32_flags, tiny_model
 from sipl_fast import FastSIPL, ops, restore, save_model
 from sipl_fast.model import CrossBlock, FeedForward, TransformerBlock
 from sipl_fast.ops import _layout
@@ -56,18 +56,15 @@ def test_bf16_engine_error_is_that_of_autocast(model):
 
 
 @pytest.mark.parametrize("dtype, inside", [(torch.float32, (False, False)), (torch.bfloat16, (True, True))])
-def test_fp32_engine_computes_in_ieee_fp32_as_restore_does(model, monkeypatch, dtype, inside):
+def test_fp32_engine_computes_in_ieee_fp32_as_restore_does(model, monkeypatch, tf32_on, dtype, inside):
     """No TF32 on a GPU in float32 (it moves the result by about 1e-3); other dtypes keep the
     caller's settings, which come back after the call either way."""
-    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     fast = FastSIPL(model, dtype=dtype)
     seen = []
     loop = fast._loop
-    monkeypatch.setattr(fast, "_loop", lambda *a: seen.append(flags()) or loop(*a))
+    monkeypatch.setattr(fast, "_loop", lambda *a: seen.append(tf32_flags()) or loop(*a))
     fast(images(1, 16, 16), 1)
-    assert seen == [inside] and flags() == (True, True)
+    assert seen == [inside] and tf32_flags() == (True, True)
 
 
 def test_plain_promptir_runs_its_single_pass():

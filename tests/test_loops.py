@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import sipl_fast
 from sipl_fast.loops import pad_to_multiple
 
-from conftest import tiny_model
+from conftest import tf32_flags, tiny_model
 
 
 def published_loop(model, lq, iterations):
@@ -45,11 +45,7 @@ def test_refinements_yield_what_restore_returns_for_each_count():
     assert len(list(sipl_fast.refinements(tiny_model(proxy_fusion=False), lq, 2))) == 1
 
 
-def tf32_flags():
-    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-
-
-def test_the_loop_computes_in_ieee_fp32_and_gives_the_callers_settings_back(monkeypatch):
+def test_the_loop_computes_in_ieee_fp32_and_gives_the_callers_settings_back(monkeypatch, tf32_on):
     """cuDNN's TF32 default would move a GPU result by about 1e-3; the caller's flags stay theirs
     outside the passes, also while ``refinements`` waits between its results."""
     model = tiny_model()
@@ -57,8 +53,6 @@ def test_the_loop_computes_in_ieee_fp32_and_gives_the_callers_settings_back(monk
     forward = type(model).forward
     monkeypatch.setattr(type(model), "forward",
                         lambda self, *a, **k: seen.append(tf32_flags()) or forward(self, *a, **k))
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     for _ in sipl_fast.refinements(model, torch.rand(1, 3, 17, 20, dtype=torch.float64), 2):
         assert tf32_flags() == (True, True)
     assert seen and set(seen) == {(False, False)}
