@@ -6,8 +6,9 @@ One run, the same model and inputs, variants:
   under bf16 autocast (what running the published code costs: with PyTorch's default
   precision settings, so TF32 convolutions, where ``restore`` alone computes in IEEE fp32);
 - ``compile-bf16``: ``torch.compile`` of the reference model, bf16 autocast;
-- ``fast-fp32``, ``fast-bf16``: FastSIPL with CUDA graphs, ``fast-bf16-cl`` with channels-last
-  memory, ``fast-bf16-eager`` without graphs.
+- ``fast-fp32``, ``fast-bf16``: FastSIPL with CUDA graphs and NCHW memory; ``fast-fp32-cl``,
+  ``fast-bf16-cl`` with channels-last memory (FastSIPL's default on a CPU), ``fast-bf16-eager``
+  without graphs.
 
 Per cell: median ms of the whole loop (``--iterations``, default 2), effective TFLOP/s (the
 published model costs 7.18 TFLOP per 2-iteration loop at 512x512, scaled with pixels, batch and
@@ -18,7 +19,7 @@ FastSIPL's measurement chose for each op. JSON, markdown and a plot of latency a
 against pixels under ``benchmarks/results/fast_sipl*``.
 Usage: ``python benchmarks/fast_sipl.py [--sizes 256,512,1024,2048,3840x2160] [--variants ...]``; on a
 CPU the tiny model unless ``--published`` (e.g. ``--device cpu --published --sizes 128,256
---variants eager-fp32,fast-fp32``).
+--variants eager-fp32,eager-bf16,fast-fp32,fast-fp32-cl,fast-bf16-cl``).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ import torch
 from _common import environment, report, time_ms
 from sipl_fast import SIPL, SIPLConfig, FastSIPL, loops, ops, restore
 
-VARIANTS = ("eager-fp32", "eager-bf16", "compile-bf16", "fast-fp32", "fast-bf16", "fast-bf16-cl", "fast-bf16-eager")
+VARIANTS = ("eager-fp32", "eager-bf16", "compile-bf16", "fast-fp32", "fast-bf16", "fast-fp32-cl", "fast-bf16-cl",
+            "fast-bf16-eager")
 GPU_SIZES = "256,256b4,512,1024,2048,3840x2160"
 # Published model, one 512x512 image, as the published loop computes it: 7.18 TFLOP for 2
 # iterations, each a dictionary pass, an encoder pass and a privileged pass (2 x 1.59 + 0.41).

@@ -257,7 +257,9 @@ def engine_blocks(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
     ``ops.conv1x1`` and of every convolution and linear layer that runs under autocast in
     ``dtype`` (autocast rounds them to the same values on every call; the loop's graph would
     replay each cast), the depthwise weights that the fused ops read tap-major in fp32
-    (``_layout.as_tap_major``), MDTA's ``project_out`` in fp32 (its fold into the product)."""
+    (``_layout.as_tap_major``; on a GPU: on a CPU the ops run PyTorch's convolutions, and
+    oneDNN's fp32 NHWC depthwise convolution took 5x longer with tap-major weights), MDTA's
+    ``project_out`` in fp32 (its fold into the product)."""
     fused, tap_major = set(), []  # modules whose weights the fused ops read
     for module in net.modules():
         convs = []
@@ -281,7 +283,7 @@ def engine_blocks(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
             module.__class__ = _EngineTransformerBlock
         if type(module) is CrossBlock:
             module.__class__ = _EngineCrossBlock
-    for conv in tap_major:
+    for conv in tap_major if next(net.parameters()).is_cuda else ():
         conv.weight.data = _layout.as_tap_major(conv.weight.data)
     fused.update(tap_major)
     if dtype != torch.float32:
@@ -319,12 +321,14 @@ class FastSIPL:
     ``cuda_graphs``: capture and replay on a GPU; ``max_graphs``: graphs kept (least recently
     used dropped); ``tile``/``tile_overlap``: tiled restoration in pixels (None: whole image);
     ``channels_last``: convolution weights and the input in channels-last memory (cuDNN's
-    NHWC kernels, e.g. for the depthwise convolutions; the fused ops take either layout).
+    NHWC kernels, e.g. for the depthwise convolutions; the fused ops take either layout);
+    None (default): on a CPU, whose convolutions run NHWC several times faster (oneDNN), else
+    off until measured on a GPU.
     """
 
     def __init__(self, model: SIPL, dtype: torch.dtype = torch.bfloat16, backend: Union[str, Mapping[str, str]] = "auto",
                  cuda_graphs: bool = True, max_graphs: int = 4, tile: Optional[int] = None,
-                 tile_overlap: int = 32, channels_last: bool = False):
+                 tile_overlap: int = 32, channels_last: Optional[bool] = None):
         if not isinstance(model, SIPL):
             raise ValueError(f"FastSIPL: expected a sipl_fast.SIPL model, got {type(model).__name__}")
         if dtype not in DTYPES:
@@ -365,6 +369,8 @@ class FastSIPL:
         if param.dtype != torch.float32:  # weights in fp32 (the fused 1x1 convolutions: see engine_blocks)
             net.float()
         net.__class__ = _EngineSIPL
+        if channels_last is None:
+            channels_last = self.device.type == "cpu"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         for conv in (m for m in net.modules() if isinstance(m, torch.nn.Conv2d)):
             conv.weight.data = conv.weight.data.contiguous(memory_format=self.memory_format)

@@ -73,6 +73,26 @@ def test_reference_matches_an_independent_formula():
                                rtol=0, atol=1e-12)
 
 
+def test_references_keep_channels_last_views_channels_last():
+    """A channels-last image whose size-1 batch stride a view left small ((C, 1, W*C, C): x[0][None])
+    reads as NCHW to PyTorch's convolutions (CPU: transposed in, and in bf16 out, 3-25x slower);
+    the torch references convolve it as NHWC (_layout.conv_input), with the same values."""
+    from sipl_fast.ops import _layout, conv1x1, gated_dwconv_gelu
+
+    x, w, bias = inputs(1, 6, 5, 7)
+    view = x.contiguous(memory_format=torch.channels_last)[0][None]
+    assert view.stride(0) == 6 and not F.conv2d(view, w, padding=1, groups=6).is_contiguous(
+        memory_format=torch.channels_last), "PyTorch now reads this view as NHWC: conv_input is not needed"
+    fixed = _layout.conv_input(view)
+    assert fixed.stride() == (5 * 7 * 6, 1, 7 * 6, 6) and torch.equal(fixed, view)
+    assert _layout.conv_input(x) is x  # NCHW as it is
+    for op, args in ((depthwise_conv3x3, (w, bias)), (conv1x1, (w.reshape(6, 9)[:, :6], bias)),
+                     (gated_dwconv_gelu, (w, "gdfn", bias))):
+        out = op(view, *args, backend="torch")
+        assert out.is_contiguous(memory_format=torch.channels_last), op.__name__
+        torch.testing.assert_close(out, op(x, *args, backend="torch"), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 37, 9, 13), (1, 176, 5, 7), (3, 3, 1, 1), (1, 8, 1, 17), (2, 5, 11, 1)])

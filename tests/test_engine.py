@@ -38,11 +38,15 @@ def test_fp32_engine_equals_restore(model, iterations, size):
     assert err(out, restore(model, x, iterations)) <= 1e-4
 
 
-def test_channels_last_engine_equals_restore(model):
-    """Weights and input in channels-last memory: the same loop (fp32 within 1e-4), NCHW output."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_either_layout_equals_restore(model, channels_last):
+    """Weights and input in NCHW or channels-last memory (the default on a CPU): the same loop
+    (fp32 within 1e-4), NCHW output."""
     x = images(2, 19, 23)
-    out = FastSIPL(model, dtype=torch.float32, channels_last=True)(x, 2)
+    fast = FastSIPL(model, dtype=torch.float32, channels_last=channels_last)
+    out = fast(x, 2)
     assert out.is_contiguous() and err(out, restore(model, x, 2)) <= 1e-4
+    assert FastSIPL(model).memory_format == torch.channels_last  # the tiny model is on the CPU
 
 
 def test_bf16_engine_error_is_that_of_autocast(model):
@@ -324,16 +328,18 @@ def test_capture_failure_falls_back_to_eager(monkeypatch):
 
 def test_no_call_of_the_loop_casts_or_copies_a_weight(model):
     """Weights are stored as the loop reads them (each copy would be a kernel in the replayed
-    graph): the depthwise weights that the fused ops and ``ops.depthwise_conv3x3`` read
-    tap-major in fp32 (``tap_major`` is then a view), the convolutions and linear layers that run under autocast in the engine's
-    dtype (to which autocast rounds them)."""
+    graph): the depthwise weights in fp32, on a GPU tap-major as the fused ops and
+    ``ops.depthwise_conv3x3`` read them (``tap_major`` is then a view; on a CPU PyTorch's
+    convolutions read them, slower tap-major), the convolutions and linear layers that run
+    under autocast in the engine's dtype (to which autocast rounds them)."""
     fast = FastSIPL(model, dtype=torch.bfloat16, cuda_graphs=False)
     blocks = [m for m in fast.model.modules() if isinstance(m, (TransformerBlock, CrossBlock))]
     dw = [b.ffn.dwconv.weight for b in blocks] + [b.attn.qkv_dwconv.weight for b in blocks
                                                   if isinstance(b, TransformerBlock)]
     dw += [w for b in blocks if isinstance(b, CrossBlock) for w in (b.attn.q_dwconv.weight, b.attn.kv_dwconv.weight)]
     for w in dw:
-        assert w.dtype == torch.float32 and _layout.tap_major(w).data_ptr() == w.data_ptr()
+        assert w.dtype == torch.float32
+        assert (_layout.tap_major(w).data_ptr() == w.data_ptr()) == (fast.device.type == "cuda")
         assert torch.equal(_layout.tap_major(w), _layout.tap_major(w.contiguous()))
     called = []
     for m in fast.model.modules():

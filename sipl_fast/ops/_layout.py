@@ -60,6 +60,24 @@ def channels_last(x: torch.Tensor) -> bool:
     return x.shape[1] > 1 and x.stride(1) == 1 and not x.is_contiguous()
 
 
+def conv_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, H, W) for ``F.conv2d``: where its channels are innermost, the same view with
+    each size-1 dim's stride as an NHWC tensor's would be. PyTorch's convolutions infer the
+    layout from the strides, and a size-1 batch stride that reshapes left small (e.g.
+    (C, 1, W*C, C)) reads as NCHW: the CPU convolution then transposes its input to NCHW and,
+    in bf16, its output back (on a 2-core x86 CPU 20 ms for a 96 -> 512 channel 1x1 convolution
+    of 86x128 pixels that takes 0.8 ms NHWC). A size-1 dim's stride addresses nothing."""
+    if not channels_last(x):
+        return x
+    size, stride = x.shape, list(x.stride())
+    least = 0
+    for d in (1, 3, 2, 0):  # innermost first
+        if size[d] == 1:
+            stride[d] = max(least, 1)
+        least = max(least, stride[d] * size[d])
+    return x if stride == list(x.stride()) else x.as_strided(size, stride)
+
+
 def empty(x: torch.Tensor, channels: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """An uninitialised dense (B, channels, H, W) tensor in ``x``'s layout (NHWC when x's
     channels are innermost, else NCHW) and dtype (or ``dtype``)."""
