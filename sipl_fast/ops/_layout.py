@@ -65,7 +65,7 @@ def conv_input(x: torch.Tensor) -> torch.Tensor:
     each size-1 dim's stride as an NHWC tensor's would be. PyTorch's convolutions infer the
     layout from the strides, and a size-1 batch stride that reshapes left small (e.g.
     (C, 1, W*C, C)) reads as NCHW: the CPU convolution then transposes its input to NCHW and,
-    in bf16, its output back (on a 2-core x86 CPU 20 ms for a 96 -> 512 channel 1x1 convolution
+    in bf16, its output back (on a 2-core x86 CPU 21 ms for a 96 -> 512 channel 1x1 convolution
     of 86x128 pixels that takes 0.8 ms NHWC). A size-1 dim's stride addresses nothing."""
     if not channels_last(x):
         return x

@@ -52,8 +52,8 @@ def channel_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     if dw_weight is not None:
         b, h, c, n = q.shape
         biases = (None,) * 3 if dw_bias is None else dw_bias.to(q.dtype).chunk(3)
-        q, k, v = (F.conv2d(_layout.conv_input(t.reshape(b, h * c, n // width, width)), w.to(t.dtype), bias, padding=1,
-                            groups=h * c).reshape(b, h, c, n)
+        q, k, v = (F.conv2d(_layout.conv_input(t.reshape(b, h * c, n // width, width)), w.to(t.dtype), bias,
+                            padding=1, groups=h * c).reshape(b, h, c, n)
                    for t, w, bias in zip((q, k, v), dw_weight.chunk(3), biases))
     out = cosine_attention_torch(q, k, v, temperature)
     if proj_weight is not None:

@@ -49,7 +49,8 @@ def conv1x1_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if normalize:
         c = x.shape[1]
         x = layer_norm2d_torch(x, x.new_ones(c), x.new_zeros(c), eps)
-    y = F.conv2d(_layout.conv_input(x), weight.reshape(cout, -1, 1, 1).to(x.dtype), None if bias is None else bias.to(x.dtype))
+    bias = None if bias is None else bias.to(x.dtype)
+    y = F.conv2d(_layout.conv_input(x), weight.reshape(cout, -1, 1, 1).to(x.dtype), bias)
     return y if residual is None else residual + y
 
 

@@ -28,7 +28,8 @@ from .gated_dwconv_gelu import _fp32, check_depthwise, stencil
 
 def depthwise_conv3x3_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference: ``F.conv2d`` with groups = C, weights in x's dtype (as autocast casts them)."""
-    return F.conv2d(_layout.conv_input(x), weight.to(x.dtype), None if bias is None else bias.to(x.dtype), padding=1, groups=x.shape[1])
+    bias = None if bias is None else bias.to(x.dtype)
+    return F.conv2d(_layout.conv_input(x), weight.to(x.dtype), bias, padding=1, groups=x.shape[1])
 
 
 @torch.library.custom_op("sipl_fast::depthwise_conv3x3_triton", mutates_args=())
