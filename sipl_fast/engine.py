@@ -283,8 +283,9 @@ def engine_blocks(net: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modu
             module.__class__ = _EngineTransformerBlock
         if type(module) is CrossBlock:
             module.__class__ = _EngineCrossBlock
-    for conv in tap_major if next(net.parameters()).is_cuda else ():
-        conv.weight.data = _layout.as_tap_major(conv.weight.data)
+    if next(net.parameters()).is_cuda:
+        for conv in tap_major:
+            conv.weight.data = _layout.as_tap_major(conv.weight.data)
     fused.update(tap_major)
     if dtype != torch.float32:
         for module in net.modules():

@@ -5,13 +5,15 @@ NCHW (``torch.contiguous_format``) and NHWC (``torch.channels_last``). Element (
 sits at ``b * sb + c * sc + (y * W + x) * sp``: NCHW has (sb, sc, sp) = (C*H*W, H*W, 1),
 NHWC has (H*W*C, 1, C). The CUDA C++ kernels take these two exactly (:func:`dense`); the
 Triton kernels take any (sb, sc, sp) (:func:`pixels`), such as a band of rows of either, which
-FastSIPL passes. Any other strides are copied to NCHW first.
+FastSIPL passes. Any other strides are copied to NCHW first. The torch references convolve
+through :func:`conv2d`, which keeps a channels-last input channels-last.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
@@ -71,11 +73,19 @@ def conv_input(x: torch.Tensor) -> torch.Tensor:
         return x
     size, stride = x.shape, list(x.stride())
     least = 0
-    for d in (1, 3, 2, 0):  # innermost first
+    for d in (1, 3, 2, 0):  # innermost first (C > 1 here)
         if size[d] == 1:
-            stride[d] = max(least, 1)
+            stride[d] = least
         least = max(least, stride[d] * size[d])
     return x if stride == list(x.stride()) else x.as_strided(size, stride)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, groups: int = 1) -> torch.Tensor:
+    """The torch references' convolution: ``F.conv2d`` of x (B, C, H, W) with zero padding that
+    keeps H and W (1 for 3x3, 0 for 1x1), weight and bias cast to x's dtype as autocast casts
+    them, x's channels-last layout kept (:func:`conv_input`)."""
+    bias = None if bias is None else bias.to(x.dtype)
+    return F.conv2d(conv_input(x), weight.to(x.dtype), bias, padding=weight.shape[-1] // 2, groups=groups)
 
 
 def empty(x: torch.Tensor, channels: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -29,7 +29,6 @@ import numbers
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _layout, _triton
 from ._backend import Backend, check_real_floating, choose, forward_only_problem, result_dtype
@@ -51,9 +50,8 @@ def channel_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     ``project_out`` if given, then ``residual +``."""
     if dw_weight is not None:
         b, h, c, n = q.shape
-        biases = (None,) * 3 if dw_bias is None else dw_bias.to(q.dtype).chunk(3)
-        q, k, v = (F.conv2d(_layout.conv_input(t.reshape(b, h * c, n // width, width)), w.to(t.dtype), bias,
-                            padding=1, groups=h * c).reshape(b, h, c, n)
+        biases = (None,) * 3 if dw_bias is None else dw_bias.chunk(3)
+        q, k, v = (_layout.conv2d(t.reshape(b, h * c, n // width, width), w, bias, groups=h * c).reshape(b, h, c, n)
                    for t, w, bias in zip((q, k, v), dw_weight.chunk(3), biases))
     out = cosine_attention_torch(q, k, v, temperature)
     if proj_weight is not None:

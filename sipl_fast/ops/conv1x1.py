@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _layout, _triton
 from ._backend import Backend, check_real_floating, choose, forward_only_problem, result_dtype
@@ -49,8 +48,7 @@ def conv1x1_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if normalize:
         c = x.shape[1]
         x = layer_norm2d_torch(x, x.new_ones(c), x.new_zeros(c), eps)
-    bias = None if bias is None else bias.to(x.dtype)
-    y = F.conv2d(_layout.conv_input(x), weight.reshape(cout, -1, 1, 1).to(x.dtype), bias)
+    y = _layout.conv2d(x, weight.reshape(cout, -1, 1, 1), bias)
     return y if residual is None else residual + y
 
 

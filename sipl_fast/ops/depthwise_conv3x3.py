@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import _layout
 from ._backend import Backend, choose, forward_only_problem
@@ -28,8 +27,7 @@ from .gated_dwconv_gelu import _fp32, check_depthwise, stencil
 
 def depthwise_conv3x3_torch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference: ``F.conv2d`` with groups = C, weights in x's dtype (as autocast casts them)."""
-    bias = None if bias is None else bias.to(x.dtype)
-    return F.conv2d(_layout.conv_input(x), weight.to(x.dtype), bias, padding=1, groups=x.shape[1])
+    return _layout.conv2d(x, weight, bias, groups=x.shape[1])
 
 
 @torch.library.custom_op("sipl_fast::depthwise_conv3x3_triton", mutates_args=())

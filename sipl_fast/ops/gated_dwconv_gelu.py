@@ -53,9 +53,7 @@ def gated_dwconv_gelu_torch(x: torch.Tensor, weight: torch.Tensor, mode: str = "
                             residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference: the published depthwise convolution and gate (then the 1x1 projection and
     residual add), op by op, in x's dtype."""
-    bias = None if bias is None else bias.to(x.dtype)  # weights in x's dtype, as autocast casts them
-    x1, x2 = F.conv2d(_layout.conv_input(x), weight.to(x.dtype), bias, padding=1,
-                      groups=x.shape[1]).chunk(2, dim=1)
+    x1, x2 = _layout.conv2d(x, weight, bias, groups=x.shape[1]).chunk(2, dim=1)
     y = F.gelu(x2) * x1 + F.gelu(x1) * x2 if mode == "dual" else F.gelu(x1) * x2
     return y if proj_weight is None else conv1x1_torch(y, proj_weight, proj_bias, residual)
 
