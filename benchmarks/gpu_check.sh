@@ -76,7 +76,7 @@ workers=()
 python -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
 seconds=$(limit "${TEST_SECONDS:-220}")
 [ "$seconds" -gt 60 ] && seconds=$((seconds - 30))
-[ "$seconds" -gt 0 ] && SIPL_FAST_TRITON_AUTOTUNE=0 timeout -s INT -k 30 "$seconds" python -m pytest -q -p no:cacheprovider -rfEs \
+[ "$seconds" -gt 0 ] && SIPL_FAST_TRITON_AUTOTUNE=0 timeout -s INT -k 30 "$seconds" python -m pytest -q -p no:cacheprovider -rfEs --durations=15 \
   "${workers[@]}" "${TESTS[@]}" >>"$LOG" 2>&1
 echo "tests exit code $?" | tee -a "$LOG"
 stage "done"
