@@ -411,7 +411,8 @@ def test_bad_projection_raises_value_error():
         channel_attention(q, k, v, t, dw_bias=torch.randn(24))
     with pytest.raises(ValueError, match="need dw_weight"):
         channel_attention(q, k, v, t, width=3)
-    out = channel_attention(q, k, v, t, dw_weight=torch.randn(24, 1, 3, 3), width=numpy.int64(3))  # any integer
+    out = channel_attention(q, k, v, t, dw_weight=torch.randn(24, 1, 3, 3, device=q.device),
+                            width=numpy.int64(3))  # any integer
     assert out.shape == q.shape
 
 

@@ -93,6 +93,20 @@ def test_references_keep_channels_last_views_channels_last():
         torch.testing.assert_close(out, op(x, *args, backend="torch"), rtol=0, atol=1e-12)
 
 
+def test_the_cuda_kernels_inputs_keep_their_layout():
+    """_layout.dense (what the CUDA C++ kernels read): NCHW and NHWC tensors as they are; a band of
+    rows (FastSIPL's) copied in its own layout, so the kernel's output keeps it; other strides NCHW."""
+    from sipl_fast.ops import _layout
+
+    x = inputs(2, 6, 9, 11)[0]
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        image = x.contiguous(memory_format=fmt)
+        assert _layout.dense(image) is image
+        band = _layout.dense(image[:, :, 3:])
+        assert band.is_contiguous(memory_format=fmt) and torch.equal(band, x[:, :, 3:])
+    assert _layout.dense(x.transpose(2, 3)).is_contiguous()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 37, 9, 13), (1, 176, 5, 7), (3, 3, 1, 1), (1, 8, 1, 17), (2, 5, 11, 1)])

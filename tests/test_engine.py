@@ -14,6 +14,8 @@ from sipl_fast.ops import _layout
 from sipl_fast.tiling import tiled
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Where the Triton kernels run: a GPU, else the interpreter on the CPU (conftest sets it).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def images(b, h, w, seed=0, device="cpu"):
@@ -27,6 +29,12 @@ def err(a, b):
 @pytest.fixture(scope="module")
 def model():
     return tiny_model(dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def device_model():
+    """The tiny model on DEVICE, for the tests that run the Triton kernels."""
+    return tiny_model(dtype=torch.float32).to(DEVICE)
 
 
 @pytest.mark.parametrize("iterations", [0, 1, 2])
@@ -114,6 +122,8 @@ def test_backend_is_applied_to_every_op(model, monkeypatch):
             "torch", lambda *a, _f=torch_backend.fn, _n=name: calls.append(_n) or _f(*a), torch_backend.why_not))
     FastSIPL(model, dtype=torch.float32, backend="torch")(images(1, 16, 16), 1)
     assert set(ops.OPS) <= set(calls)
+    if DEVICE == "cuda":  # the rest asks for Triton on the CPU: the interpreter, not set on a GPU machine
+        return
     calls.clear()
     FastSIPL(model, dtype=torch.float32, backend={"layer_norm2d": "triton"})(images(1, 16, 16), 1)
     # the others choose automatically: the reference here, but for Proxy Fusion (sdpa on a CPU)
@@ -161,12 +171,13 @@ def test_a_backend_for_every_op_leaves_the_ops_without_it_to_the_automatic_choic
     (1, "auto", 2, 2), (20000, "auto", 2, 2),  # one row per band; a few rows
     (200000, "triton", 1, 1),  # 2-3 bands at full resolution, which the Triton kernels read in place
 ])
-def test_local_stages_by_rows_equal_the_whole_image(model, monkeypatch, band_bytes, backend, batch, iterations):
+def test_local_stages_by_rows_equal_the_whole_image(device_model, monkeypatch, band_bytes, backend, batch,
+                                                    iterations):
     """Bands of rows with one row of halo give the whole image's result (odd size)."""
     monkeypatch.setattr(importlib.import_module("sipl_fast.engine"), "BAND_BYTES", band_bytes)
-    x = images(batch, 21, 19, seed=4)
-    out = FastSIPL(model, dtype=torch.float32, backend=backend, cuda_graphs=False)(x, iterations)
-    assert err(out, restore(model, x, iterations)) <= 1e-4
+    x = images(batch, 21, 19, seed=4, device=DEVICE)
+    out = FastSIPL(device_model, dtype=torch.float32, backend=backend, cuda_graphs=False)(x, iterations)
+    assert err(out, restore(device_model, x, iterations)) <= 1e-4
 
 
 def test_bands_are_small_on_a_cpu(monkeypatch):
@@ -205,30 +216,31 @@ def test_padding_the_hidden_width_changes_nothing(dual):
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_triton_backend_of_every_op_serves_the_whole_model(model, channels_last, monkeypatch):
+def test_triton_backend_of_every_op_serves_the_whole_model(device_model, channels_last, monkeypatch):
     """fp32 through the Triton kernels (the interpreter on a CPU) matches the reference loop.
     Channels-last (here in bands of rows too), every block's output stays channels-last."""
-    x = images(2, 19, 23)
-    fast = FastSIPL(model, dtype=torch.float32, backend="triton", cuda_graphs=False, channels_last=channels_last)
+    x = images(2, 19, 23, device=DEVICE)
+    fast = FastSIPL(device_model, dtype=torch.float32, backend="triton", cuda_graphs=False,
+                    channels_last=channels_last)
     layouts = []
     if channels_last:
         monkeypatch.setattr(importlib.import_module("sipl_fast.engine"), "BAND_BYTES", 200000)
         for block in (m for m in fast.model.modules() if isinstance(m, (TransformerBlock, CrossBlock))):
             block.register_forward_hook(lambda m, i, out: layouts.append(out.stride(1) == 1))
-    assert err(fast(x, 1), restore(model, x, 1)) <= 1e-4
+    assert err(fast(x, 1), restore(device_model, x, 1)) <= 1e-4
     if channels_last:
         assert len(layouts) > 20 and all(layouts)
 
 
-def test_fp16_engine_through_the_triton_kernels(model):
+def test_fp16_engine_through_the_triton_kernels(device_model):
     """Every fused kernel in half precision (the interpreter on a CPU runs fp16 dots; bf16 ones
     run on a GPU only): the error no worse than twice eager fp16 autocast's (one small image:
     the interpreter computes fp16 slowly)."""
-    x = images(1, 17, 20)
-    ref = restore(model, x, 1)
-    with torch.autocast("cpu", dtype=torch.float16):
-        eager = restore(model, x, 1)
-    out = FastSIPL(model, dtype=torch.float16, backend="triton", cuda_graphs=False)(x, 1)
+    x = images(1, 17, 20, device=DEVICE)
+    ref = restore(device_model, x, 1)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        eager = restore(device_model, x, 1)
+    out = FastSIPL(device_model, dtype=torch.float16, backend="triton", cuda_graphs=False)(x, 1)
     assert 0 < err(out, ref) <= 2 * err(eager, ref)
 
 

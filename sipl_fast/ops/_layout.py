@@ -3,9 +3,10 @@ the depthwise 3x3 weights they read (:func:`tap_major`).
 
 NCHW (``torch.contiguous_format``) and NHWC (``torch.channels_last``). Element (b, c, y, x)
 sits at ``b * sb + c * sc + (y * W + x) * sp``: NCHW has (sb, sc, sp) = (C*H*W, H*W, 1),
-NHWC has (H*W*C, 1, C). The CUDA C++ kernels take these two exactly (:func:`dense`); the
-Triton kernels take any (sb, sc, sp) (:func:`pixels`), such as a band of rows of either, which
-FastSIPL passes. Any other strides are copied to NCHW first. The torch references convolve
+NHWC has (H*W*C, 1, C). The CUDA C++ kernels take these two exactly (:func:`dense`: a band of
+rows of either is copied in its own layout); the Triton kernels take any (sb, sc, sp)
+(:func:`pixels`), such as a band of rows of either, which FastSIPL passes. Any other strides are
+copied to NCHW first. The torch references convolve
 through :func:`conv2d`, which keeps a channels-last input channels-last.
 """
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch.nn.functional as F
 
 
 def dense(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when NCHW- or NHWC-contiguous, else an NCHW-contiguous copy."""
+    """``x`` itself when NCHW- or NHWC-contiguous, else a copy: NHWC where x's channels are
+    innermost (a band of rows of a channels-last image stays channels-last), else NCHW."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
-    return x.contiguous()
+    return x.contiguous(memory_format=torch.channels_last if channels_last(x) else torch.contiguous_format)
 
 
 def _pixel_stride(x: torch.Tensor):
