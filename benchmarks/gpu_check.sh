@@ -72,8 +72,14 @@ stage "tests: ${TESTS[*]}"
 # Tests compile many small kernel variants: skip the Triton autotuner there (first config), and
 # spread them over TEST_WORKERS processes where pytest-xdist is installed. At the limit, SIGINT
 # makes pytest print its summary (the failures' names) and exit; KILL 30 s later if it does not.
+# Each worker's PyTorch takes as many CPU threads as there are cores: 8 workers oversubscribe the
+# 16 cores 8 times over, the likely reason why CPU-only tests that take 0.3 s on a 2-core machine
+# took ~55 s each there (FastSIPL fp32 equals restore, 2026-11-28). One share of the cores each.
 workers=()
-python -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
+if python -c "import xdist" 2>/dev/null; then
+  workers=(-n "${TEST_WORKERS:-8}")
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ${TEST_WORKERS:-8} > 0 ? $(nproc) / ${TEST_WORKERS:-8} : 1 ))}
+fi
 seconds=$(limit "${TEST_SECONDS:-220}")
 [ "$seconds" -gt 60 ] && seconds=$((seconds - 30))
 [ "$seconds" -gt 0 ] && SIPL_FAST_TRITON_AUTOTUNE=0 timeout -s INT -k 30 "$seconds" python -m pytest -q -p no:cacheprovider -rfEs --durations=15 \
