@@ -10,7 +10,8 @@
 #   BENCHMARKS= TEST_SECONDS=200 OUT=/tmp/t benchmarks/gpu_check.sh; cp /tmp/t/gpu_check.log $OUT
 #
 # Everything goes under $OUT (default benchmarks/results/gpu_check): gpu_check.log (install,
-# benchmark and test output) and each benchmark's .json/.md/.png. The benchmarks run first
+# benchmark and test output), gpu_tests.xml (each test's outcome and failure message, also when
+# the time limit stops the run) and each benchmark's .json/.md/.png. The benchmarks run first
 # (they need the GPU to themselves), the tests after them with the time that is left. Time
 # limits per stage come from TEST_SECONDS and BENCH_SECONDS (or a benchmark entry's own), so a
 # slow stage cannot eat the next one's time, and no stage runs past DEADLINE_SECONDS from the
@@ -82,7 +83,7 @@ if python -c "import xdist" 2>/dev/null; then
 fi
 seconds=$(limit "${TEST_SECONDS:-220}")
 [ "$seconds" -gt 60 ] && seconds=$((seconds - 30))
-[ "$seconds" -gt 0 ] && SIPL_FAST_TRITON_AUTOTUNE=0 timeout -s INT -k 30 "$seconds" python -m pytest -q -p no:cacheprovider -rfEs --durations=15 \
+[ "$seconds" -gt 0 ] && SIPL_FAST_TRITON_AUTOTUNE=0 timeout -s INT -k 30 "$seconds" python -m pytest -q -p no:cacheprovider -rfEs --durations=15 --junitxml="$OUT/gpu_tests.xml" \
   "${workers[@]}" "${TESTS[@]}" >>"$LOG" 2>&1
 echo "tests exit code $?" | tee -a "$LOG"
 stage "done"
