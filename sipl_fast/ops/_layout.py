@@ -6,8 +6,8 @@ sits at ``b * sb + c * sc + (y * W + x) * sp``: NCHW has (sb, sc, sp) = (C*H*W, 
 NHWC has (H*W*C, 1, C). The CUDA C++ kernels take these two exactly (:func:`dense`: a band of
 rows of either is copied in its own layout); the Triton kernels take any (sb, sc, sp)
 (:func:`pixels`), such as a band of rows of either, which FastSIPL passes. Any other strides are
-copied to NCHW first. The torch references convolve
-through :func:`conv2d`, which keeps a channels-last input channels-last.
+copied to NCHW first. The torch references convolve through :func:`conv2d`, which keeps a
+channels-last input channels-last.
 """
 from __future__ import annotations
 
