@@ -78,8 +78,9 @@ stage "tests: ${TESTS[*]}"
 # took ~55 s each there (FastSIPL fp32 equals restore, 2026-11-28). One share of the cores each.
 workers=()
 if python -c "import xdist" 2>/dev/null; then
-  workers=(-n "${TEST_WORKERS:-8}")
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / ${TEST_WORKERS:-8} > 0 ? $(nproc) / ${TEST_WORKERS:-8} : 1 ))}
+  n=${TEST_WORKERS:-8}
+  workers=(-n "$n")
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / n > 0 ? $(nproc) / n : 1 ))}
 fi
 seconds=$(limit "${TEST_SECONDS:-220}")
 [ "$seconds" -gt 60 ] && seconds=$((seconds - 30))

@@ -54,6 +54,11 @@ def max_err(x, ref):
     return (x.double().cpu() - ref.double().cpu()).abs().max().item()
 
 
+def launched_tiles() -> dict:
+    """{(kernel, key): index of the tile launched in its list}: what a failure on a GPU should report."""
+    return {(getattr(kernel, "__name__", kernel), key): i for (kernel, key), i in _triton._fitting.items()}
+
+
 # ------------------------------------------------------------------ reference
 @pytest.mark.parametrize("t_shape", ["(H,)", "(H,1,1)"])
 def test_reference_matches_an_independent_formula(t_shape):
@@ -92,10 +97,8 @@ def test_forward_matches_reference(backend, dtype, case):
     if dtype == torch.float32:
         assert max_err(out, ref) <= fp32_tolerance(q, k, v, t, ref)
     else:
-        naive = max_err(cosine_attention_torch(*to(dtype, q, k, v, t)), ref)
-        # the errors and the tiles launched (index in each kernel's list): what a GPU log needs to tell
-        tiles = {(getattr(kernel, "__name__", kernel), key): i for (kernel, key), i in _triton._fitting.items()}
-        assert max_err(out, ref) <= 2 * naive, (max_err(out, ref), naive, tiles)
+        err, naive = max_err(out, ref), max_err(cosine_attention_torch(*to(dtype, q, k, v, t)), ref)
+        assert err <= 2 * naive, (err, naive, launched_tiles())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # PyTorch's kernels: any device

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sipl_fast import ops
-from sipl_fast.ops import BackendError, depthwise_conv3x3
+from sipl_fast.ops import BackendError, _layout, depthwise_conv3x3
 
 from conftest import every_offered_tile, interpreter_tiles
 
@@ -77,7 +77,7 @@ def test_references_keep_channels_last_views_channels_last():
     """A channels-last image whose size-1 batch stride a view left small ((C, 1, W*C, C): x[0][None])
     reads as NCHW to PyTorch's convolutions (CPU: transposed in, and in bf16 out, 3-25x slower);
     the torch references convolve it as NHWC (_layout.conv_input), with the same values."""
-    from sipl_fast.ops import _layout, conv1x1, gated_dwconv_gelu
+    from sipl_fast.ops import conv1x1, gated_dwconv_gelu
 
     x, w, bias = inputs(1, 6, 5, 7)
     view = x.contiguous(memory_format=torch.channels_last)[0][None]
@@ -96,8 +96,6 @@ def test_references_keep_channels_last_views_channels_last():
 def test_the_cuda_kernels_inputs_keep_their_layout():
     """_layout.dense (what the CUDA C++ kernels read): NCHW and NHWC tensors as they are; a band of
     rows (FastSIPL's) copied in its own layout, so the kernel's output keeps it; other strides NCHW."""
-    from sipl_fast.ops import _layout
-
     x = inputs(2, 6, 9, 11)[0]
     for fmt in (torch.contiguous_format, torch.channels_last):
         image = x.contiguous(memory_format=fmt)

@@ -113,18 +113,26 @@ def test_from_checkpoint(model, tmp_path):
     assert err(fast(x, 1), restore(model, x, 1)) <= 1e-4
 
 
-def test_backend_is_applied_to_every_op(model, monkeypatch):
+def torch_backend_calls(monkeypatch) -> list:
+    """The names of the ops whose torch backend runs, in call order (a spy on each)."""
     calls = []
     for name in ops.OPS:
         module = importlib.import_module(f"sipl_fast.ops.{name}")
         torch_backend = module.BACKENDS["torch"]
         monkeypatch.setitem(module.BACKENDS, "torch", type(torch_backend)(
             "torch", lambda *a, _f=torch_backend.fn, _n=name: calls.append(_n) or _f(*a), torch_backend.why_not))
+    return calls
+
+
+def test_backend_is_applied_to_every_op(model, monkeypatch):
+    calls = torch_backend_calls(monkeypatch)
     FastSIPL(model, dtype=torch.float32, backend="torch")(images(1, 16, 16), 1)
     assert set(ops.OPS) <= set(calls)
-    if DEVICE == "cuda":  # the rest asks for Triton on the CPU: the interpreter, not set on a GPU machine
-        return
-    calls.clear()
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="Triton on CPU tensors needs the interpreter, not set on a GPU machine")
+def test_a_backend_named_for_one_op_leaves_the_others_automatic(model, monkeypatch):
+    calls = torch_backend_calls(monkeypatch)
     FastSIPL(model, dtype=torch.float32, backend={"layer_norm2d": "triton"})(images(1, 16, 16), 1)
     # the others choose automatically: the reference here, but for Proxy Fusion (sdpa on a CPU)
     assert set(calls) == set(ops.OPS) - {"layer_norm2d", "cosine_attention"}
