@@ -44,6 +44,15 @@ def cosine_attention_f64(q, k, v, t):
     return torch.einsum("bhij,bhjd->bhid", w / w.sum(-1, keepdim=True), v)
 
 
+def heads_past_twice_naive(out, naive, ref) -> list:
+    """(b, h, error, naive error) of each head of ``out`` (B, H, ...) whose error against ``ref``
+    passes twice that of ``naive`` (the reference computed in the 16-bit dtype) in that head: the
+    attention ops' 16-bit bound, taken head by head, so that a large temperature's error in one
+    head cannot hide a wrong result in another."""
+    err, bound = ((x.double().cpu() - ref.double().cpu()).abs().flatten(2).amax(dim=2) for x in (out, naive))
+    return [(b, h, err[b, h].item(), bound[b, h].item()) for b, h in (err > 2 * bound).nonzero().tolist()]
+
+
 def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> SIPL:
     torch.manual_seed(seed)
     return randomise(SIPL(SIPLConfig(**{**TINY, **overrides})), seed).to(dtype).eval()

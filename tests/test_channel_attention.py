@@ -16,7 +16,7 @@ from sipl_fast.ops import BackendError, _layout, _triton, channel_attention
 from sipl_fast.ops._backend import choose
 
 from conftest import cosine_attention_f64 as independent  # channels are the tokens, pixels the features
-from conftest import every_offered_tile, interpreter_tiles
+from conftest import every_offered_tile, heads_past_twice_naive, interpreter_tiles
 
 module = importlib.import_module("sipl_fast.ops.channel_attention")  # the package attribute is the function
 reference = module.channel_attention_torch
@@ -77,7 +77,10 @@ def test_triton_matches_the_reference(case, dtype):
     ref = independent(q, k, v, t)
     out = channel_attention(*to(dtype, q, k, v), t.float().to(DEVICE), backend="triton")
     assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
-    assert max_err(out, ref) <= tolerance(dtype, (q, k, v, t), ref)
+    if dtype == torch.float32:
+        assert max_err(out, ref) <= tolerance(dtype, (q, k, v, t), ref)
+    else:
+        assert not heads_past_twice_naive(out, reference(*to(dtype, q, k, v, t)), ref)
 
 
 @pytest.mark.parametrize("tile", [256, 1024])

@@ -17,7 +17,7 @@ from sipl_fast import ops
 from sipl_fast.ops import BackendError, cosine_attention
 from sipl_fast.ops import _backend, _triton, cosine_attention_torch
 
-from conftest import every_offered_tile
+from conftest import every_offered_tile, heads_past_twice_naive
 from conftest import cosine_attention_f64 as independent
 
 module = importlib.import_module("sipl_fast.ops.cosine_attention")  # the package attribute is the function
@@ -97,8 +97,29 @@ def test_forward_matches_reference(backend, dtype, case):
     if dtype == torch.float32:
         assert max_err(out, ref) <= fp32_tolerance(q, k, v, t, ref)
     else:
-        err, naive = max_err(out, ref), max_err(cosine_attention_torch(*to(dtype, q, k, v, t)), ref)
-        assert err <= 2 * naive, (err, naive, launched_tiles())
+        bad = heads_past_twice_naive(out, cosine_attention_torch(*to(dtype, q, k, v, t)), ref)
+        assert not bad, (bad, launched_tiles())
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("softmax", ["fixed shift", "online"])
+@pytest.mark.parametrize("q_from", ["registers", "memory"])
+def test_forward_d96_every_tile_both_softmax_paths_both_q_operands(dtype, softmax, q_from, monkeypatch):
+    """The case that failed on an H200 in 16 bits (2026-11-28; passes in the interpreter), taken
+    apart: every tile the autotuner may choose, the fixed-shift and the online softmax, and q
+    normalised on load (a register operand of the tensor cores) or by the separate pass (read
+    from memory, as at D > 128). The message lists every failing combination."""
+    if q_from == "memory":
+        monkeypatch.setattr(module, "_Q_IN_REGISTERS", 64)
+    q, k, v, t = inputs(2, 2, 77, 45, 96, [0.1, 5.0])
+    ref = cosine_attention_torch(q, k, v, t)
+    naive = cosine_attention_torch(*to(dtype, q, k, v, t))
+    configs = module._fwd_configs_for(96, dtype)
+    runs = every_offered_tile(monkeypatch, lambda: module._triton_forward(
+        *to(dtype, q, k, v), t.view(-1).float().to(DEVICE), online_only=softmax == "online")[0])
+    assert len(runs) == len(configs)
+    bad = {str(cfg): heads_past_twice_naive(out, naive, ref) for cfg, out in zip(configs, runs)}
+    assert not any(bad.values()), {cfg: heads for cfg, heads in bad.items() if heads}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # PyTorch's kernels: any device
@@ -116,7 +137,7 @@ def test_sdpa_matches_reference(dtype, case):
     if dtype == torch.float32:
         assert max_err(out, ref) <= fp32_tolerance(q, k, v, t, ref)
     else:
-        assert max_err(out, ref) <= 2 * max_err(cosine_attention_torch(*to(dtype, q, k, v, t)), ref)
+        assert not heads_past_twice_naive(out, cosine_attention_torch(*to(dtype, q, k, v, t)), ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
