@@ -238,6 +238,19 @@ def convolving_case(b, c, height, width, nchw):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
+def test_every_gpu_tile_of_the_gram_pass_in_the_interpreter(monkeypatch):
+    """Each pixel block the GPU's launcher may take for the Gram pass of q and k as given (not
+    convolved), run by the interpreter in fp16: C = 40 and N = 37 * 53 in several slices, whose
+    last one ends inside a pixel block of every width."""
+    q, k, v, t = inputs(2, 2, 40, 37 * 53, [0.1, 5.0])
+    ref = independent(q, k, v, t)
+    naive = reference(*to(torch.float16, q, k, v, t))
+    for cfg in interpreter_tiles(monkeypatch, module, "_INTERPRETER_GRAM", module._GRAM_CONFIGS):
+        out = channel_attention(*to(torch.float16, q, k, v), t.float(), backend="triton")
+        assert not heads_past_twice_naive(out, naive, ref), cfg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
 @pytest.mark.parametrize("nchw", [True, False], ids=["nchw", "channels_last"])
 def test_every_gpu_tile_of_the_convolving_gram_pass_in_the_interpreter(nchw, monkeypatch):
     """Each (channel block, pixel block, tap unrolling) the GPU's autotuner may choose for the
