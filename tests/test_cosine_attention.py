@@ -312,6 +312,19 @@ def grads(fn, dtype, q, k, v, t, dout):
     return [x.grad for x in xs]
 
 
+def grads_16bit_problems(dtype, got, naive, ref, q, k, v, t, dout) -> list:
+    """What is wrong with 16-bit gradients ``got`` (dq, dk, dv, dt) against float64 ``ref``:
+    dq, dk, dv head by head within twice the error of ``naive`` (autograd in ``dtype``); dt,
+    one number a head, within twice the larger of the naive error (which luck can bring near
+    zero) and that of exact arithmetic on the inputs rounded to ``dtype``, which no
+    computation in ``dtype`` escapes (an H = 1 case failed on that luck alone in fp16)."""
+    problems = [(name, heads_past_twice_naive(g, n, r)) for name, g, n, r in zip("qkv", got, naive, ref)]
+    rounded = grads(cosine_attention_torch, torch.float64, *(x.to(dtype) for x in (q, k, v, t, dout)))[3]
+    bound = 2 * max(max_err(naive[3], ref[3]), max_err(rounded, ref[3]))
+    problems.append(("t", [] if max_err(got[3], ref[3]) <= bound else [(max_err(got[3], ref[3]), bound)]))
+    return [(name, bad) for name, bad in problems if bad]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [(2, 2, 77, 45, 96, [0.1, 5.0]), (1, 2, 41, 67, 24, [50.0, -3.0]),
                                   (1, 1, 37, 29, 384, [12.0]),
@@ -332,10 +345,8 @@ def test_backward_matches_autograd(dtype, case):
         assert g.shape == r.shape and g.dtype == dtype, name
         if dtype == torch.float32:
             assert max_err(g, r) <= 10 * max_err(n, r), name
-        elif name == "t":
-            assert max_err(g, r) <= 2 * max_err(n, r), name
-        else:
-            assert not heads_past_twice_naive(g, n, r), (name, heads_past_twice_naive(g, n, r))
+    if dtype != torch.float32:
+        assert not grads_16bit_problems(dtype, got, naive, ref, q, k, v, t, dout)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -378,33 +389,35 @@ def test_triton_backward_splits_agree(dtype, splits, monkeypatch):
         assert max_err(g.reshape(r.shape), r) <= factor * max_err(n, r), name
 
 
-@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [(2, 2, 200, 77, 96, [0.5, 30.0]), (1, 1, 75, 130, 384, [12.0])],
                          ids=lambda c: "x".join(map(str, c[:5])))
-def test_every_autotuned_tile_on_the_gpu(case, monkeypatch):
-    """bf16 forward and backward through every tile their autotuners may choose (the forward's,
-    the dk/dv and the dq kernel's), each checked as the other tests check the one chosen."""
+def test_every_autotuned_tile(case, dtype, monkeypatch):
+    """Forward and backward through every tile their autotuners may choose on a GPU (the
+    forward's, the dk/dv and the dq kernel's; on a CPU in the interpreter), each checked as the
+    other tests check the one chosen."""
     *shape, temps = case
     q, k, v, t = inputs(*shape, temps)
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = [cosine_attention_torch(q, k, v, t)] + grads(cosine_attention_torch, torch.float64, q, k, v, t, dout)
-    naive = [cosine_attention_torch(*to(torch.bfloat16, q, k, v, t))] + grads(cosine_attention_torch, torch.bfloat16,
-                                                                             q, k, v, t, dout)
+    naive = [cosine_attention_torch(*to(dtype, q, k, v, t))] + grads(cosine_attention_torch, dtype, q, k, v, t, dout)
 
     def forward_and_backward():
-        out = cosine_attention(*to(torch.bfloat16, q, k, v, t), backend="triton")
-        return [out] + grads(lambda *a: cosine_attention(*a, backend="triton"), torch.bfloat16, q, k, v, t, dout)
+        out = cosine_attention(*to(dtype, q, k, v, t), backend="triton")
+        return [out] + grads(lambda *a: cosine_attention(*a, backend="triton"), dtype, q, k, v, t, dout)
 
     runs = every_offered_tile(monkeypatch, forward_and_backward)
     d = shape[-1]
-    assert len(runs) == max(len(module._fwd_configs_for(d, torch.bfloat16)),
-                            *(len(module._bwd_configs_for(d, torch.bfloat16, which)) for which in (0, 1)))
+    assert len(runs) == max(len(module._fwd_configs_for(d, dtype)),
+                            *(len(module._bwd_configs_for(d, dtype, which)) for which in (0, 1)))
     for i, run in enumerate(runs):
-        for name, got, n, r in zip(["out", "dq", "dk", "dv", "dt"], run, naive, ref):
-            if name == "dt":
-                assert max_err(got, r) <= 2 * max_err(n, r), (i, name)
-            else:
-                assert not heads_past_twice_naive(got, n, r), (i, name, heads_past_twice_naive(got, n, r))
+        if dtype == torch.float32:
+            for name, got, n, r in zip(["out", "dq", "dk", "dv", "dt"], run, naive, ref):
+                assert max_err(got, r) <= (fp32_tolerance(q, k, v, t, r) if name == "out" else 10 * max_err(n, r)), \
+                    (i, name)
+        else:
+            assert not heads_past_twice_naive(run[0], naive[0], ref[0]), (i, "out")
+            assert not grads_16bit_problems(dtype, run[1:], naive[1:], ref[1:], q, k, v, t, dout), i
 
 
 @needs_cuda
