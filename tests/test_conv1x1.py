@@ -245,7 +245,8 @@ def test_auto_uses_torch_on_cpu_and_triton_refuses_gradients_and_interpreter_bf1
     (dict(weight=torch.ones(4, 8, dtype=torch.int64)), "weight as a real floating-point tensor"),
     (dict(weight=torch.randn(0, 8), bias=None), "Cout >= 1"),
     (dict(x=torch.randn(1, 0, 3, 3), weight=torch.randn(4, 0)), "Cin, Cout >= 1"),
-    (dict(eps=-1.0), "eps >= 0"),
+    (dict(eps=-1.0), "eps as a real number >= 0"),
+    (dict(eps="1e-5"), "eps as a real number >= 0"),
 ])
 def test_bad_input_raises_value_error(kwargs, match):
     args = dict(x=torch.randn(1, 8, 3, 3), weight=torch.randn(4, 8), bias=torch.randn(4), residual=None)

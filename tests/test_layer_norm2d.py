@@ -91,8 +91,9 @@ def test_bad_parameters_raise_value_error():
     x = torch.randn(1, 4, 2, 2)
     with pytest.raises(ValueError, match="weight as a real floating-point tensor"):
         layer_norm2d(x, torch.ones(4, dtype=torch.int64), torch.zeros(4))
-    with pytest.raises(ValueError, match="eps >= 0"):
-        layer_norm2d(x, torch.ones(4), torch.zeros(4), eps=-1.0)
+    for eps in (-1.0, float("nan"), "1e-5", True):
+        with pytest.raises(ValueError, match="eps as a real number >= 0"):
+            layer_norm2d(x, torch.ones(4), torch.zeros(4), eps=eps)
 
 
 def test_every_backend_returns_the_input_dtype_with_wider_weights():

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import numbers
 import os
 import time
 from typing import Callable, Dict, Mapping, Optional, Union
@@ -124,12 +125,12 @@ def result_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dty
 def check_real_floating(op: str, eps: float = 0.0, **tensors) -> None:
     """ValueError unless every given tensor (weights, biases, temperatures; None skipped) is real
     floating point (an integer, bool or complex one would be cast, or fail, deep inside a
-    backend), and a norm's ``eps`` is >= 0."""
+    backend), and a norm's ``eps`` is a real number >= 0."""
     for name, t in tensors.items():
         if t is not None and not t.is_floating_point():
             raise ValueError(f"{op}: expected {name} as a real floating-point tensor, got {t.dtype}")
-    if not eps >= 0:
-        raise ValueError(f"{op}: expected eps >= 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"{op}: expected eps as a real number >= 0, got {eps!r}")
 
 
 def forward_only_problem(kernel: str, x: torch.Tensor, *tensors, dots: bool = False) -> Optional[str]:
