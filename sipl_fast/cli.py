@@ -82,12 +82,23 @@ def from_model(y: torch.Tensor, channels: int) -> np.ndarray:
     return y[0].permute(1, 2, 0).float().cpu().numpy()
 
 
+def out_of_memory(error: BaseException) -> Optional[str]:
+    """"GPU" or "CPU" where ``error`` is an allocation that did not fit, else None. PyTorch's
+    CPU allocator raises a plain RuntimeError (a whole image's attention scores in the reference:
+    tens of GiB for a photo of a few megapixels), known by its message."""
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return "GPU"
+    if isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error):
+        return "CPU"
+    return None
+
+
 def restore_pixels(model, pixels: np.ndarray, iterations: Sequence[int], args, log=print,
                    fast: Optional[FastSIPL] = None) -> List[np.ndarray]:
     """Restore (H, W, C) pixels after each count in ``iterations``, from one loop (``refinements``),
     or with ``fast``, a FastSIPL of ``model`` (one count in ``iterations``; its own precision).
 
-    On CUDA out-of-memory retry in smaller tiles, saying so. ``args`` carries
+    Where an image does not fit in memory (GPU or CPU) retry in smaller tiles, saying so. ``args`` carries
     --precision, --tile and --tile-overlap.
     """
     device = next(model.parameters()).device
@@ -105,11 +116,13 @@ def restore_pixels(model, pixels: np.ndarray, iterations: Sequence[int], args, l
             with contextlib.nullcontext() if fast is not None else precision_context(args.precision, device):
                 y = tiled(run, x, tile, min(args.tile_overlap, tile // 2)) if tile else run(x)
             return [from_model(part, pixels.shape[2]) for part in y.chunk(len(iterations), dim=1)]
-        except torch.cuda.OutOfMemoryError:
-            if i + 1 == len(tiles):
+        except RuntimeError as error:  # torch.cuda.OutOfMemoryError is one too
+            memory = out_of_memory(error)
+            if memory is None or i + 1 == len(tiles):
                 raise
-            torch.cuda.empty_cache()
-            log(f"out of GPU memory at {pixels.shape[1]}x{pixels.shape[0]}: retrying in {tiles[i + 1]}-pixel tiles")
+            if memory == "GPU":
+                torch.cuda.empty_cache()
+            log(f"out of {memory} memory at {pixels.shape[1]}x{pixels.shape[0]}: retrying in {tiles[i + 1]}-pixel tiles")
     raise AssertionError("unreachable")
 
 
@@ -130,8 +143,9 @@ def failure_message(path, error: Exception, debug: bool) -> str:
         traceback.print_exception(error)
     if isinstance(error, ImageError):
         return str(error)
-    if isinstance(error, torch.cuda.OutOfMemoryError):
-        return f"{path}: out of GPU memory even in tiles"
+    memory = out_of_memory(error)
+    if memory:
+        return f"{path}: out of {memory} memory even in tiles"
     return f"{path}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
@@ -417,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
         p.add_argument("--tile", type=_pixels, default=0, metavar="N",
                        help="restore in N x N tiles (approximate: the attention is global); default whole images, "
-                            "falling back to tiles on CUDA out-of-memory")
+                            "falling back to tiles where an image does not fit in memory")
         p.add_argument("--tile-overlap", type=_pixels, default=32, metavar="N", help="pixels shared by neighbouring tiles (default 32)")
 
     r = sub.add_parser("restore", parents=[common], help="restore an image or a folder of images",

@@ -220,12 +220,17 @@ def test_fast_engine_writes_what_the_reference_writes(weights, photos, tmp_path)
         assert np.abs(a.pixels - b.pixels).max() <= 1.0 / (2 ** a.bit_depth - 1) + 1e-6
 
 
-def test_out_of_memory_retries_in_tiles(monkeypatch):
+@pytest.mark.parametrize("memory,error", [
+    ("GPU", torch.cuda.OutOfMemoryError("CUDA out of memory")),
+    ("CPU", RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                         "memory: you tried to allocate 52613349376 bytes. Error code 12 (Cannot allocate memory)")),
+])
+def test_out_of_memory_retries_in_tiles(memory, error, monkeypatch):
     from sipl_fast import cli
 
     def refinements_that_fit_256(model, x, iterations):
         if max(x.shape[-2:]) > 256:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            raise error
         for k in range(iterations + 1):
             yield x * (k + 1) / 8
 
@@ -236,4 +241,21 @@ def test_out_of_memory_retries_in_tiles(monkeypatch):
     out0, out2 = cli.restore_pixels(tiny_model(dtype=torch.float32), pixels, [0, 2], args, log=messages.append)
     np.testing.assert_allclose(out0, pixels / 8, atol=1e-6)
     np.testing.assert_allclose(out2, pixels * 3 / 8, atol=1e-6)
-    assert messages == ["out of GPU memory at 280x300: retrying in 256-pixel tiles"]
+    assert messages == [f"out of {memory} memory at 280x300: retrying in 256-pixel tiles"]
+    assert cli.failure_message("a.png", error, debug=False) == f"a.png: out of {memory} memory even in tiles"
+
+
+def test_other_runtime_errors_are_not_retried_in_tiles(monkeypatch):
+    from sipl_fast import cli
+
+    def failing(model, x, iterations):
+        raise RuntimeError("a bug, not memory")
+        yield
+
+    monkeypatch.setattr(cli, "refinements", failing)
+    messages = []
+    args = argparse.Namespace(precision="fp32", tile=0, tile_overlap=32)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.restore_pixels(tiny_model(dtype=torch.float32), np.zeros((300, 280, 3), np.float32), [1], args,
+                           log=messages.append)
+    assert messages == []
