@@ -13,8 +13,8 @@
 # probe, benchmark and test output), gpu_probe.xml and gpu_tests.xml (each test's outcome and
 # failure message, also when the time limit stops the run) and each benchmark's .json/.md/.png.
 # A short probe of tests runs first (PROBE), then the benchmarks (they need the GPU to
-# themselves), the tests after them with the time that is left. Time
-# limits per stage come from TEST_SECONDS and BENCH_SECONDS (or a benchmark entry's own), so a
+# themselves), the tests after them with the time that is left. Time limits per stage come
+# from PROBE_SECONDS, TEST_SECONDS and BENCH_SECONDS (or a benchmark entry's own), so a
 # slow stage cannot eat the next one's time, and no stage runs past DEADLINE_SECONDS from the
 # start (default 560: one device call may run 600 s); BENCHMARKS lists
 # "script|arguments[|seconds]" entries run in order, the most needed first; the scripts in
@@ -95,8 +95,9 @@ for entry in "${entries[@]}"; do
   echo "benchmark $script exit code $?" | tee -a "$LOG"
 done
 stage "tests: ${TESTS[*]}"
-# Tests compile many small kernel variants: skip the Triton autotuner there (first config). At the limit, SIGINT
-# makes pytest print its summary (the failures' names) and exit; KILL 30 s later if it does not.
+# Tests compile many small kernel variants: skip the Triton autotuner there (first config). At
+# the limit, SIGINT makes pytest print its summary (the failures' names) and exit; KILL 30 s
+# later if it does not.
 seconds=$(limit "${TEST_SECONDS:-220}")
 [ "$seconds" -gt 60 ] && seconds=$((seconds - 30))
 [ "$seconds" -gt 0 ] && OMP_NUM_THREADS=$threads SIPL_FAST_TRITON_AUTOTUNE=0 timeout -s INT -k 30 "$seconds" python -m pytest -q -p no:cacheprovider -rfEs --durations=15 --junitxml="$OUT/gpu_tests.xml" \
