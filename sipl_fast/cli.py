@@ -98,8 +98,8 @@ def restore_pixels(model, pixels: np.ndarray, iterations: Sequence[int], args, l
     """Restore (H, W, C) pixels after each count in ``iterations``, from one loop (``refinements``),
     or with ``fast``, a FastSIPL of ``model`` (one count in ``iterations``; its own precision).
 
-    Where an image does not fit in memory (GPU or CPU) retry in smaller tiles, saying so. ``args`` carries
-    --precision, --tile and --tile-overlap.
+    Where an image does not fit in memory (GPU or CPU) retry in smaller tiles, saying so.
+    ``args`` carries --precision, --tile and --tile-overlap.
     """
     device = next(model.parameters()).device
     x = to_model(pixels, model.config.inp_channels, device)

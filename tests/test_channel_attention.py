@@ -240,8 +240,8 @@ def convolving_case(b, c, height, width, nchw):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's tile list is patched (CPU tensors)")
 def test_every_gpu_tile_of_the_gram_pass_in_the_interpreter(monkeypatch):
     """Each pixel block the GPU's launcher may take for the Gram pass of q and k as given (not
-    convolved), run by the interpreter in fp16: C = 40 and N = 37 * 53 in several slices, whose
-    last one ends inside a pixel block of every width."""
+    convolved), run by the interpreter in fp16: C = 40 and N = 37 * 53 in two slices, the second
+    ending inside a pixel block of every width."""
     q, k, v, t = inputs(2, 2, 40, 37 * 53, [0.1, 5.0])
     ref = independent(q, k, v, t)
     naive = reference(*to(torch.float16, q, k, v, t))
