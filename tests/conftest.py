@@ -49,7 +49,8 @@ def heads_past_twice_naive(out, naive, ref) -> list:
     passes twice that of ``naive`` (the reference computed in the 16-bit dtype) in that head: the
     attention ops' 16-bit bound, taken head by head, so that a large temperature's error in one
     head cannot hide a wrong result in another."""
-    err, bound = ((x.double().cpu() - ref.double().cpu()).abs().flatten(2).amax(dim=2) for x in (out, naive))
+    ref = ref.double().cpu()
+    err, bound = ((x.double().cpu() - ref).abs().flatten(2).amax(dim=2) for x in (out, naive))
     return [(b, h, err[b, h].item(), bound[b, h].item()) for b, h in (err > 2 * bound).nonzero().tolist()]
 
 
