@@ -85,17 +85,10 @@ _BWD_CONFIGS = {
 }
 
 
-# Up to this head dim the forward normalises q on load; above it, a separate pass writes the
-# normalised q first: a normalised q tile lives in registers (the tensor cores' register
-# operand), and at D = 384 that spills every forward tile on sm_90a (360-1740 bytes per
-# thread), while one loaded from memory goes through shared memory, and the (64, 32, 8 warps)
-# tile then needs 232 registers, none spilled. The pass costs one more read and write of q, and
-# a buffer of q's size (the output cannot hold it: the autotuner reruns the kernel).
-_Q_IN_REGISTERS = 128
 # fp32 dots are exact FMA products (no tensor cores), whose operands Triton keeps whole along D
 # in each thread's registers: at D = 96 every fp32 forward tile spilled 1.7-5.7 KB per thread on
 # sm_90a, at D = 384 27-53 KB (local memory the driver reserves for every resident thread).
-# In fp32 the logits instead sum over D in slices of this width, loaded from q's normalised copy.
+# In fp32 the dot products instead sum over D in slices of this width, loaded in the key loop.
 _FP32_CHUNK = 32
 
 
@@ -192,56 +185,56 @@ if triton is not None:
         return c
 
     @triton.jit
-    def _scale_rows(x_a, x_b, r, DB: tl.constexpr):
-        """x * r per row for x in column blocks, in fp32 and rounded back to x's dtype."""
-        y_a = (x_a.to(tl.float32) * r[:, None]).to(x_a.dtype)
-        if DB > 0:
-            y_b = (x_b.to(tl.float32) * r[:, None]).to(x_b.dtype)
-        else:
-            y_b = y_a
-        return y_a, y_b
-
-    @triton.jit
-    def _normalise_kernel(X, OUT, R, N, D, H, sxb, sxh, sxn, sxd, eps, NORMS: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """OUT[bh, n, :] = X[b, h, n, :] * r, r = 1 / max(|X[b, h, n, :]|, eps), rounded to X's
-        dtype, contiguous (the dot products' operands, the same in the forward and the
-        backward), for a block of BLOCK_N rows; NORMS: also R[bh, n] = r in fp32."""
+    def _inverse_norms_kernel(X, COPY, R, N, D, H, sxb, sxh, sxn, sxd, eps, COPIES: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """R[bh, n] = 1 / max(|X[b, h, n, :]|, eps) in fp32 for a block of BLOCK_N rows; COPIES:
+        also COPY[bh, n, :] = X[b, h, n, :] (contiguous, the values unchanged). The forward and
+        the backward take their inverse norms from this one kernel, so they scale the same dot
+        products by the same factors."""
         bh = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         base = X + (bh // H).to(tl.int64) * sxb + (bh % H).to(tl.int64) * sxh + rows.to(tl.int64)[:, None] * sxn
+        out = COPY + (bh.to(tl.int64) * N + rows.to(tl.int64))[:, None] * D
         total = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(base + cols[None, :] * sxd, mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)
-            x = x.to(tl.float32)
-            total += tl.sum(x * x, axis=1)
-        r = 1.0 / tl.maximum(tl.sqrt(total), eps)
-        out = OUT + (bh.to(tl.int64) * N + rows.to(tl.int64))[:, None] * D
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             mask = (rows[:, None] < N) & (cols[None, :] < D)
             x = tl.load(base + cols[None, :] * sxd, mask=mask, other=0.0)
-            tl.store(out + cols[None, :], (x.to(tl.float32) * r[:, None]).to(OUT.dtype.element_ty), mask=mask)
-        if NORMS:
-            tl.store(R + bh.to(tl.int64) * N + rows, r, mask=rows < N)
+            if COPIES:
+                tl.store(out + cols[None, :], x, mask=mask)
+            x = x.to(tl.float32)
+            total += tl.sum(x * x, axis=1)
+        tl.store(R + bh.to(tl.int64) * N + rows, 1.0 / tl.maximum(tl.sqrt(total), eps), mask=rows < N)
 
     @triton.jit
-    def _attend_block(q_a, q_b, KNb, Vb, t2, sgn, cols, hi, acc_a, acc_b, l_i, m_i, svn, svd,
+    def _cosines(s, r_rows, r_cols):
+        """Cosines from raw dot products s [rows, cols] and the inverse norms of the rows'
+        and the columns' vectors: (s r_cols) r_rows, in that order in every kernel (the
+        forward's key loop inlines it), so that the backward recomputes the forward's
+        values exactly (multiplication commutes)."""
+        return (s * r_cols[None, :]) * r_rows[:, None]
+
+    @triton.jit
+    def _attend_block(q_a, q_b, rq, Kb, RKb, Vb, t2, sgn, cols, hi, acc_a, acc_b, l_i, m_i, sqd, svn, svd,
                       FIXED: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, CHUNK: tl.constexpr,
                       P_TOP: tl.constexpr, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
         """One key block of ``_fwd_kernel``: keys ``cols`` (masked against ``hi`` if MASKED).
 
-        CHUNK > 0: q_a points to the rows of q's normalised copy [BLOCK_M, 1] (q_b is
-        their mask), and the logits sum over D in CHUNK-wide slices loaded here.
+        CHUNK > 0: q_a points to q's rows [BLOCK_M, 1] (q_b is their mask), and the dot
+        products sum over D in CHUNK-wide slices loaded here.
+
+        The dot products s = q @ k^T are of the raw vectors; the normalisation is the
+        factors rq (queries) and rk (keys), applied in fp32 (``_cosines``): normalised
+        vectors rounded to 16 bits would put their rounding (2^-11 of each cosine in fp16,
+        2^-8 in bf16) in every logit, times |t|.
 
         The shifted logits c t2 - m are formed as (c - m / t2) t2, m / t2 in cosine units:
         near the top the difference is exact, where c t2 rounded at |t2| would lose the
         low digits (about 1e-5 of p at |t| = 200 in fp32). Where p is rounded to 16 bits
-        for the product (16-bit v), the fixed shift is instead one fused multiply-add a
-        score, c t2 + (P_TOP - sign(t) t2): its error (a few 1e-6 of p) is far below that
-        rounding, and the softmax's elementwise work (an exp2, a multiply-add and a sum a
-        score) is what the tensor cores wait for at D = 96 (sm_90a SASS).
+        for the product (16-bit v), the fixed shift is instead (s rk) (rq t2) + (P_TOP -
+        sign(t) t2), a multiply and a fused multiply-add a score: its error (a few 1e-6 of
+        p) is far below that rounding, and the softmax's elementwise work is what the
+        tensor cores wait for at D = 96 (sm_90a SASS).
 
         l sums the weights as rounded for the product, so that they sum to exactly 1: with
         few keys, normalising by the fp32 sum instead leaves p's rounding in the output
@@ -249,36 +242,41 @@ if triton is not None:
         """
         da = tl.arange(0, DA)
         db = DA + tl.arange(0, DB if DB > 0 else 16)
-        kn_ptrs = KNb + cols.to(tl.int64)[:, None] * D
+        k_ptrs = Kb + cols.to(tl.int64)[:, None] * D
         v_ptrs = Vb + cols.to(tl.int64)[:, None] * svn
+        if MASKED:
+            rk = tl.load(RKb + cols, mask=cols < hi, other=0.0)
+        else:
+            rk = tl.load(RKb + cols)
         if CHUNK > 0:
             s = tl.zeros([q_a.shape[0], cols.shape[0]], dtype=tl.float32)
             for c0 in tl.range(0, D, CHUNK, loop_unroll_factor=1):
                 dc = c0 + tl.arange(0, CHUNK)
-                q_c = tl.load(q_a + dc[None, :], mask=q_b & (dc < D)[None, :], other=0.0)
-                kn_c = tl.load(kn_ptrs + dc[None, :], mask=(cols < hi)[:, None] & (dc < D)[None, :], other=0.0)
-                s = tl.dot(q_c, tl.trans(kn_c), s, input_precision=PRECISION)
+                q_c = tl.load(q_a + dc[None, :] * sqd, mask=q_b & (dc < D)[None, :], other=0.0)
+                k_c = tl.load(k_ptrs + dc[None, :], mask=(cols < hi)[:, None] & (dc < D)[None, :], other=0.0)
+                s = tl.dot(q_c, tl.trans(k_c), s, input_precision=PRECISION)
         else:
             if MASKED or DA > D:
-                kn_a = tl.load(kn_ptrs + da[None, :], mask=(cols < hi)[:, None] & (da < D)[None, :], other=0.0)
+                k_a = tl.load(k_ptrs + da[None, :], mask=(cols < hi)[:, None] & (da < D)[None, :], other=0.0)
             else:
-                kn_a = tl.load(kn_ptrs + da[None, :])
-            s = tl.dot(q_a, tl.trans(kn_a), input_precision=PRECISION)
+                k_a = tl.load(k_ptrs + da[None, :])
+            s = tl.dot(q_a, tl.trans(k_a), input_precision=PRECISION)
         if DB > 0 and CHUNK == 0:
             if MASKED:
-                kn_b = tl.load(kn_ptrs + db[None, :], mask=(cols < hi)[:, None], other=0.0)
+                k_b = tl.load(k_ptrs + db[None, :], mask=(cols < hi)[:, None], other=0.0)
             else:
-                kn_b = tl.load(kn_ptrs + db[None, :])
-            s = tl.dot(q_b, tl.trans(kn_b), s, input_precision=PRECISION)
+                k_b = tl.load(k_ptrs + db[None, :])
+            s = tl.dot(q_b, tl.trans(k_b), s, input_precision=PRECISION)
+        w = s * rk[None, :]  # times rq: the cosines (``_cosines``)
         if FIXED:  # the shift: the largest logit there can be, |t2| (cosine sign(t)), less P_TOP
             if Vb.dtype.element_ty == tl.float32:
-                p = tl.math.exp2((s - sgn) * t2 + P_TOP)
-            else:  # p is rounded to 16 bits for p @ v: one fused multiply-add a score is exact enough
-                p = tl.math.exp2(s * t2 + (P_TOP - sgn * t2))
+                p = tl.math.exp2((w * rq[:, None] - sgn) * t2 + P_TOP)
+            else:  # p is rounded to 16 bits for p @ v: a multiply and a fused multiply-add a score
+                p = tl.math.exp2(w * (rq * t2)[:, None] + (P_TOP - sgn * t2))
             if MASKED:
                 p = tl.where((cols < hi)[None, :], p, 0.0)
-        else:  # m_i: the running maximum of the cosines times sign(t)
-            u = s * sgn
+        else:  # m_i: the running maximum of the cosines times sign(t) (sign flips are exact)
+            u = w * (rq * sgn)[:, None]
             if MASKED:
                 u = tl.where((cols < hi)[None, :], u, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(u, axis=1))
@@ -309,9 +307,9 @@ if triton is not None:
         return acc_a, acc_b, l_i, m_i
 
     @triton.jit
-    def _attend(q_a, q_b, KNb, Vb, t2, sgn, lo, hi, svn, svd, FIXED: tl.constexpr, PRECISION: tl.constexpr,
-                CHUNK: tl.constexpr, P_TOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    def _attend(q_a, q_b, rq, Kb, RKb, Vb, t2, sgn, lo, hi, sqd, svn, svd, FIXED: tl.constexpr,
+                PRECISION: tl.constexpr, CHUNK: tl.constexpr, P_TOP: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
         """The key loop of ``_fwd_kernel`` over keys lo..hi: (acc_a, acc_b, l, m) with
         p = exp2((u - m) |t2|) for u = c sign(t), the cosines signed so that the logits
         c t2 = u |t2| grow with u, and m in the same units.
@@ -327,13 +325,13 @@ if triton is not None:
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         whole = lo + (hi - lo) // BLOCK_N * BLOCK_N
         for start in range(lo, whole, BLOCK_N):
-            acc_a, acc_b, l_i, m_i = _attend_block(q_a, q_b, KNb, Vb, t2, sgn, start + tl.arange(0, BLOCK_N), hi,
-                                                   acc_a, acc_b, l_i, m_i, svn, svd, FIXED, False, PRECISION, CHUNK,
-                                                   P_TOP, D, DA, DB)
+            acc_a, acc_b, l_i, m_i = _attend_block(q_a, q_b, rq, Kb, RKb, Vb, t2, sgn, start + tl.arange(0, BLOCK_N),
+                                                   hi, acc_a, acc_b, l_i, m_i, sqd, svn, svd, FIXED, False, PRECISION,
+                                                   CHUNK, P_TOP, D, DA, DB)
         if whole < hi:
-            acc_a, acc_b, l_i, m_i = _attend_block(q_a, q_b, KNb, Vb, t2, sgn, whole + tl.arange(0, BLOCK_N), hi,
-                                                   acc_a, acc_b, l_i, m_i, svn, svd, FIXED, True, PRECISION, CHUNK,
-                                                   P_TOP, D, DA, DB)
+            acc_a, acc_b, l_i, m_i = _attend_block(q_a, q_b, rq, Kb, RKb, Vb, t2, sgn, whole + tl.arange(0, BLOCK_N),
+                                                   hi, acc_a, acc_b, l_i, m_i, sqd, svn, svd, FIXED, True, PRECISION,
+                                                   CHUNK, P_TOP, D, DA, DB)
         if FIXED:
             if P_TOP > 0:  # drop the lift: acc and l as if p = exp2((u - 1) |t2|)
                 acc_a = acc_a * tl.math.exp2(-P_TOP)
@@ -343,11 +341,11 @@ if triton is not None:
         return acc_a, acc_b, l_i, m_i
 
     @triton.jit
-    def _fwd_kernel(Q, KN, V, T, O, LSE, PO, PL, PM,
+    def _fwd_kernel(Q, K, V, T, RQ, RK, O, LSE, PO, PL, PM,
                     Nq, Nk, H, keys_per_split,
                     sqb, sqh, sqn, sqd, svb, svh, svn, svd, sob, soh, son, sod,
                     P_RANGE: tl.constexpr, P_TOP: tl.constexpr, PRECISION: tl.constexpr,
-                    Q_NORMALISED: tl.constexpr, CHUNK: tl.constexpr, SPLIT: tl.constexpr,
+                    CHUNK: tl.constexpr, SPLIT: tl.constexpr,
                     D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """One program: BLOCK_M queries of one (b, h) against one split of the keys.
@@ -356,19 +354,18 @@ if triton is not None:
         384 = 256 + 128), so no tensor-core work is wasted on padding; other D
         pad DA with masked columns and have DB = 0.
 
-        The keys come normalised (``KN``, contiguous, from ``_normalise_kernel``) and q
-        is normalised on load (Q_NORMALISED: already normalised, by the same kernel;
-        CHUNK > 0 also has ``_attend_block`` load it in slices), each rounded to the
-        inputs' dtype, so a key block's cosines are one product c = q @ kn^T (the
-        backward recomputes them from the same operands) and its logits in exp2 units
-        s = c t log2 e. Then p = exp2(s - m), rounded to v's dtype, and acc += p @ v,
-        l += rowsum(p). The logits are cosines
-        times t, so they lie in [-|t|, |t|] and the shift m = |t| log2 e - P_TOP
-        is fixed: no running max and no rescaling of acc. That is exact unless
-        exp2(-2 |t| log2 e) would leave the range where p and its products with v
-        stay normal (``P_RANGE`` octaves; fp16 also lifts p by 2^P_TOP): then this
+        q and k enter the dot products as they are (k as a contiguous copy, ``K``), and
+        the inverse norms ``RQ`` and ``RK`` (``_inverse_norms_kernel``) turn a key block's
+        products into cosines c in fp32 (``_cosines``; the backward recomputes them from
+        the same operands and factors); the logits in exp2 units are s = c t log2 e. Then
+        p = exp2(s - m), rounded to v's dtype, and acc += p @ v, l += rowsum(p). The
+        logits are cosines times t, so they lie in [-|t|, |t|] and the shift
+        m = |t| log2 e - P_TOP is fixed: no running max and no rescaling of acc. That is
+        exact unless exp2(-2 |t| log2 e) would leave the range where p and its products
+        with v stay normal (``P_RANGE`` octaves; fp16 also lifts p by 2^P_TOP): then this
         program runs the usual online softmax instead.
-        The choice reads t on the device, so no host sync is needed.
+        The choice reads t on the device, so no host sync is needed. In fp32 (CHUNK > 0)
+        the dot products sum over D in slices of q and k loaded in the key loop.
 
         With SPLIT, programs along axis 2 take consecutive key ranges and write
         un-normalised (acc, l, m) in fp32 to PO/PL/PM for ``_combine_kernel``;
@@ -384,30 +381,27 @@ if triton is not None:
         t2, sgn = _logit_scale(t)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
+        row_offsets = bh.to(tl.int64) * Nq + rows
+        rq = tl.load(RQ + row_offsets, mask=row_ok, other=0.0)
         Qb = Q + b * sqb + h.to(tl.int64) * sqh
-        if CHUNK > 0:  # q is normalised and contiguous: _attend_block loads it slice by slice
+        if CHUNK > 0:  # _attend_block loads q slice by slice
             q_a = Qb + rows.to(tl.int64)[:, None] * sqn
             q_b = row_ok[:, None]
         else:
             q_a, q_b = _load_cols(Qb, rows, row_ok, sqn, sqd, D, DA, DB)
-            if not Q_NORMALISED:
-                sumsq = tl.sum(q_a.to(tl.float32) * q_a.to(tl.float32), axis=1)
-                if DB > 0:
-                    sumsq += tl.sum(q_b.to(tl.float32) * q_b.to(tl.float32), axis=1)
-                q_a, q_b = _scale_rows(q_a, q_b, 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12), DB)
 
         lo = split * keys_per_split
         hi = tl.minimum(lo + keys_per_split, Nk)
-        KNb = KN + bh.to(tl.int64) * Nk * D
+        Kb = K + bh.to(tl.int64) * Nk * D
+        RKb = RK + bh.to(tl.int64) * Nk
         Vb = V + b * svb + h.to(tl.int64) * svh
         if 2.0 * tl.abs(t2) <= P_RANGE:
-            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, t2, sgn, lo, hi, svn, svd,
+            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, rq, Kb, RKb, Vb, t2, sgn, lo, hi, sqd, svn, svd,
                                              True, PRECISION, CHUNK, P_TOP, BLOCK_M, BLOCK_N, D, DA, DB)
         else:
-            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, KNb, Vb, t2, sgn, lo, hi, svn, svd,
+            acc_a, acc_b, l_i, m_i = _attend(q_a, q_b, rq, Kb, RKb, Vb, t2, sgn, lo, hi, sqd, svn, svd,
                                              False, PRECISION, CHUNK, P_TOP, BLOCK_M, BLOCK_N, D, DA, DB)
 
-        row_offsets = bh.to(tl.int64) * Nq + rows
         l_i = tl.where(row_ok, l_i, 1.0)  # rows past Nq: keep their unstored math finite
         if SPLIT:
             stat = split.to(tl.int64) * tl.num_programs(1) * Nq + row_offsets
@@ -542,19 +536,20 @@ if triton is not None:
         return tl.math.exp2(c * t2 - (top * t2 + log2_l))
 
     @triton.jit
-    def _bwd_dkdv_kernel(QN, K, KN, V, T, RK, DO, LSE, DELTA, DK, DV, Nq, Nk, H, rows_per_split,
-                         skb, skh, skn, skd, svb, svh, svn, svd,
+    def _bwd_dkdv_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DK, DV, Nq, Nk, H, rows_per_split,
+                         svb, svh, svn, svd,
                          PRECISION: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
                          DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dk, dv for BLOCK_N keys of one (b, h), looping over the query blocks of its split.
 
-        Recomputes the cosines c^T = kn @ qn^T from the forward's operands (QN and KN,
-        q and k normalised and rounded to their dtype, contiguous), so that p^T =
-        exp2((c^T - m sign(t)) t log2 e - log2 l) with the forward's LSE (m, log2 l) is the forward's
-        softmax, then dv += p^T dO, ds^T = p^T (dO v^T - delta), dkn += t ds^T qn, and
-        finally maps dkn through k's normalisation. dO and out are contiguous
-        (B, H, Nq, D). Every D-wide operand is held as two column blocks DA + DB, as in
-        the forward.
+        Recomputes the cosines c^T = (k @ q^T) rk rq from the forward's operands (Q and K,
+        q and k contiguous, with their inverse norms RQ and RK: ``_cosines``), so that
+        p^T = exp2((c^T - m sign(t)) t log2 e - log2 l) with the forward's LSE (m, log2 l)
+        is the forward's softmax, then dv += p^T dO, ds^T = p^T (dO v^T - delta),
+        dkn += t (ds^T rq) q (the gradient of the normalised k: q's inverse norms scale ds
+        before its rounding for the product), and finally maps dkn through k's
+        normalisation. dO is contiguous (B, H, Nq, D). Every D-wide operand is held as two
+        column blocks DA + DB, as in the forward.
 
         With SPLIT, programs along axis 2 take consecutive query ranges of
         ``rows_per_split`` and write their fp32 sums t dkn and dv to DK and DV,
@@ -568,54 +563,55 @@ if triton is not None:
         BHN = tl.num_programs(1).to(tl.int64) * Nq
         keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = keys < Nk
-        kn_a, kn_b = _load_cols(KN + bh.to(tl.int64) * Nk * D, keys, key_ok, D, 1, D, DA, DB)
+        k_a, k_b = _load_cols(K + bh.to(tl.int64) * Nk * D, keys, key_ok, D, 1, D, DA, DB)
+        rk = tl.load(RK + bh.to(tl.int64) * Nk + keys, mask=key_ok, other=0.0)
         v_a, v_b = _load_cols(V + b * svb + h.to(tl.int64) * svh, keys, key_ok, svn, svd, D, DA, DB)
         dv_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
         dkn_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
         dv_b = tl.zeros([BLOCK_N, DB if DB > 0 else 16], dtype=tl.float32)
         dkn_b = tl.zeros([BLOCK_N, DB if DB > 0 else 16], dtype=tl.float32)
-        QNb = QN + bh.to(tl.int64) * Nq * D
+        Qb = Q + bh.to(tl.int64) * Nq * D
         DOb = DO + bh.to(tl.int64) * Nq * D
         for start in range(lo, hi, BLOCK_M):
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < hi
             stats = bh.to(tl.int64) * Nq + rows
-            qn_a, qn_b = _load_cols(QNb, rows, row_ok, D, 1, D, DA, DB)
+            q_a, q_b = _load_cols(Qb, rows, row_ok, D, 1, D, DA, DB)
+            rq = tl.load(RQ + stats, mask=row_ok, other=0.0)
             top = tl.load(LSE + stats, mask=row_ok, other=0.0) * sgn
             log2_l = tl.load(LSE + BHN + stats, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
             do_a, do_b = _load_cols(DOb, rows, row_ok, D, 1, D, DA, DB)
-            c = _dot_d(kn_a, kn_b, qn_a, qn_b, PRECISION, DB)
-            p = _softmax_p(c, top[None, :], log2_l[None, :], t2, QN.dtype.element_ty == tl.float32)
+            c = _cosines(_dot_d(k_a, k_b, q_a, q_b, PRECISION, DB), rk, rq)
+            p = _softmax_p(c, top[None, :], log2_l[None, :], t2, Q.dtype.element_ty == tl.float32)
             p16 = p.to(DO.dtype.element_ty)
             dv_a = tl.dot(p16, do_a, dv_a, input_precision=PRECISION)
             if DB > 0:
                 dv_b = tl.dot(p16, do_b, dv_b, input_precision=PRECISION)
-            ds = (p * (_dot_d(v_a, v_b, do_a, do_b, PRECISION, DB) - delta[None, :])).to(QN.dtype.element_ty)
-            dkn_a = tl.dot(ds, qn_a, dkn_a, input_precision=PRECISION)
+            ds = p * (_dot_d(v_a, v_b, do_a, do_b, PRECISION, DB) - delta[None, :])
+            ds = (ds * rq[None, :]).to(Q.dtype.element_ty)
+            dkn_a = tl.dot(ds, q_a, dkn_a, input_precision=PRECISION)
             if DB > 0:
-                dkn_b = tl.dot(ds, qn_b, dkn_b, input_precision=PRECISION)
+                dkn_b = tl.dot(ds, q_b, dkn_b, input_precision=PRECISION)
         out = (split.to(tl.int64) * tl.num_programs(1) + bh) * Nk + keys
         if SPLIT:
             _store_cols(DK, out, key_ok, D, 1, D, dkn_a * t, dkn_b * t, DA, DB)
         else:
-            k_a, k_b = _load_cols(K + b * skb + h.to(tl.int64) * skh, keys, key_ok, skn, skd, D, DA, DB)
-            rk = tl.load(RK + bh.to(tl.int64) * Nk + keys, mask=key_ok, other=0.0)
             dk_a, dk_b = _unnormalize_grad(k_a.to(tl.float32), k_b.to(tl.float32), dkn_a * t, dkn_b * t, rk, DB)
             _store_cols(DK, out, key_ok, D, 1, D, dk_a, dk_b, DA, DB)
         _store_cols(DV, out, key_ok, D, 1, D, dv_a, dv_b, DA, DB)
 
     @triton.jit
-    def _bwd_dq_kernel(Q, QN, KN, V, T, RQ, DO, LSE, DELTA, DQ, DT, Nq, Nk, H, keys_per_split,
-                       sqb, sqh, sqn, sqd, svb, svh, svn, svd,
+    def _bwd_dq_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, Nq, Nk, H, keys_per_split,
+                       svb, svh, svn, svd,
                        PRECISION: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
                        DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dq and the rows' shares of dt for BLOCK_M queries of one (b, h), looping over the
         key blocks of its split.
 
-        The cosines c = qn @ kn^T come from the forward's operands, as in
+        The cosines c = (q @ k^T) rq rk come from the forward's operands, as in
         ``_bwd_dkdv_kernel``; ds = p (dO v^T - delta) is the gradient of the logits
-        t c; dqn = t ds kn goes through q's normalisation. dt = sum_ij ds c is a sum over all rows, so
+        t c; dqn = t (ds rk) k goes through q's normalisation. dt = sum_ij ds c is a sum over all rows, so
         its per-row error must not be biased: it is formed from row sums of p, p c,
         p dp and p dp c as E[dp c] - E[dp] E[c] under p / sum(p). That takes neither
         delta (from the rounded output) nor the exact scale of p (from the fp32 LSE).
@@ -634,7 +630,8 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         stats = bh.to(tl.int64) * Nq + rows
-        qn_a, qn_b = _load_cols(QN + bh.to(tl.int64) * Nq * D, rows, row_ok, D, 1, D, DA, DB)
+        q_a, q_b = _load_cols(Q + bh.to(tl.int64) * Nq * D, rows, row_ok, D, 1, D, DA, DB)
+        rq = tl.load(RQ + stats, mask=row_ok, other=0.0)
         do_a, do_b = _load_cols(DO + bh.to(tl.int64) * Nq * D, rows, row_ok, D, 1, D, DA, DB)
         top = tl.load(LSE + stats, mask=row_ok, other=0.0) * sgn
         log2_l = tl.load(LSE + tl.num_programs(1).to(tl.int64) * Nq + stats, mask=row_ok, other=float("inf"))
@@ -645,16 +642,18 @@ if triton is not None:
         sum_pc = tl.zeros([BLOCK_M], dtype=tl.float32)
         sum_pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
         sum_pdpc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        KNb = KN + bh.to(tl.int64) * Nk * D
+        Kb = K + bh.to(tl.int64) * Nk * D
+        RKb = RK + bh.to(tl.int64) * Nk
         Vb = V + b * svb + h.to(tl.int64) * svh
         for start in range(lo, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < hi
-            kn_a, kn_b = _load_cols(KNb, cols, col_ok, D, 1, D, DA, DB)
+            k_a, k_b = _load_cols(Kb, cols, col_ok, D, 1, D, DA, DB)
+            rk = tl.load(RKb + cols, mask=col_ok, other=0.0)
             v_a, v_b = _load_cols(Vb, cols, col_ok, svn, svd, D, DA, DB)
-            c = _dot_d(qn_a, qn_b, kn_a, kn_b, PRECISION, DB)
+            c = _cosines(_dot_d(q_a, q_b, k_a, k_b, PRECISION, DB), rq, rk)
             p = tl.where(col_ok[None, :], _softmax_p(c, top[:, None], log2_l[:, None], t2,
-                                                     KN.dtype.element_ty == tl.float32), 0.0)
+                                                     K.dtype.element_ty == tl.float32), 0.0)
             dp = _dot_d(do_a, do_b, v_a, v_b, PRECISION, DB)
             ds = p * (dp - delta[:, None])
             pc = p * c
@@ -662,10 +661,10 @@ if triton is not None:
             sum_pc += tl.sum(pc, axis=1)
             sum_pdp += tl.sum(p * dp, axis=1)
             sum_pdpc += tl.sum(pc * dp, axis=1)
-            ds16 = ds.to(KN.dtype.element_ty)
-            dqn_a = tl.dot(ds16, kn_a, dqn_a, input_precision=PRECISION)
+            ds16 = (ds * rk[None, :]).to(K.dtype.element_ty)
+            dqn_a = tl.dot(ds16, k_a, dqn_a, input_precision=PRECISION)
             if DB > 0:
-                dqn_b = tl.dot(ds16, kn_b, dqn_b, input_precision=PRECISION)
+                dqn_b = tl.dot(ds16, k_b, dqn_b, input_precision=PRECISION)
         if SPLIT:
             bhn = tl.num_programs(1).to(tl.int64) * Nq
             _store_cols(DQ, split * bhn + stats, row_ok, D, 1, D, dqn_a * t, dqn_b * t, DA, DB)
@@ -675,8 +674,6 @@ if triton is not None:
             tl.store(DT + part + 2 * bhn, sum_pdp, mask=row_ok)
             tl.store(DT + part + 3 * bhn, sum_pdpc, mask=row_ok)
         else:
-            q_a, q_b = _load_cols(Q + b * sqb + h.to(tl.int64) * sqh, rows, row_ok, sqn, sqd, D, DA, DB)
-            rq = tl.load(RQ + stats, mask=row_ok, other=0.0)
             dq_a, dq_b = _unnormalize_grad(q_a.to(tl.float32), q_b.to(tl.float32), dqn_a * t, dqn_b * t, rq, DB)
             _store_cols(DQ, stats, row_ok, D, 1, D, dq_a, dq_b, DA, DB)
             tl.store(DT + stats, _dt_rows(sum_p, sum_pc, sum_pdp, sum_pdpc, row_ok), mask=row_ok)
@@ -731,16 +728,16 @@ def _split_range(programs: int, n: int, device: torch.device, splits: Optional[i
     return triton.cdiv(n, per_split), per_split
 
 
-def _normalised(x: torch.Tensor, norms: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(x's rows normalised, (B, H, N, D) contiguous in x's dtype; with ``norms`` their
-    inverse norms (B, H, N) fp32, else None), in one pass over x."""
+def _inverse_norms(x: torch.Tensor, copy: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x, or with ``copy`` a (B, H, N, D) contiguous copy of it where x is not; the rows'
+    inverse norms 1 / max(|x|, eps), (B, H, N) fp32), in one pass over x."""
     b, h, n, d = x.shape
-    out = torch.empty((b, h, n, d), device=x.device, dtype=x.dtype)
-    r = torch.empty((b, h, n), device=x.device, dtype=torch.float32) if norms else None
-    if out.numel():
-        _triton.launch(_normalise_kernel, (triton.cdiv(n, 64), b * h), x, out, out if r is None else r,
-                       n, d, h, *x.stride(), EPS, NORMS=norms, BLOCK_N=64,
-                       BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
+    copy = copy and not x.is_contiguous()
+    out = torch.empty((b, h, n, d), device=x.device, dtype=x.dtype) if copy else x
+    r = torch.empty((b, h, n), device=x.device, dtype=torch.float32)
+    if r.numel():
+        _triton.launch(_inverse_norms_kernel, (triton.cdiv(n, 64), b * h), x, out, r, n, d, h, *x.stride(), EPS,
+                       COPIES=copy, BLOCK_N=64, BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
     return out, r
 
 
@@ -767,20 +764,18 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
     configs = _fwd_configs_for(d, q.dtype)
     block_m = configs[0].kwargs["BLOCK_M"]
     splits, per_split = _split_range(triton.cdiv(nq, block_m) * b * h, nk, q.device, splits)
-    kn = _normalised(k)[0]
-    chunk = _FP32_CHUNK if q.dtype == torch.float32 else 0
-    q_normalised = d > _Q_IN_REGISTERS or chunk > 0
-    if q_normalised:
-        q = _normalised(q)[0]
+    rq = _inverse_norms(q)[1]
+    k, rk = _inverse_norms(k, copy=True)
     if splits > 1:
         po = torch.empty((splits, b * h, nq, d), device=q.device, dtype=torch.float32)
         pl = torch.empty((splits, b * h, nq), device=q.device, dtype=torch.float32)
         pm = torch.empty_like(pl)
     else:
         po = pl = pm = lse  # unused
-    args = (q, kn, v, t32, out, lse, po, pl, pm, nq, nk, h, per_split, *q.stride(), *v.stride(), *out.stride())
+    args = (q, k, v, t32, rq, rk, out, lse, po, pl, pm, nq, nk, h, per_split, *q.stride(), *v.stride(),
+            *out.stride())
     constants = dict(P_RANGE=-1.0 if online_only else _P_RANGE[q.dtype], P_TOP=_P_TOP[q.dtype],
-                     PRECISION=_triton.precision(q.dtype), Q_NORMALISED=q_normalised, CHUNK=chunk,
+                     PRECISION=_triton.precision(q.dtype), CHUNK=_FP32_CHUNK if q.dtype == torch.float32 else 0,
                      SPLIT=splits > 1, D=d, DA=da, DB=db)
     _triton.launch_tuned(_fwd_kernel, _fwd_kernel_tuned, (d, q.dtype, splits > 1, online_only), configs,
                          lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, splits), *args, **constants)
@@ -816,13 +811,13 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
         dv.copy_(dout.float().sum(2, keepdim=True))
         return dq.zero_(), dk.zero_(), dv, dt.view(b, h, nq).sum((0, 2))
     delta = (dout.float() * out.float()).sum(-1)
-    (qn, rq), (kn, rk) = _normalised(q, norms=True), _normalised(k, norms=True)  # the forward's operands
+    (q, rq), (k, rk) = _inverse_norms(q, copy=True), _inverse_norms(k, copy=True)  # as the forward's
     da, db = _column_blocks(d)
     constants = dict(PRECISION=_triton.precision(q.dtype), D=d, DA=da, DB=db)
     block_d = max(16, triton.next_power_of_2(d))
-    for which, kernel, tuned, (n_out, n_loop, block), x, r, inputs, (grad, *more) in (
-            (0, _bwd_dkdv_kernel, _bwd_dkdv_tuned, (nk, nq, "BLOCK_N"), k, rk, (qn, k, kn, v, t32, rk), (dk, dv)),
-            (1, _bwd_dq_kernel, _bwd_dq_tuned, (nq, nk, "BLOCK_M"), q, rq, (q, qn, kn, v, t32, rq), (dq, dt))):
+    for which, kernel, tuned, (n_out, n_loop, block), x, r, (grad, *more) in (
+            (0, _bwd_dkdv_kernel, _bwd_dkdv_tuned, (nk, nq, "BLOCK_N"), k, rk, (dk, dv)),
+            (1, _bwd_dq_kernel, _bwd_dq_tuned, (nq, nk, "BLOCK_M"), q, rq, (dq, dt))):
         configs = _bwd_configs_for(d, q.dtype, which)
         widest = max(cfg.kwargs[block] for cfg in configs)  # the fewest programs the autotuner may launch
         parts, per_split = _split_range(triton.cdiv(n_out, widest) * b * h, n_loop, q.device,
@@ -832,8 +827,8 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
             shapes = ((b * h, n_out, d), (4, b * h, n_out) if which else (b * h, n_out, d))
             outputs = [torch.empty((parts, *shape), device=q.device, dtype=torch.float32) for shape in shapes]
         _triton.launch_tuned(kernel, tuned, (d, q.dtype, parts > 1), configs,
-                             lambda meta: (triton.cdiv(n_out, meta[block]), b * h, parts), *inputs, dout, lse, delta,
-                             *outputs, nq, nk, h, per_split, *x.stride(), *v.stride(), SPLIT=parts > 1, **constants)
+                             lambda meta: (triton.cdiv(n_out, meta[block]), b * h, parts), q, k, v, t32, rq, rk, dout,
+                             lse, delta, *outputs, nq, nk, h, per_split, *v.stride(), SPLIT=parts > 1, **constants)
         if parts > 1:
             grid = (triton.cdiv(n_out, 16), b * h)
             _triton.launch(_bwd_finish_kernel, grid, outputs[0], x, r, grad, outputs[1], dt, n_out, d, h, parts,
