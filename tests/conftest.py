@@ -46,12 +46,13 @@ def cosine_attention_f64(q, k, v, t):
 
 def heads_past_twice_naive(out, naive, ref) -> list:
     """(b, h, error, naive error) of each head of ``out`` (B, H, ...) whose error against ``ref``
-    passes twice that of ``naive`` (the reference computed in the 16-bit dtype) in that head: the
+    passes twice that of ``naive`` (the reference computed in the 16-bit dtype) in that head, or is NaN: the
     attention ops' 16-bit bound, taken head by head, so that a large temperature's error in one
     head cannot hide a wrong result in another."""
     ref = ref.double().cpu()
     err, bound = ((x.double().cpu() - ref).abs().flatten(2).amax(dim=2) for x in (out, naive))
-    return [(b, h, err[b, h].item(), bound[b, h].item()) for b, h in (err > 2 * bound).nonzero().tolist()]
+    bad = (err > 2 * bound) | err.isnan()  # a NaN in out is never within a bound
+    return [(b, h, err[b, h].item(), bound[b, h].item()) for b, h in bad.nonzero().tolist()]
 
 
 def tiny_model(seed: int = 0, dtype=torch.float64, **overrides) -> SIPL:

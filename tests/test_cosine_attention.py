@@ -9,7 +9,11 @@ dtype (all against float64 on the same inputs), outputs and dq, dk, dv head by h
 """
 import importlib
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,6 +277,24 @@ def test_fp16_logits_carry_no_rounding_of_normalised_vectors(case):
     assert (err <= 3 * rounding).all(), (err / rounding).tolist()
 
 
+@pytest.mark.parametrize("case", [(2, 2, 77, 45, 24, [50.0, -50.0]), (1, 2, 9, 64, 96, [90.0, 7.5]),
+                                  (2, 1, 30, 17, 384, [-120.0])], ids=lambda c: "x".join(map(str, c[:5])))
+def test_fp32_error_is_that_of_the_inputs_rounding(case):
+    """fp32 at large temperatures: within 2.5x, head by head, of the error that exact
+    arithmetic on the same fp32 inputs leaves, plus 5e-7 for the sums over the keys (what
+    small temperatures leave). With the cosines computed in fp32, each operation's rounding
+    (~1e-7 of the cosine, times |t|) made it 4-6x at t = 50 (7.7e-6 at D = 24, against 1e-5
+    allowed); with the products, norms and cosines in fp64, ~1.1x."""
+    *shape, temps = case
+    q, k, v, t = inputs(*shape, temps)
+    ref = cosine_attention_torch(q, k, v, t)
+    x32 = to(torch.float32, q, k, v, t)
+    out = cosine_attention(*x32, backend="triton")
+    floor = independent(*(x.double().cpu() for x in x32[:3]), x32[3].double().cpu().flatten())
+    err, least = ((x.double().cpu() - ref).abs().flatten(2).amax(2) for x in (out, floor))
+    assert (err <= 2.5 * least + 5e-7).all(), (err / least).tolist()
+
+
 @pytest.mark.parametrize("t", [20.0, 41.0, -41.0])
 def test_tiny_values_with_every_key_at_the_least_logit(t):
     """All keys anti-parallel to the query (cosine -sign(t)) and tiny v: p sits 2|t| log2 e
@@ -353,6 +375,10 @@ def grads_16bit_problems(got, naive, ref, dt_bound) -> list:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", [(2, 2, 77, 45, 96, [0.1, 5.0]), (1, 2, 41, 67, 24, [50.0, -3.0]),
                                   (1, 1, 37, 29, 384, [12.0]),
+                                  # few queries, peaked softmaxes: in fp32, dv was 22x autograd's error
+                                  # while the cosines were computed in fp32 (the interpreter's dot products
+                                  # round by their shapes: the backward's cosines differed from the forward's)
+                                  (2, 2, 4, 16, 24, [7.5, 90.0]),
                                   # peaked softmaxes over few keys: in fp16, dq and dk failed while the
                                   # backward recomputed the cosines from other roundings than the forward's
                                   (1, 2, 120, 9, 24, [50.0, -20.0])],
@@ -372,6 +398,26 @@ def test_backward_matches_autograd(dtype, case):
             assert max_err(g, r) <= 10 * max_err(n, r), name
     if dtype != torch.float32:
         assert not grads_16bit_problems(got, naive, ref, dt_bound_16bit(dtype, naive[3], ref[3], q, k, v, t, dout))
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+def test_16bit_backward_with_zero_rows(dtype):
+    """A zero query and a zero key in 16 bits: only their own gradients may overflow (g / eps,
+    as in PyTorch, whose fp16 autograd is NaN everywhere here); every other row of dq and dk
+    stays finite and right. Scaling ds by the zero row's inverse norm (1 / eps) before the
+    product overflowed and made every dk NaN."""
+    q, k, v, t = inputs(1, 2, 9, 13, 16, [2.0, 30.0])
+    q[0, 0, 2] = 0
+    k[0, 1, 4] = 0
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = grads(lambda *a: cosine_attention(*a, backend="triton"), dtype, q, k, v, t, dout)
+    ref = grads(cosine_attention_torch, torch.float64, *(x.to(dtype) for x in (q, k, v, t)), dout)
+    keep = [torch.ones(x.shape[:3], dtype=torch.bool) for x in (q, k, v)]
+    keep[0][0, 0, 2] = keep[1][0, 1, 4] = False
+    for name, g, r, rows in zip("qkv", got, ref, keep):
+        g, r = g.double().cpu()[rows], r[rows]
+        assert torch.isfinite(g).all(), name
+        assert (g - r).abs().max() <= 2e-2 * r.abs().max(), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -475,6 +521,42 @@ def test_opcheck_triton_ops():
     torch.library.opcheck(module.cosine_attention_triton, (q, k, v, t))
     q, k, v, t = (x.detach().requires_grad_() for x in (q, k, v, t))
     torch.library.opcheck(module.cosine_attention_triton, (q, k, v, t))
+
+
+def test_every_kernel_compiles_for_sm90a(tmp_path):
+    """The interpreter runs any typing the GPU compiler refuses (a jit function returning fp64 in
+    one branch and fp32 in another; Triton 3.6's fp64 dot defaulting to an fp32 result), so the
+    kernels are also compiled for sm_90a here, one by one, without a GPU
+    (``benchmarks/fast_sipl_compile.py``'s driver): forward (one key split and several, with the
+    combining kernel) and backward (with its split partials and their sums), each dtype,
+    D = 24, 96 and 384, each first tile."""
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    code = f"""
+import importlib, os, sys, torch
+sys.path.insert(0, {str(bench)!r})
+from fast_sipl_compile import compile_only_driver
+compile_only_driver()
+from sipl_fast.ops import _triton
+mod = importlib.import_module("sipl_fast.ops.cosine_attention")
+# compile (warmup), one by one so that an error raises, instead of launching
+_triton.launch = lambda kernel, grid, *args, **kw: kernel.warmup(*args, grid=(1,), **kw)
+_triton.launch_tuned = lambda kernel, tuned, key, configs, grid, *args, **kw: _triton.launch(
+    kernel, grid, *args, **kw, **configs[0].all_kwargs())
+os.environ["TRITON_INTERPRET"] = "1"  # the launchers take CPU tensors for the GPU's tiles
+torch.Tensor.is_cuda = property(lambda self: True)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for d in (24, 96, 384):
+        q, k, v, t = torch.randn(1, 2, 300, d, dtype=dtype), torch.randn(1, 2, 600, d, dtype=dtype), \
+            torch.randn(1, 2, 600, d, dtype=dtype), torch.ones(2)
+        for splits in (1, 2):
+            out, lse = mod._triton_forward(q, k, v, t, splits=splits)
+            mod._triton_backward(q, k, v, t, out, lse, out.clone(), splits=(splits, splits))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(tmp_path.rglob("__grp__*.json"))) >= 3 * 3 * 6  # forward, combine, two backward, sums
 
 
 def test_compiles_without_graph_breaks():

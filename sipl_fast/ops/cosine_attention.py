@@ -10,7 +10,8 @@ Backends (first the reference):
 
 - ``"torch"``: the published expression op by op, any float dtype, differentiable.
 - ``"triton"``: the Triton kernels below; forward and backward (autograd), fp32,
-  fp16, bf16 with fp32 accumulation, D a multiple of 8 up to 512. No Nq x Nk
+  fp16, bf16 with fp32 accumulation (fp32 inputs: cosines in fp64, so the error is
+  about that of the inputs' own rounding), D a multiple of 8 up to 512. No Nq x Nk
   matrix is ever stored: memory is linear in Nq + Nk. With ``TRITON_INTERPRET=1``
   it also runs on CPU tensors when asked for explicitly (tests), except bf16,
   whose dots the interpreter gets wrong.
@@ -85,10 +86,10 @@ _BWD_CONFIGS = {
 }
 
 
-# fp32 dots are exact FMA products (no tensor cores), whose operands Triton keeps whole along D
-# in each thread's registers: at D = 96 every fp32 forward tile spilled 1.7-5.7 KB per thread on
-# sm_90a, at D = 384 27-53 KB (local memory the driver reserves for every resident thread).
-# In fp32 the dot products instead sum over D in slices of this width, loaded in the key loop.
+# Whole-D fp32 operands of the forward's dot products spilled every fp32 tile on sm_90a (1.7-5.7 KB
+# per thread at D = 96, 27-53 KB at D = 384: local memory the driver reserves for every resident
+# thread). In fp32 the dot products instead sum over D in slices of this width, loaded in the key
+# loop (and taken in fp64: ``_attend_block``).
 _FP32_CHUNK = 32
 
 
@@ -185,26 +186,63 @@ if triton is not None:
         return c
 
     @triton.jit
-    def _inverse_norms_kernel(X, COPY, R, N, D, H, sxb, sxh, sxn, sxd, eps, COPIES: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        """R[bh, n] = 1 / max(|X[b, h, n, :]|, eps) in fp32 for a block of BLOCK_N rows; COPIES:
-        also COPY[bh, n, :] = X[b, h, n, :] (contiguous, the values unchanged). The forward and
-        the backward take their inverse norms from this one kernel, so they scale the same dot
-        products by the same factors."""
+    def _inverse_norms_kernel(X, COPY, NORMED, R, N, D, H, sxb, sxh, sxn, sxd, eps, COPIES: tl.constexpr,
+                              NORMALISES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        """R[bh, n] = 1 / max(|X[b, h, n, :]|, eps), computed in R's dtype (fp64 for fp32 X,
+        else fp32), for a block of BLOCK_N rows; COPIES: also COPY[bh, n, :] = X[b, h, n, :]
+        (contiguous, the values unchanged); NORMALISES: also NORMED[bh, n, :] = X[b, h, n, :] r
+        rounded to X's dtype (contiguous). The forward and the backward take their inverse
+        norms from this one kernel, so they scale the same dot products by the same factors."""
         bh = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         base = X + (bh // H).to(tl.int64) * sxb + (bh % H).to(tl.int64) * sxh + rows.to(tl.int64)[:, None] * sxn
         out = COPY + (bh.to(tl.int64) * N + rows.to(tl.int64))[:, None] * D
-        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        total = tl.zeros([BLOCK_N], dtype=R.dtype.element_ty)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             mask = (rows[:, None] < N) & (cols[None, :] < D)
             x = tl.load(base + cols[None, :] * sxd, mask=mask, other=0.0)
             if COPIES:
                 tl.store(out + cols[None, :], x, mask=mask)
-            x = x.to(tl.float32)
+            x = x.to(R.dtype.element_ty)
             total += tl.sum(x * x, axis=1)
-        tl.store(R + bh.to(tl.int64) * N + rows, 1.0 / tl.maximum(tl.sqrt(total), eps), mask=rows < N)
+        r = 1.0 / tl.maximum(tl.sqrt(total), eps)
+        tl.store(R + bh.to(tl.int64) * N + rows, r, mask=rows < N)
+        if NORMALISES:
+            normed = NORMED + (bh.to(tl.int64) * N + rows.to(tl.int64))[:, None] * D
+            for d0 in range(0, D, BLOCK_D):
+                cols = d0 + tl.arange(0, BLOCK_D)
+                mask = (rows[:, None] < N) & (cols[None, :] < D)
+                x = tl.load(base + cols[None, :] * sxd, mask=mask, other=0.0)
+                tl.store(normed + cols[None, :], (x.to(R.dtype.element_ty) * r[:, None]).to(NORMED.dtype.element_ty),
+                         mask=mask)
+
+    @triton.jit
+    def _fp64_dots(a_rows, a_ok, sad, b_rows, b_ok, sbd, D, CHUNK: tl.constexpr):
+        """a @ b^T in fp64 for fp32 a, b given as row pointers [rows, 1] (column stride sad, sbd)
+        and row masks [rows, 1]: exact products, summed over D in CHUNK-wide slices loaded here
+        (whole-D operands in registers spilled on sm_90a; the tensor cores take fp64 there)."""
+        s = tl.zeros([a_rows.shape[0], b_rows.shape[0]], dtype=tl.float64)
+        for c0 in tl.range(0, D, CHUNK, loop_unroll_factor=1):
+            dc = c0 + tl.arange(0, CHUNK)
+            a = tl.load(a_rows + dc[None, :] * sad, mask=a_ok & (dc < D)[None, :], other=0.0)
+            b = tl.load(b_rows + dc[None, :] * sbd, mask=b_ok & (dc < D)[None, :], other=0.0)
+            s = tl.dot(a.to(tl.float64), tl.trans(b.to(tl.float64)), s, input_precision="ieee", out_dtype=tl.float64)
+        return s
+
+    @triton.jit
+    def _raw_dots(a_a, a_b, A, a_rows, a_ok, b_a, b_b, B, b_rows, b_ok, PRECISION: tl.constexpr,
+                  CHUNK: tl.constexpr, D: tl.constexpr, DB: tl.constexpr):
+        """The backward's dot products behind the cosines, a @ b^T, for rows ``a_rows`` and
+        ``b_rows`` (masks ``a_ok``, ``b_ok``) of the contiguous (N, D) matrices A and B: 16-bit,
+        from their column blocks in registers (``_dot_d``); fp32, in fp64 as the forward's
+        (``_fp64_dots``)."""
+        if A.dtype.element_ty == tl.float32:  # decided at compile time: one branch, one return type
+            s = _fp64_dots(A + a_rows.to(tl.int64)[:, None] * D, a_ok[:, None], 1,
+                           B + b_rows.to(tl.int64)[:, None] * D, b_ok[:, None], 1, D, CHUNK)
+        else:
+            s = _dot_d(a_a, a_b, b_a, b_b, PRECISION, DB)
+        return s
 
     @triton.jit
     def _cosines(s, r_rows, r_cols):
@@ -226,7 +264,10 @@ if triton is not None:
         The dot products s = q @ k^T are of the raw vectors; the normalisation is the
         factors rq (queries) and rk (keys), applied in fp32 (``_cosines``): normalised
         vectors rounded to 16 bits would put their rounding (2^-11 of each cosine in fp16,
-        2^-8 in bf16) in every logit, times |t|.
+        2^-8 in bf16) in every logit, times |t|. fp32 inputs take the products, the inverse
+        norms and the cosines in fp64, rounded to fp32 once in the shifted logit: in fp32
+        each operation's rounding (~1e-7 of the cosine, times |t| = 50) was 5x the error that
+        the inputs' own rounding leaves.
 
         The shifted logits c t2 - m are formed as (c - m / t2) t2, m / t2 in cosine units:
         near the top the difference is exact, where c t2 rounded at |t2| would lose the
@@ -248,13 +289,8 @@ if triton is not None:
             rk = tl.load(RKb + cols, mask=cols < hi, other=0.0)
         else:
             rk = tl.load(RKb + cols)
-        if CHUNK > 0:
-            s = tl.zeros([q_a.shape[0], cols.shape[0]], dtype=tl.float32)
-            for c0 in tl.range(0, D, CHUNK, loop_unroll_factor=1):
-                dc = c0 + tl.arange(0, CHUNK)
-                q_c = tl.load(q_a + dc[None, :] * sqd, mask=q_b & (dc < D)[None, :], other=0.0)
-                k_c = tl.load(k_ptrs + dc[None, :], mask=(cols < hi)[:, None] & (dc < D)[None, :], other=0.0)
-                s = tl.dot(q_c, tl.trans(k_c), s, input_precision=PRECISION)
+        if CHUNK > 0:  # fp32: the dot products in fp64
+            s = _fp64_dots(q_a, q_b, sqd, k_ptrs, (cols < hi)[:, None], 1, D, CHUNK)
         else:
             if MASKED or DA > D:
                 k_a = tl.load(k_ptrs + da[None, :], mask=(cols < hi)[:, None] & (da < D)[None, :], other=0.0)
@@ -270,7 +306,7 @@ if triton is not None:
         w = s * rk[None, :]  # times rq: the cosines (``_cosines``)
         if FIXED:  # the shift: the largest logit there can be, |t2| (cosine sign(t)), less P_TOP
             if Vb.dtype.element_ty == tl.float32:
-                p = tl.math.exp2((w * rq[:, None] - sgn) * t2 + P_TOP)
+                p = tl.math.exp2(((w * rq[:, None] - sgn) * t2).to(tl.float32) + P_TOP)
             else:  # p is rounded to 16 bits for p @ v: a multiply and a fused multiply-add a score
                 p = tl.math.exp2(w * (rq * t2)[:, None] + (P_TOP - sgn * t2))
             if MASKED:
@@ -279,11 +315,11 @@ if triton is not None:
             u = w * (rq * sgn)[:, None]
             if MASKED:
                 u = tl.where((cols < hi)[None, :], u, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(u, axis=1))
+            m_new = tl.maximum(m_i, tl.max(u, axis=1).to(tl.float32))
             at2 = t2 * sgn
             alpha = tl.math.exp2((m_i - m_new) * at2)
             if Vb.dtype.element_ty == tl.float32:
-                p = tl.math.exp2((u - m_new[:, None]) * at2)
+                p = tl.math.exp2(((u - m_new[:, None]) * at2).to(tl.float32))
             else:  # as above: one fused multiply-add a score
                 p = tl.math.exp2(u * at2 - (m_new * at2)[:, None])
             l_i = l_i * alpha
@@ -365,7 +401,7 @@ if triton is not None:
         with v stay normal (``P_RANGE`` octaves; fp16 also lifts p by 2^P_TOP): then this
         program runs the usual online softmax instead.
         The choice reads t on the device, so no host sync is needed. In fp32 (CHUNK > 0)
-        the dot products sum over D in slices of q and k loaded in the key loop.
+        the dot products sum over D in slices of q and k loaded in the key loop, in fp64.
 
         With SPLIT, programs along axis 2 take consecutive key ranges and write
         un-normalised (acc, l, m) in fp32 to PO/PL/PM for ``_combine_kernel``;
@@ -509,7 +545,7 @@ if triton is not None:
         if UNNORMALISE:
             x = _load_cols(X + (bh // H).to(tl.int64) * sxb + (bh % H).to(tl.int64) * sxh, rows, row_ok,
                            sxn, sxd, D, BLOCK_D, 0)[0]
-            r = tl.load(R + stats, mask=row_ok, other=0.0)
+            r = tl.load(R + stats, mask=row_ok, other=0.0).to(tl.float32)
             total = _unnormalize_grad(x.to(tl.float32), x, total, total, r, 0)[0]
         _store_cols(OUT, stats, row_ok, D, 1, D, total, total, BLOCK_D, 0)
         if ROW_SUMS:
@@ -528,26 +564,30 @@ if triton is not None:
     @triton.jit
     def _softmax_p(c, top, log2_l, t2, EXACT: tl.constexpr):
         """The forward's softmax weights p = exp2((c - top) t2 - log2 l) of cosines c, from the
-        rows' LSE (top = m sign(t) and log2 l, broadcast against c). Unless EXACT (fp32), one
-        fused multiply-add a score, c t2 - (top t2 + log2 l), as in the forward (``_attend_block``):
-        its error (a few 1e-6 of p) is far below that of the 16-bit products p feeds."""
-        if EXACT:
-            return tl.math.exp2((c - top) * t2 - log2_l)
-        return tl.math.exp2(c * t2 - (top * t2 + log2_l))
+        rows' LSE (top = m sign(t) and log2 l, broadcast against c). EXACT (fp32, c in fp64):
+        (c - top) t2 rounded to fp32 as the forward rounds it. Otherwise one fused multiply-add
+        a score, c t2 - (top t2 + log2 l), as in the forward (``_attend_block``): its error (a
+        few 1e-6 of p) is far below that of the 16-bit products p feeds."""
+        if EXACT:  # one branch compiled, one return type (c is fp64 here)
+            p = tl.math.exp2(((c - top) * t2).to(tl.float32) - log2_l)
+        else:
+            p = tl.math.exp2(c * t2 - (top * t2 + log2_l))
+        return p
 
     @triton.jit
-    def _bwd_dkdv_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DK, DV, Nq, Nk, H, rows_per_split,
+    def _bwd_dkdv_kernel(Q, K, QN, V, T, RQ, RK, DO, LSE, DELTA, DK, DV, Nq, Nk, H, rows_per_split,
                          svb, svh, svn, svd,
-                         PRECISION: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
-                         DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         PRECISION: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
+                         DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dk, dv for BLOCK_N keys of one (b, h), looping over the query blocks of its split.
 
         Recomputes the cosines c^T = (k @ q^T) rk rq from the forward's operands (Q and K,
         q and k contiguous, with their inverse norms RQ and RK: ``_cosines``), so that
         p^T = exp2((c^T - m sign(t)) t log2 e - log2 l) with the forward's LSE (m, log2 l)
         is the forward's softmax, then dv += p^T dO, ds^T = p^T (dO v^T - delta),
-        dkn += t (ds^T rq) q (the gradient of the normalised k: q's inverse norms scale ds
-        before its rounding for the product), and finally maps dkn through k's
+        dkn += t ds^T qn (the gradient of the normalised k; QN: q normalised and rounded to its
+        dtype, bounded operands: scaling ds by rq instead overflowed 16 bits for rows of tiny
+        or zero norm, where rq reaches 1 / eps), and finally maps dkn through k's
         normalisation. dO is contiguous (B, H, Nq, D). Every D-wide operand is held as two
         column blocks DA + DB, as in the forward.
 
@@ -563,8 +603,9 @@ if triton is not None:
         BHN = tl.num_programs(1).to(tl.int64) * Nq
         keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         key_ok = keys < Nk
-        k_a, k_b = _load_cols(K + bh.to(tl.int64) * Nk * D, keys, key_ok, D, 1, D, DA, DB)
-        rk = tl.load(RK + bh.to(tl.int64) * Nk + keys, mask=key_ok, other=0.0)
+        Kb = K + bh.to(tl.int64) * Nk * D
+        k_a, k_b = _load_cols(Kb, keys, key_ok, D, 1, D, DA, DB)
+        rk = tl.load(RK + bh.to(tl.int64) * Nk + keys, mask=key_ok, other=0.0)  # fp64 for fp32 k
         v_a, v_b = _load_cols(V + b * svb + h.to(tl.int64) * svh, keys, key_ok, svn, svd, D, DA, DB)
         dv_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
         dkn_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
@@ -582,36 +623,38 @@ if triton is not None:
             log2_l = tl.load(LSE + BHN + stats, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
             do_a, do_b = _load_cols(DOb, rows, row_ok, D, 1, D, DA, DB)
-            c = _cosines(_dot_d(k_a, k_b, q_a, q_b, PRECISION, DB), rk, rq)
+            c = _cosines(_raw_dots(k_a, k_b, Kb, keys, key_ok, q_a, q_b, Qb, rows, row_ok, PRECISION, CHUNK, D, DB),
+                         rk, rq)
             p = _softmax_p(c, top[None, :], log2_l[None, :], t2, Q.dtype.element_ty == tl.float32)
             p16 = p.to(DO.dtype.element_ty)
             dv_a = tl.dot(p16, do_a, dv_a, input_precision=PRECISION)
             if DB > 0:
                 dv_b = tl.dot(p16, do_b, dv_b, input_precision=PRECISION)
-            ds = p * (_dot_d(v_a, v_b, do_a, do_b, PRECISION, DB) - delta[None, :])
-            ds = (ds * rq[None, :]).to(Q.dtype.element_ty)
-            dkn_a = tl.dot(ds, q_a, dkn_a, input_precision=PRECISION)
+            ds = (p * (_dot_d(v_a, v_b, do_a, do_b, PRECISION, DB) - delta[None, :])).to(Q.dtype.element_ty)
+            qn_a, qn_b = _load_cols(QN + bh.to(tl.int64) * Nq * D, rows, row_ok, D, 1, D, DA, DB)
+            dkn_a = tl.dot(ds, qn_a, dkn_a, input_precision=PRECISION)
             if DB > 0:
-                dkn_b = tl.dot(ds, q_b, dkn_b, input_precision=PRECISION)
+                dkn_b = tl.dot(ds, qn_b, dkn_b, input_precision=PRECISION)
         out = (split.to(tl.int64) * tl.num_programs(1) + bh) * Nk + keys
         if SPLIT:
             _store_cols(DK, out, key_ok, D, 1, D, dkn_a * t, dkn_b * t, DA, DB)
         else:
-            dk_a, dk_b = _unnormalize_grad(k_a.to(tl.float32), k_b.to(tl.float32), dkn_a * t, dkn_b * t, rk, DB)
+            dk_a, dk_b = _unnormalize_grad(k_a.to(tl.float32), k_b.to(tl.float32), dkn_a * t, dkn_b * t,
+                                           rk.to(tl.float32), DB)
             _store_cols(DK, out, key_ok, D, 1, D, dk_a, dk_b, DA, DB)
         _store_cols(DV, out, key_ok, D, 1, D, dv_a, dv_b, DA, DB)
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, Nq, Nk, H, keys_per_split,
+    def _bwd_dq_kernel(Q, K, KN, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, Nq, Nk, H, keys_per_split,
                        svb, svh, svn, svd,
-                       PRECISION: tl.constexpr, SPLIT: tl.constexpr, D: tl.constexpr, DA: tl.constexpr,
-                       DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       PRECISION: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
+                       DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dq and the rows' shares of dt for BLOCK_M queries of one (b, h), looping over the
         key blocks of its split.
 
         The cosines c = (q @ k^T) rq rk come from the forward's operands, as in
         ``_bwd_dkdv_kernel``; ds = p (dO v^T - delta) is the gradient of the logits
-        t c; dqn = t (ds rk) k goes through q's normalisation. dt = sum_ij ds c is a sum over all rows, so
+        t c; dqn = t ds kn (KN: k normalised, as QN in ``_bwd_dkdv_kernel``) goes through q's normalisation. dt = sum_ij ds c is a sum over all rows, so
         its per-row error must not be biased: it is formed from row sums of p, p c,
         p dp and p dp c as E[dp c] - E[dp] E[c] under p / sum(p). That takes neither
         delta (from the rounded output) nor the exact scale of p (from the fp32 LSE).
@@ -630,7 +673,8 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         stats = bh.to(tl.int64) * Nq + rows
-        q_a, q_b = _load_cols(Q + bh.to(tl.int64) * Nq * D, rows, row_ok, D, 1, D, DA, DB)
+        Qb = Q + bh.to(tl.int64) * Nq * D
+        q_a, q_b = _load_cols(Qb, rows, row_ok, D, 1, D, DA, DB)
         rq = tl.load(RQ + stats, mask=row_ok, other=0.0)
         do_a, do_b = _load_cols(DO + bh.to(tl.int64) * Nq * D, rows, row_ok, D, 1, D, DA, DB)
         top = tl.load(LSE + stats, mask=row_ok, other=0.0) * sgn
@@ -651,9 +695,11 @@ if triton is not None:
             k_a, k_b = _load_cols(Kb, cols, col_ok, D, 1, D, DA, DB)
             rk = tl.load(RKb + cols, mask=col_ok, other=0.0)
             v_a, v_b = _load_cols(Vb, cols, col_ok, svn, svd, D, DA, DB)
-            c = _cosines(_dot_d(q_a, q_b, k_a, k_b, PRECISION, DB), rq, rk)
+            c = _cosines(_raw_dots(q_a, q_b, Qb, rows, row_ok, k_a, k_b, Kb, cols, col_ok, PRECISION, CHUNK, D, DB),
+                         rq, rk)
             p = tl.where(col_ok[None, :], _softmax_p(c, top[:, None], log2_l[:, None], t2,
                                                      K.dtype.element_ty == tl.float32), 0.0)
+            c = c.to(tl.float32)
             dp = _dot_d(do_a, do_b, v_a, v_b, PRECISION, DB)
             ds = p * (dp - delta[:, None])
             pc = p * c
@@ -661,10 +707,11 @@ if triton is not None:
             sum_pc += tl.sum(pc, axis=1)
             sum_pdp += tl.sum(p * dp, axis=1)
             sum_pdpc += tl.sum(pc * dp, axis=1)
-            ds16 = (ds * rk[None, :]).to(K.dtype.element_ty)
-            dqn_a = tl.dot(ds16, k_a, dqn_a, input_precision=PRECISION)
+            ds16 = ds.to(K.dtype.element_ty)
+            kn_a, kn_b = _load_cols(KN + bh.to(tl.int64) * Nk * D, cols, col_ok, D, 1, D, DA, DB)
+            dqn_a = tl.dot(ds16, kn_a, dqn_a, input_precision=PRECISION)
             if DB > 0:
-                dqn_b = tl.dot(ds16, k_b, dqn_b, input_precision=PRECISION)
+                dqn_b = tl.dot(ds16, kn_b, dqn_b, input_precision=PRECISION)
         if SPLIT:
             bhn = tl.num_programs(1).to(tl.int64) * Nq
             _store_cols(DQ, split * bhn + stats, row_ok, D, 1, D, dqn_a * t, dqn_b * t, DA, DB)
@@ -674,7 +721,8 @@ if triton is not None:
             tl.store(DT + part + 2 * bhn, sum_pdp, mask=row_ok)
             tl.store(DT + part + 3 * bhn, sum_pdpc, mask=row_ok)
         else:
-            dq_a, dq_b = _unnormalize_grad(q_a.to(tl.float32), q_b.to(tl.float32), dqn_a * t, dqn_b * t, rq, DB)
+            dq_a, dq_b = _unnormalize_grad(q_a.to(tl.float32), q_b.to(tl.float32), dqn_a * t, dqn_b * t,
+                                           rq.to(tl.float32), DB)
             _store_cols(DQ, stats, row_ok, D, 1, D, dq_a, dq_b, DA, DB)
             tl.store(DT + stats, _dt_rows(sum_p, sum_pc, sum_pdp, sum_pdpc, row_ok), mask=row_ok)
 
@@ -728,17 +776,21 @@ def _split_range(programs: int, n: int, device: torch.device, splits: Optional[i
     return triton.cdiv(n, per_split), per_split
 
 
-def _inverse_norms(x: torch.Tensor, copy: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def _inverse_norms(x: torch.Tensor, copy: bool = False, normalised: bool = False):
     """(x, or with ``copy`` a (B, H, N, D) contiguous copy of it where x is not; the rows'
-    inverse norms 1 / max(|x|, eps), (B, H, N) fp32), in one pass over x."""
+    inverse norms 1 / max(|x|, eps), (B, H, N), fp64 for fp32 x (the cosines' precision, see
+    ``_attend_block``), else fp32), in one pass over x; with ``normalised`` also x's rows
+    normalised, (B, H, N, D) contiguous in x's dtype, third."""
     b, h, n, d = x.shape
     copy = copy and not x.is_contiguous()
     out = torch.empty((b, h, n, d), device=x.device, dtype=x.dtype) if copy else x
-    r = torch.empty((b, h, n), device=x.device, dtype=torch.float32)
+    normed = torch.empty((b, h, n, d), device=x.device, dtype=x.dtype) if normalised else out
+    r = torch.empty((b, h, n), device=x.device, dtype=torch.float64 if x.dtype == torch.float32 else torch.float32)
     if r.numel():
-        _triton.launch(_inverse_norms_kernel, (triton.cdiv(n, 64), b * h), x, out, r, n, d, h, *x.stride(), EPS,
-                       COPIES=copy, BLOCK_N=64, BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
-    return out, r
+        _triton.launch(_inverse_norms_kernel, (triton.cdiv(n, 64), b * h), x, out, normed, r, n, d, h, *x.stride(),
+                       EPS, COPIES=copy, NORMALISES=normalised, BLOCK_N=64,
+                       BLOCK_D=min(64, max(16, triton.next_power_of_2(d))))
+    return (out, r, normed) if normalised else (out, r)
 
 
 def _like(q: torch.Tensor) -> torch.Tensor:
@@ -811,9 +863,10 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
         dv.copy_(dout.float().sum(2, keepdim=True))
         return dq.zero_(), dk.zero_(), dv, dt.view(b, h, nq).sum((0, 2))
     delta = (dout.float() * out.float()).sum(-1)
-    (q, rq), (k, rk) = _inverse_norms(q, copy=True), _inverse_norms(k, copy=True)  # as the forward's
+    # raw (for the cosines, as the forward's) and normalised (bounded operands of the gradient products)
+    (q, rq, qn), (k, rk, kn) = (_inverse_norms(x, copy=True, normalised=True) for x in (q, k))
     da, db = _column_blocks(d)
-    constants = dict(PRECISION=_triton.precision(q.dtype), D=d, DA=da, DB=db)
+    constants = dict(PRECISION=_triton.precision(q.dtype), CHUNK=_FP32_CHUNK, D=d, DA=da, DB=db)
     block_d = max(16, triton.next_power_of_2(d))
     for which, kernel, tuned, (n_out, n_loop, block), x, r, (grad, *more) in (
             (0, _bwd_dkdv_kernel, _bwd_dkdv_tuned, (nk, nq, "BLOCK_N"), k, rk, (dk, dv)),
@@ -827,7 +880,8 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
             shapes = ((b * h, n_out, d), (4, b * h, n_out) if which else (b * h, n_out, d))
             outputs = [torch.empty((parts, *shape), device=q.device, dtype=torch.float32) for shape in shapes]
         _triton.launch_tuned(kernel, tuned, (d, q.dtype, parts > 1), configs,
-                             lambda meta: (triton.cdiv(n_out, meta[block]), b * h, parts), q, k, v, t32, rq, rk, dout,
+                             lambda meta: (triton.cdiv(n_out, meta[block]), b * h, parts), q, k, (kn, qn)[which == 0], v,
+                             t32, rq, rk, dout,
                              lse, delta, *outputs, nq, nk, h, per_split, *v.stride(), SPLIT=parts > 1, **constants)
         if parts > 1:
             grid = (triton.cdiv(n_out, 16), b * h)
