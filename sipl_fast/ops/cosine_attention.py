@@ -258,8 +258,8 @@ if triton is not None:
                       P_TOP: tl.constexpr, D: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
         """One key block of ``_fwd_kernel``: keys ``cols`` (masked against ``hi`` if MASKED).
 
-        CHUNK > 0: q_a points to q's rows [BLOCK_M, 1] (q_b is their mask), and the dot
-        products sum over D in CHUNK-wide slices loaded here.
+        CHUNK > 0 (fp32): q_a points to q's rows [BLOCK_M, 1] (q_b is their mask), and the
+        dot products sum over D in CHUNK-wide slices (``_fp64_dots``).
 
         The dot products s = q @ k^T are of the raw vectors; the normalisation is the
         factors rq (queries) and rk (keys), applied in fp32 (``_cosines``): normalised
