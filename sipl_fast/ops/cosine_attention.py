@@ -218,31 +218,44 @@ if triton is not None:
                          mask=mask)
 
     @triton.jit
+    def _fp64_slice(acc, a_rows, a_ok, sad, b_rows, b_ok, sbd, dc, D):
+        """acc + a @ b^T over the columns ``dc`` (a slice of D) in fp64, for fp32 a, b given as row
+        pointers [rows, 1] (column strides sad, sbd) and row masks [rows, 1]: exact products."""
+        a = tl.load(a_rows + dc[None, :] * sad, mask=a_ok & (dc < D)[None, :], other=0.0)
+        b = tl.load(b_rows + dc[None, :] * sbd, mask=b_ok & (dc < D)[None, :], other=0.0)
+        return tl.dot(a.to(tl.float64), tl.trans(b.to(tl.float64)), acc, input_precision="ieee", out_dtype=tl.float64)
+
+    @triton.jit
     def _fp64_dots(a_rows, a_ok, sad, b_rows, b_ok, sbd, D, CHUNK: tl.constexpr):
-        """a @ b^T in fp64 for fp32 a, b given as row pointers [rows, 1] (column stride sad, sbd)
-        and row masks [rows, 1]: exact products, summed over D in CHUNK-wide slices loaded here
+        """a @ b^T in fp64 (``_fp64_slice``), summed over D in CHUNK-wide slices loaded here
         (whole-D operands in registers spilled on sm_90a; the tensor cores take fp64 there)."""
         s = tl.zeros([a_rows.shape[0], b_rows.shape[0]], dtype=tl.float64)
         for c0 in tl.range(0, D, CHUNK, loop_unroll_factor=1):
-            dc = c0 + tl.arange(0, CHUNK)
-            a = tl.load(a_rows + dc[None, :] * sad, mask=a_ok & (dc < D)[None, :], other=0.0)
-            b = tl.load(b_rows + dc[None, :] * sbd, mask=b_ok & (dc < D)[None, :], other=0.0)
-            s = tl.dot(a.to(tl.float64), tl.trans(b.to(tl.float64)), s, input_precision="ieee", out_dtype=tl.float64)
+            s = _fp64_slice(s, a_rows, a_ok, sad, b_rows, b_ok, sbd, c0 + tl.arange(0, CHUNK), D)
         return s
 
     @triton.jit
-    def _raw_dots(a_a, a_b, A, a_rows, a_ok, b_a, b_b, B, b_rows, b_ok, PRECISION: tl.constexpr,
-                  CHUNK: tl.constexpr, D: tl.constexpr, DB: tl.constexpr):
-        """The backward's dot products behind the cosines, a @ b^T, for rows ``a_rows`` and
-        ``b_rows`` (masks ``a_ok``, ``b_ok``) of the contiguous (N, D) matrices A and B: 16-bit,
-        from their column blocks in registers (``_dot_d``); fp32, in fp64 as the forward's
-        (``_fp64_dots``)."""
-        if A.dtype.element_ty == tl.float32:  # decided at compile time: one branch, one return type
-            s = _fp64_dots(A + a_rows.to(tl.int64)[:, None] * D, a_ok[:, None], 1,
-                           B + b_rows.to(tl.int64)[:, None] * D, b_ok[:, None], 1, D, CHUNK)
+    def _backward_dots(q_a, q_b, q, q_ok, k_a, k_b, k, k_ok, do_a, do_b, do, sdo, v_a, v_b, v, sv,
+                       PRECISION: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr, DB: tl.constexpr):
+        """The backward's two products over D: q @ k^T (the raw dots behind the cosines) and
+        dO @ v^T (dp), [rows of q, rows of k] each; the dk/dv kernel passes keys as q and
+        queries as k (both products transposed). 16-bit: from the rows' column blocks in
+        registers (x_a, x_b; ``_dot_d``). fp32: in fp64, from the row pointers q, k (contiguous
+        rows), do and v (column strides sdo, sv) [rows, 1] with their masks q_ok (do's too),
+        k_ok (v's too) [rows, 1], in CHUNK-wide slices, both products in one loop (two loops spilled every
+        register of the dk/dv kernel at D = 384 for sm_90a): the cosines as the forward's,
+        and dp exact enough that ds = p (dp - delta) cancels where a softmax is one-hot."""
+        if q.dtype.element_ty == tl.float32:  # decided at compile time: one branch, one return type
+            s = tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float64)
+            dp = tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float64)
+            for c0 in tl.range(0, D, CHUNK, loop_unroll_factor=1):
+                dc = c0 + tl.arange(0, CHUNK)
+                s = _fp64_slice(s, q, q_ok, 1, k, k_ok, 1, dc, D)
+                dp = _fp64_slice(dp, do, q_ok, sdo, v, k_ok, sv, dc, D)
         else:
-            s = _dot_d(a_a, a_b, b_a, b_b, PRECISION, DB)
-        return s
+            s = _dot_d(q_a, q_b, k_a, k_b, PRECISION, DB)
+            dp = _dot_d(do_a, do_b, v_a, v_b, PRECISION, DB)
+        return s, dp
 
     @triton.jit
     def _cosines(s, r_rows, r_cols):
@@ -532,7 +545,7 @@ if triton is not None:
         (deterministic), for BLOCK_N rows of one (b, h) into OUT (B, H, N, D) contiguous:
         UNNORMALISE maps the sum through the normalisation of X (B, H, N, D) with inverse norms
         R (B*H, N) first (dk, dq; dv is the plain sum); ROW_SUMS also sums the dq kernel's row
-        sums STATS (SPLITS, 4, B*H, N) into the rows' dt shares DT (B*H, N).
+        sums STATS (SPLITS, 4, B*H, N) (fp64 for fp32 inputs) into the rows' dt shares DT (B*H, N).
         """
         bh = tl.program_id(1)
         bhn = tl.num_programs(1).to(tl.int64) * N
@@ -549,10 +562,10 @@ if triton is not None:
             total = _unnormalize_grad(x.to(tl.float32), x, total, total, r, 0)[0]
         _store_cols(OUT, stats, row_ok, D, 1, D, total, total, BLOCK_D, 0)
         if ROW_SUMS:
-            sum_p = tl.zeros([BLOCK_N], dtype=tl.float32)
-            sum_pc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            sum_pdp = tl.zeros([BLOCK_N], dtype=tl.float32)
-            sum_pdpc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            sum_p = tl.zeros([BLOCK_N], dtype=STATS.dtype.element_ty)
+            sum_pc = tl.zeros([BLOCK_N], dtype=STATS.dtype.element_ty)
+            sum_pdp = tl.zeros([BLOCK_N], dtype=STATS.dtype.element_ty)
+            sum_pdpc = tl.zeros([BLOCK_N], dtype=STATS.dtype.element_ty)
             for s in range(0, SPLITS):
                 part = STATS + 4 * s * bhn + stats
                 sum_p += tl.load(part, mask=row_ok, other=0.0)
@@ -581,10 +594,10 @@ if triton is not None:
                          DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dk, dv for BLOCK_N keys of one (b, h), looping over the query blocks of its split.
 
-        Recomputes the cosines c^T = (k @ q^T) rk rq from the forward's operands (Q and K,
+        Recomputes the cosines c^T = (k @ q^T) rk rq (``_backward_dots``) from the forward's operands (Q and K,
         q and k contiguous, with their inverse norms RQ and RK: ``_cosines``), so that
         p^T = exp2((c^T - m sign(t)) t log2 e - log2 l) with the forward's LSE (m, log2 l)
-        is the forward's softmax, then dv += p^T dO, ds^T = p^T (dO v^T - delta),
+        is the forward's softmax, then dv += p^T dO, ds^T = p^T (dO v^T - delta) (``_deltas``),
         dkn += t ds^T qn (the gradient of the normalised k; QN: q normalised and rounded to its
         dtype, bounded operands: scaling ds by rq instead overflowed 16 bits for rows of tiny
         or zero norm, where rq reaches 1 / eps), and finally maps dkn through k's
@@ -606,7 +619,10 @@ if triton is not None:
         Kb = K + bh.to(tl.int64) * Nk * D
         k_a, k_b = _load_cols(Kb, keys, key_ok, D, 1, D, DA, DB)
         rk = tl.load(RK + bh.to(tl.int64) * Nk + keys, mask=key_ok, other=0.0)  # fp64 for fp32 k
-        v_a, v_b = _load_cols(V + b * svb + h.to(tl.int64) * svh, keys, key_ok, svn, svd, D, DA, DB)
+        Vb = V + b * svb + h.to(tl.int64) * svh
+        v_a, v_b = _load_cols(Vb, keys, key_ok, svn, svd, D, DA, DB)
+        k_rows = Kb + keys.to(tl.int64)[:, None] * D  # (fp32: the backward's products load their slices)
+        v_rows = Vb + keys.to(tl.int64)[:, None] * svn
         dv_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
         dkn_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
         dv_b = tl.zeros([BLOCK_N, DB if DB > 0 else 16], dtype=tl.float32)
@@ -623,14 +639,17 @@ if triton is not None:
             log2_l = tl.load(LSE + BHN + stats, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
             do_a, do_b = _load_cols(DOb, rows, row_ok, D, 1, D, DA, DB)
-            c = _cosines(_raw_dots(k_a, k_b, Kb, keys, key_ok, q_a, q_b, Qb, rows, row_ok, PRECISION, CHUNK, D, DB),
-                         rk, rq)
+            q_rows = Qb + rows.to(tl.int64)[:, None] * D
+            s, dp = _backward_dots(k_a, k_b, k_rows, key_ok[:, None], q_a, q_b, q_rows, row_ok[:, None],
+                                   v_a, v_b, v_rows, svd, do_a, do_b, DOb + rows.to(tl.int64)[:, None] * D, 1,
+                                   PRECISION, CHUNK, D, DB)  # transposed: [keys, queries]
+            c = _cosines(s, rk, rq)
             p = _softmax_p(c, top[None, :], log2_l[None, :], t2, Q.dtype.element_ty == tl.float32)
             p16 = p.to(DO.dtype.element_ty)
             dv_a = tl.dot(p16, do_a, dv_a, input_precision=PRECISION)
             if DB > 0:
                 dv_b = tl.dot(p16, do_b, dv_b, input_precision=PRECISION)
-            ds = (p * (_dot_d(v_a, v_b, do_a, do_b, PRECISION, DB) - delta[None, :])).to(Q.dtype.element_ty)
+            ds = (p * (dp - delta[None, :])).to(Q.dtype.element_ty)
             qn_a, qn_b = _load_cols(QN + bh.to(tl.int64) * Nq * D, rows, row_ok, D, 1, D, DA, DB)
             dkn_a = tl.dot(ds, qn_a, dkn_a, input_precision=PRECISION)
             if DB > 0:
@@ -648,22 +667,27 @@ if triton is not None:
     def _bwd_dq_kernel(Q, K, KN, V, T, RQ, RK, DO, LSE, DELTA, DQ, DT, Nq, Nk, H, keys_per_split,
                        svb, svh, svn, svd,
                        PRECISION: tl.constexpr, SPLIT: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
-                       DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       DELTA_PASS: tl.constexpr = False):
         """dq and the rows' shares of dt for BLOCK_M queries of one (b, h), looping over the
         key blocks of its split.
 
         The cosines c = (q @ k^T) rq rk come from the forward's operands, as in
-        ``_bwd_dkdv_kernel``; ds = p (dO v^T - delta) is the gradient of the logits
-        t c; dqn = t ds kn (KN: k normalised, as QN in ``_bwd_dkdv_kernel``) goes through q's normalisation. dt = sum_ij ds c is a sum over all rows, so
+        ``_bwd_dkdv_kernel``; ds = p (dp - delta), dp = dO v^T, is the gradient of the logits
+        t c; dqn = t ds kn (KN: k normalised, as QN in ``_bwd_dkdv_kernel``) goes through q's
+        normalisation. dt = sum_ij ds c is a sum over all rows, so
         its per-row error must not be biased: it is formed from row sums of p, p c,
         p dp and p dp c as E[dp c] - E[dp] E[c] under p / sum(p). That takes neither
         delta (from the rounded output) nor the exact scale of p (from the fp32 LSE).
         The dt shares are written per row (DT, (B*H, Nq)) and summed by the caller
         (deterministic, no atomics, and the same whatever BLOCK_M the autotuner takes).
+        The row sums are fp64 for fp32 inputs (c and dp are fp64 there), else fp32.
 
         With SPLIT, programs along axis 2 take consecutive key ranges of
         ``keys_per_split`` and write their fp32 sums t dqn to DQ, (splits, B*H, Nq, D),
         and the four row sums to DT, (splits, 4, B*H, Nq), for ``_bwd_finish_kernel``.
+
+        DELTA_PASS (``_deltas``) only sums p and p dp of each row, to DT as (splits, 2, B*H, Nq).
         """
         bh, b, h, t = _program_head(T, H)
         split = tl.program_id(2)
@@ -673,19 +697,24 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < Nq
         stats = bh.to(tl.int64) * Nq + rows
+        bhn = tl.num_programs(1).to(tl.int64) * Nq
         Qb = Q + bh.to(tl.int64) * Nq * D
         q_a, q_b = _load_cols(Qb, rows, row_ok, D, 1, D, DA, DB)
         rq = tl.load(RQ + stats, mask=row_ok, other=0.0)
-        do_a, do_b = _load_cols(DO + bh.to(tl.int64) * Nq * D, rows, row_ok, D, 1, D, DA, DB)
+        DOb = DO + bh.to(tl.int64) * Nq * D
+        do_a, do_b = _load_cols(DOb, rows, row_ok, D, 1, D, DA, DB)
+        q_rows = Qb + rows.to(tl.int64)[:, None] * D  # (fp32: the backward's products load their slices)
+        do_rows = DOb + rows.to(tl.int64)[:, None] * D
         top = tl.load(LSE + stats, mask=row_ok, other=0.0) * sgn
-        log2_l = tl.load(LSE + tl.num_programs(1).to(tl.int64) * Nq + stats, mask=row_ok, other=float("inf"))
+        log2_l = tl.load(LSE + bhn + stats, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + stats, mask=row_ok, other=0.0)
         dqn_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
         dqn_b = tl.zeros([BLOCK_M, DB if DB > 0 else 16], dtype=tl.float32)
-        sum_p = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_pc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_pdp = tl.zeros([BLOCK_M], dtype=tl.float32)
-        sum_pdpc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sums = DELTA.dtype.element_ty
+        sum_p = tl.zeros([BLOCK_M], dtype=sums)
+        sum_pc = tl.zeros([BLOCK_M], dtype=sums)
+        sum_pdp = tl.zeros([BLOCK_M], dtype=sums)
+        sum_pdpc = tl.zeros([BLOCK_M], dtype=sums)
         Kb = K + bh.to(tl.int64) * Nk * D
         RKb = RK + bh.to(tl.int64) * Nk
         Vb = V + b * svb + h.to(tl.int64) * svh
@@ -695,25 +724,28 @@ if triton is not None:
             k_a, k_b = _load_cols(Kb, cols, col_ok, D, 1, D, DA, DB)
             rk = tl.load(RKb + cols, mask=col_ok, other=0.0)
             v_a, v_b = _load_cols(Vb, cols, col_ok, svn, svd, D, DA, DB)
-            c = _cosines(_raw_dots(q_a, q_b, Qb, rows, row_ok, k_a, k_b, Kb, cols, col_ok, PRECISION, CHUNK, D, DB),
-                         rq, rk)
+            s, dp = _backward_dots(q_a, q_b, q_rows, row_ok[:, None], k_a, k_b, Kb + cols.to(tl.int64)[:, None] * D,
+                                   col_ok[:, None], do_a, do_b, do_rows, 1, v_a, v_b,
+                                   Vb + cols.to(tl.int64)[:, None] * svn, svd, PRECISION, CHUNK, D, DB)
+            c = _cosines(s, rq, rk)
             p = tl.where(col_ok[None, :], _softmax_p(c, top[:, None], log2_l[:, None], t2,
                                                      K.dtype.element_ty == tl.float32), 0.0)
-            c = c.to(tl.float32)
-            dp = _dot_d(do_a, do_b, v_a, v_b, PRECISION, DB)
-            ds = p * (dp - delta[:, None])
-            pc = p * c
             sum_p += tl.sum(p, axis=1)
-            sum_pc += tl.sum(pc, axis=1)
             sum_pdp += tl.sum(p * dp, axis=1)
-            sum_pdpc += tl.sum(pc * dp, axis=1)
-            ds16 = ds.to(K.dtype.element_ty)
-            kn_a, kn_b = _load_cols(KN + bh.to(tl.int64) * Nk * D, cols, col_ok, D, 1, D, DA, DB)
-            dqn_a = tl.dot(ds16, kn_a, dqn_a, input_precision=PRECISION)
-            if DB > 0:
-                dqn_b = tl.dot(ds16, kn_b, dqn_b, input_precision=PRECISION)
-        if SPLIT:
-            bhn = tl.num_programs(1).to(tl.int64) * Nq
+            if not DELTA_PASS:
+                pc = p * c
+                sum_pc += tl.sum(pc, axis=1)
+                sum_pdpc += tl.sum(pc * dp, axis=1)
+                ds16 = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
+                kn_a, kn_b = _load_cols(KN + bh.to(tl.int64) * Nk * D, cols, col_ok, D, 1, D, DA, DB)
+                dqn_a = tl.dot(ds16, kn_a, dqn_a, input_precision=PRECISION)
+                if DB > 0:
+                    dqn_b = tl.dot(ds16, kn_b, dqn_b, input_precision=PRECISION)
+        if DELTA_PASS:
+            part = 2 * split * bhn + stats
+            tl.store(DT + part, sum_p, mask=row_ok)
+            tl.store(DT + part + bhn, sum_pdp, mask=row_ok)
+        elif SPLIT:
             _store_cols(DQ, split * bhn + stats, row_ok, D, 1, D, dqn_a * t, dqn_b * t, DA, DB)
             part = 4 * split * bhn + stats
             tl.store(DT + part, sum_p, mask=row_ok)
@@ -839,6 +871,29 @@ def _triton_forward(q, k, v, t32, splits: Optional[int] = None, online_only: boo
     return out, lse
 
 
+def _deltas(args: tuple, out: torch.Tensor, split: Tuple[int, int], constants: dict) -> torch.Tensor:
+    """Each row's delta = sum_j p_j dp_j (dp = dO v^T), (B*H, Nq), the backward kernels' shift of
+    dp in ds = p (dp - delta). 16-bit: dO . out in fp32, FlashAttention's identity (out's
+    rounding enters every ds, as the 16-bit p of autograd's softmax backward does). fp32: in
+    fp64, sum p dp / sum p from the backward's own p and fp64 dp (``_bwd_dq_kernel``'s
+    DELTA_PASS, one more pass over the keys), so that where a softmax is one-hot ds cancels as
+    autograd's does: dO . out, rounded to fp32, left t eps |dO| |v| in dq and dk (1000 times
+    autograd's error at t = 1000, 18 times at t = 200, one query, three keys).
+    ``args``: (q, k, kn, v, t32, rq, rk, dout, lse) as ``_triton_backward`` passes them to
+    the kernels; ``split``: the dq kernel's (splits, keys per split)."""
+    q, k, kn, v, t32, rq, rk, dout, lse = args
+    b, h, nq, d = q.shape
+    if q.dtype != torch.float32:
+        return (dout.float() * out.float()).sum(-1)
+    parts, per_split = split
+    sums = torch.empty((parts, 2, b * h, nq), device=q.device, dtype=torch.float64)
+    configs = _bwd_configs_for(d, q.dtype, 1)
+    _triton.launch_fitting(_bwd_dq_kernel, (d, "delta", parts > 1), configs,
+                           lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, parts), *args, sums, sums, sums,
+                           nq, k.shape[2], h, per_split, *v.stride(), SPLIT=parts > 1, DELTA_PASS=True, **constants)
+    return sums[:, 1].sum(0) / sums[:, 0].sum(0)
+
+
 def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, int]] = None):
     """(dq, dk, dv, dt) in the inputs' dtypes (dt fp32, shape (H,)).
 
@@ -862,27 +917,32 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
         # dp - delta would leave rounding noise, which a zero key's 1 / eps scales up to ~1e7)
         dv.copy_(dout.float().sum(2, keepdim=True))
         return dq.zero_(), dk.zero_(), dv, dt.view(b, h, nq).sum((0, 2))
-    delta = (dout.float() * out.float()).sum(-1)
     # raw (for the cosines, as the forward's) and normalised (bounded operands of the gradient products)
     (q, rq, qn), (k, rk, kn) = (_inverse_norms(x, copy=True, normalised=True) for x in (q, k))
     da, db = _column_blocks(d)
     constants = dict(PRECISION=_triton.precision(q.dtype), CHUNK=_FP32_CHUNK, D=d, DA=da, DB=db)
+    sums = torch.float64 if q.dtype == torch.float32 else torch.float32  # the dq kernel's row sums
     block_d = max(16, triton.next_power_of_2(d))
+
+    def split(which: int, n_out: int, n_loop: int, block: str) -> Tuple[int, int]:
+        widest = max(cfg.kwargs[block] for cfg in _bwd_configs_for(d, q.dtype, which))  # the fewest programs
+        return _split_range(triton.cdiv(n_out, widest) * b * h, n_loop, q.device, None if splits is None else splits[which])
+
+    args = (q, k, kn, v, t32, rq, rk, dout, lse)
+    delta = _deltas(args, out, split(1, nq, nk, "BLOCK_M"), constants)
     for which, kernel, tuned, (n_out, n_loop, block), x, r, (grad, *more) in (
             (0, _bwd_dkdv_kernel, _bwd_dkdv_tuned, (nk, nq, "BLOCK_N"), k, rk, (dk, dv)),
             (1, _bwd_dq_kernel, _bwd_dq_tuned, (nq, nk, "BLOCK_M"), q, rq, (dq, dt))):
         configs = _bwd_configs_for(d, q.dtype, which)
-        widest = max(cfg.kwargs[block] for cfg in configs)  # the fewest programs the autotuner may launch
-        parts, per_split = _split_range(triton.cdiv(n_out, widest) * b * h, n_loop, q.device,
-                                        None if splits is None else splits[which])
+        parts, per_split = split(which, n_out, n_loop, block)
         outputs = (grad, *more)
-        if parts > 1:  # fp32 partials: the dk/dv kernel's t dkn and dv, the dq kernel's t dqn and row sums
+        if parts > 1:  # partials: the dk/dv kernel's t dkn and dv, the dq kernel's t dqn (fp32) and row sums
             shapes = ((b * h, n_out, d), (4, b * h, n_out) if which else (b * h, n_out, d))
-            outputs = [torch.empty((parts, *shape), device=q.device, dtype=torch.float32) for shape in shapes]
+            outputs = [torch.empty((parts, *shape), device=q.device, dtype=dtype)
+                       for shape, dtype in zip(shapes, (torch.float32, sums if which else torch.float32))]
         _triton.launch_tuned(kernel, tuned, (d, q.dtype, parts > 1), configs,
                              lambda meta: (triton.cdiv(n_out, meta[block]), b * h, parts), q, k, (kn, qn)[which == 0], v,
-                             t32, rq, rk, dout,
-                             lse, delta, *outputs, nq, nk, h, per_split, *v.stride(), SPLIT=parts > 1, **constants)
+                             *args[4:], delta, *outputs, nq, nk, h, per_split, *v.stride(), SPLIT=parts > 1, **constants)
         if parts > 1:
             grid = (triton.cdiv(n_out, 16), b * h)
             _triton.launch(_bwd_finish_kernel, grid, outputs[0], x, r, grad, outputs[1], dt, n_out, d, h, parts,
