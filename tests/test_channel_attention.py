@@ -384,6 +384,7 @@ def test_auto_uses_torch_on_cpu_and_triton_refuses_gradients_and_interpreter_bf1
     (((1, 1, 4, 9), (1, 1, 4, 8), (1, 1, 4, 9), (1,)), "one shape"),
     (((1, 2, 4, 9), (1, 2, 4, 9), (1, 2, 4, 9), (3,)), "temperature"),
     (((4, 9), (4, 9), (4, 9), (1,)), r"\(B, H, C, N\)"),
+    (((1, 1, 0, 6), (1, 1, 0, 6), (1, 1, 0, 6), (1,)), "one channel a head"),
 ])
 def test_bad_shapes_raise_value_error(args, match):
     tensors = [torch.randn(s) for s in args]
@@ -423,6 +424,8 @@ def test_bad_projection_raises_value_error():
     for width in (2, True, 3.0, "3"):
         with pytest.raises(ValueError, match="an integer dividing N = 9"):
             channel_attention(q, k, v, t, dw_weight=torch.randn(24, 1, 3, 3), width=width)
+    with pytest.raises(ValueError, match="an integer dividing N = 0"):  # no pixel to convolve
+        channel_attention(*(x[..., :0] for x in (q, k, v)), t, dw_weight=torch.randn(24, 1, 3, 3), width=3)
     with pytest.raises(ValueError, match="need dw_weight"):
         channel_attention(q, k, v, t, dw_bias=torch.randn(24))
     with pytest.raises(ValueError, match="need dw_weight"):

@@ -379,6 +379,7 @@ def test_auto_uses_torch_on_cpu_and_kernels_refuse_gradients():
 
 @pytest.mark.parametrize("shape, wshape, mode, match", [
     ((1, 5, 4, 4), (5, 1, 3, 3), "gdfn", "even"),
+    ((1, 0, 4, 4), (0, 1, 3, 3), "gdfn", ">= 2"),
     ((1, 4, 4, 4), (4, 1, 5, 5), "gdfn", "weight"),
     ((1, 4, 4, 4), (4, 1, 3, 3), "gelu", "mode"),
     ((4, 4, 4), (4, 1, 3, 3), "gdfn", r"\(B, 2h, H, W\)"),

@@ -81,6 +81,7 @@ def test_unknown_backend_and_environment_choice(monkeypatch):
     (torch.ones(1, 4, 2, 2, dtype=torch.int32), torch.ones(4), torch.zeros(4)),
     (torch.randn(1, 4, 2, 2), None, None),
     (torch.randn(1, 4, 2, 2), [1.0] * 4, torch.zeros(4)),
+    (torch.randn(1, 0, 2, 3), torch.ones(0), torch.zeros(0)),  # no channel (Triton's kernel read channel 0)
 ])
 def test_bad_shapes_and_dtypes_raise_value_error(args):
     with pytest.raises(ValueError, match="layer_norm2d: expected"):

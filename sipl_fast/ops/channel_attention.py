@@ -425,6 +425,9 @@ def _check(q, k, v, temperature, proj_weight, proj_bias, residual, dw_weight, dw
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"channel_attention: expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     b, h, c, n = q.shape
+    if h < 1 or c < 1:
+        raise ValueError(f"channel_attention: expected at least one head and one channel a head, got q of shape "
+                         f"{tuple(q.shape)}")
     if not isinstance(temperature, torch.Tensor) or temperature.shape not in ((h,), (h, 1, 1)):
         raise ValueError(f"channel_attention: expected temperature of shape ({h},) or ({h}, 1, 1), "
                          f"got {tuple(getattr(temperature, 'shape', ()))}")
@@ -456,7 +459,7 @@ def _check(q, k, v, temperature, proj_weight, proj_bias, residual, dw_weight, dw
         if dw_bias is not None and (not isinstance(dw_bias, torch.Tensor) or tuple(dw_bias.shape) != (3 * h * c,)):
             raise ValueError(f"channel_attention: expected dw_bias of shape ({3 * h * c},), "
                              f"got {tuple(getattr(dw_bias, 'shape', ()))}")
-        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1 or n % width:
+        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1 or n % width or n < 1:
             raise ValueError(f"channel_attention: with dw_weight, width must be the image width, an integer dividing "
                              f"N = {n}, got {width!r}")
         extra += [("dw_weight", dw_weight), ("dw_bias", dw_bias)]

@@ -318,8 +318,8 @@ def _check(x, weight, mode, bias, proj_weight, proj_bias, residual) -> None:
         raise ValueError(f"gated_dwconv_gelu: expected x as a floating-point (B, 2h, H, W) tensor, got "
                          f"{getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}")
     c2 = x.shape[1]
-    if c2 % 2:
-        raise ValueError(f"gated_dwconv_gelu: expected an even channel count 2h, got {c2}")
+    if c2 % 2 or c2 < 2:
+        raise ValueError(f"gated_dwconv_gelu: expected an even channel count 2h >= 2, got {c2}")
     if mode not in MODES:
         raise ValueError(f"gated_dwconv_gelu: mode must be one of {MODES}, got {mode!r}")
     check_depthwise("gated_dwconv_gelu", x, weight, bias)

@@ -145,6 +145,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
     if not x.is_floating_point():
         raise ValueError(f"layer_norm2d: expected a floating-point x, got {x.dtype}")
     c = x.shape[1]
+    if c < 1:  # (the Triton kernel reads channel 0 of every pixel)
+        raise ValueError(f"layer_norm2d: expected at least one channel, got x of shape {tuple(x.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if not isinstance(t, torch.Tensor) or t.shape != (c,):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
