@@ -242,9 +242,10 @@ if triton is not None:
         queries as k (both products transposed). 16-bit: from the rows' column blocks in
         registers (x_a, x_b; ``_dot_d``). fp32: in fp64, from the row pointers q, k (contiguous
         rows), do and v (column strides sdo, sv) [rows, 1] with their masks q_ok (do's too),
-        k_ok (v's too) [rows, 1], in CHUNK-wide slices, both products in one loop (two loops spilled every
-        register of the dk/dv kernel at D = 384 for sm_90a): the cosines as the forward's,
-        and dp exact enough that ds = p (dp - delta) cancels where a softmax is one-hot."""
+        k_ok (v's too) [rows, 1], in CHUNK-wide slices, both products in one loop (two loops
+        spilled every register of the dk/dv kernel at D = 384 for sm_90a): the cosines as the
+        forward's, and dp exact enough that ds = p (dp - delta) cancels where a softmax is
+        one-hot."""
         if q.dtype.element_ty == tl.float32:  # decided at compile time: one branch, one return type
             s = tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float64)
             dp = tl.zeros([q.shape[0], k.shape[0]], dtype=tl.float64)
@@ -594,8 +595,8 @@ if triton is not None:
                          DA: tl.constexpr, DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dk, dv for BLOCK_N keys of one (b, h), looping over the query blocks of its split.
 
-        Recomputes the cosines c^T = (k @ q^T) rk rq (``_backward_dots``) from the forward's operands (Q and K,
-        q and k contiguous, with their inverse norms RQ and RK: ``_cosines``), so that
+        Recomputes the cosines c^T = (k @ q^T) rk rq (``_backward_dots``) from the forward's
+        operands (Q and K, q and k contiguous, with their inverse norms RQ and RK: ``_cosines``), so that
         p^T = exp2((c^T - m sign(t)) t log2 e - log2 l) with the forward's LSE (m, log2 l)
         is the forward's softmax, then dv += p^T dO, ds^T = p^T (dO v^T - delta) (``_deltas``),
         dkn += t ds^T qn (the gradient of the normalised k; QN: q normalised and rounded to its
