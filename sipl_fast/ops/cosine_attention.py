@@ -889,9 +889,9 @@ def _deltas(args: tuple, out: torch.Tensor, split: Tuple[int, int], constants: d
     parts, per_split = split
     sums = torch.empty((parts, 2, b * h, nq), device=q.device, dtype=torch.float64)
     configs = _bwd_configs_for(d, q.dtype, 1)
-    _triton.launch_fitting(_bwd_dq_kernel, (d, "delta", parts > 1), configs,
+    _triton.launch_fitting(_bwd_dq_kernel, (d, "delta"), configs,  # (DELTA_PASS always writes partials)
                            lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h, parts), *args, sums, sums, sums,
-                           nq, k.shape[2], h, per_split, *v.stride(), SPLIT=parts > 1, DELTA_PASS=True, **constants)
+                           nq, k.shape[2], h, per_split, *v.stride(), SPLIT=False, DELTA_PASS=True, **constants)
     return sums[:, 1].sum(0) / sums[:, 0].sum(0)
 
 
@@ -922,7 +922,6 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
     (q, rq, qn), (k, rk, kn) = (_inverse_norms(x, copy=True, normalised=True) for x in (q, k))
     da, db = _column_blocks(d)
     constants = dict(PRECISION=_triton.precision(q.dtype), CHUNK=_FP32_CHUNK, D=d, DA=da, DB=db)
-    sums = torch.float64 if q.dtype == torch.float32 else torch.float32  # the dq kernel's row sums
     block_d = max(16, triton.next_power_of_2(d))
 
     def split(which: int, n_out: int, n_loop: int, block: str) -> Tuple[int, int]:
@@ -937,10 +936,11 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
         configs = _bwd_configs_for(d, q.dtype, which)
         parts, per_split = split(which, n_out, n_loop, block)
         outputs = (grad, *more)
-        if parts > 1:  # partials: the dk/dv kernel's t dkn and dv, the dq kernel's t dqn (fp32) and row sums
+        if parts > 1:  # partials: the dk/dv kernel's t dkn and dv (fp32), the dq kernel's t dqn (fp32) and row
+            # sums (in delta's dtype, as the kernel sums them)
             shapes = ((b * h, n_out, d), (4, b * h, n_out) if which else (b * h, n_out, d))
             outputs = [torch.empty((parts, *shape), device=q.device, dtype=dtype)
-                       for shape, dtype in zip(shapes, (torch.float32, sums if which else torch.float32))]
+                       for shape, dtype in zip(shapes, (torch.float32, delta.dtype if which else torch.float32))]
         _triton.launch_tuned(kernel, tuned, (d, q.dtype, parts > 1), configs,
                              lambda meta: (triton.cdiv(n_out, meta[block]), b * h, parts), q, k, (kn, qn)[which == 0], v,
                              *args[4:], delta, *outputs, nq, nk, h, per_split, *v.stride(), SPLIT=parts > 1, **constants)
