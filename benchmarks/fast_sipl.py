@@ -119,7 +119,8 @@ def main(argv=None) -> None:
         """The table so far (a run stopped by a time limit keeps the sizes it finished)."""
         env.update({"model": "tiny (quick)" if quick else "published configuration, random weights",
                     "iterations": str(args.iterations), "speedup": f"{names[0]} ms / variant ms",
-                    "FastSIPL's measured backends (op: backend: call signatures)": str(ops.measured_choices())})
+                    "FastSIPL's measured backends (op: backend: call signatures)": str(ops.measured_choices()),
+                    "backends left out, their results disagreeing with the reference's": str(ops.rejected_backends())})
         report(f"fast_sipl{'_quick' if quick else ''}_{device.type}{args.tag}", rows, columns, env, plot)
 
     def plot(plt):

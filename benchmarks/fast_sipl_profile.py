@@ -99,7 +99,8 @@ def main(argv=None) -> None:
                 ms, table, shapes = profiled_ms(fast, x, args.iterations, args.rows)
                 totals.append(f"{ms:.2f}")
                 section = (f"\n## {b}x{h}x{w}, {layout}, backend {backend}: {ms:.2f} ms\n\n"
-                           f"measured backends: {ops.measured_choices()}\n\n```\n{table}\n```\n\n"
+                           f"measured backends: {ops.measured_choices()}; left out, disagreeing with the "
+                           f"reference: {ops.rejected_backends()}\n\n```\n{table}\n```\n\n"
                            f"By op and input shapes:\n\n{shapes}\n")
                 print(section, flush=True)
                 text += section

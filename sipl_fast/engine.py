@@ -42,7 +42,9 @@ returns. Every change is an exact rewrite of the published computation:
 - **the fastest kernels** of ``sipl_fast.ops`` (``backend="auto"``): on a GPU the first run of
   a shape times every backend of each op call and keeps the fastest (``ops.measured_choices()``
   reports the choices): with CUDA graphs by the device time of the calls replayed as a graph,
-  since a fused kernel's single launch saves nothing there; or one named backend;
+  since a fused kernel's single launch saves nothing there; a kernel whose result disagrees
+  with the reference's on this device is left out (``ops.rejected_backends()``); or one named
+  backend;
 - **warm-up**: a shape's first run on a GPU starts with a dry pass of the loop in which the
   Triton kernels compile side by side on every CPU core instead of running
   (``ops.compiling_only``), not one after another as the first launches reach them;

@@ -1,8 +1,10 @@
 """The measured backend choice ("fastest"), shared by every op: it times the backends that the
 automatic choice could take, once per call signature, keeps the fastest, never measures during
-CUDA-graph capture and never picks a backend that ran out of memory."""
+CUDA-graph capture and never picks a backend that ran out of memory or whose result disagrees
+with the reference's."""
 import contextlib
 import time
+import warnings
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from sipl_fast.ops._backend import Backend, BackendError, choose
 @pytest.fixture(autouse=True)
 def fresh_measurements(monkeypatch):
     monkeypatch.setattr(_backend, "_measured", {})
+    monkeypatch.setattr(_backend, "_rejected", {})
 
 
 def fake_backends(seconds, calls):
@@ -59,6 +62,61 @@ def test_no_measuring_during_graph_capture(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert choose("op", backends, ("cuda", "torch"), "fastest", torch.zeros(2)).name == "cuda"
     assert calls == [] and ops.measured_choices() == {}
+
+
+def test_fastest_never_takes_a_backend_whose_result_disagrees_with_the_reference():
+    """The reference runs first; a faster candidate with a wrong result (off by a lot, or NaN
+    where the reference is finite) is not timed and not chosen, with one warning per op and
+    backend; one that agrees competes as before."""
+    calls = []
+
+    def backend(name, result):
+        return Backend(name, lambda x: calls.append(name) or result(x), lambda x: None)
+
+    backends = {"cuda": backend("cuda", lambda x: x + 1), "triton": backend("triton", lambda x: x * (1 + 2**-7)),
+                "sdpa": backend("sdpa", lambda x: x), "torch": backend("torch", lambda x: time.sleep(0.01) or x)}
+    preference = ("cuda", "triton", "torch")
+    x = torch.linspace(-2, 2, 12)
+    with pytest.warns(RuntimeWarning, match=r"'cuda' backend's result disagrees with 'torch'.*difference\| 1,"):
+        assert choose("op", backends, preference, "fastest", x).name == "triton"
+    assert calls[0] == "torch" and calls.count("cuda") == 1  # the reference first; cuda ran once, untimed
+    backends["triton"] = backend("triton", lambda x: torch.where(x > 1, torch.nan, x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cuda's disagreement was said already: no second warning
+        with pytest.raises(RuntimeWarning, match="'triton' backend's result disagrees with 'torch'.*NaN"):
+            choose("op", backends, preference, "fastest", torch.linspace(-2, 2, 13))
+    assert choose("op", backends, preference, "fastest", torch.linspace(-2, 2, 14)).name == "torch"
+    assert ops.rejected_backends() == {"op": {"cuda": 3, "triton": 2}}
+    assert ops.measured_choices() == {"op": {"triton": 1, "torch": 1}}  # the raised warning left one unmeasured
+    # without torch among the candidates PyTorch's own sdpa is the reference; without either, no check
+    assert choose("op", backends, ("cuda", "sdpa"), "fastest", torch.zeros(2, 3)).name == "sdpa"
+    assert choose("op", backends, ("cuda", "triton"), "fastest", torch.zeros(2, 4)).name in ("cuda", "triton")
+    assert ops.rejected_backends()["op"]["cuda"] == 4
+
+
+def test_the_agreement_check_catches_gross_failure_only():
+    """``disagreement`` passes an exact result rounded to the dtype against the 16-bit reference
+    at temperature 50 (where that reference's rounding shows most: 4% of the output's scale in
+    bf16), and fails a wrong row, NaN or inf where the reference is finite, another shape."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 96, generator=g, dtype=torch.float64) for n in (77, 45, 45))
+    c = [torch.randn(2, 2, 40, 37 * 53, generator=g, dtype=torch.float64) for _ in range(3)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for op, args in ((ops.cosine_attention, (q, k, v, torch.full((3,), 50.0, dtype=torch.float64))),
+                         (ops.channel_attention, (*c, torch.full((2, 1, 1), 50.0, dtype=torch.float64)))):
+            exact = op(*args, backend="torch").to(dtype)
+            reference = op(*(a.to(dtype) for a in args), backend="torch")
+            assert _backend.disagreement(exact, reference) is None, (op.__name__, dtype)
+            wrong = exact.clone()
+            wrong[1, 1, 7] = 0  # one row lost
+            assert "max |difference|" in _backend.disagreement(wrong, reference)
+            wrong[1, 1, 7] = reference[1, 1, 7]
+            wrong[0, 0, 0, 3] = torch.inf
+            assert "NaN or inf" in _backend.disagreement(wrong, reference)
+        reference[0, 0, 0, 3] = torch.nan  # where the reference is not finite, anything goes
+        assert _backend.disagreement(wrong, reference) is None
+    assert "shape" in _backend.disagreement(exact[:1], reference)
+    assert _backend.disagreement(exact[:0], reference[:0]) is None and _backend.disagreement(1, 2) is None
 
 
 def test_fastest_from_the_environment_and_scopes(monkeypatch):

@@ -316,6 +316,27 @@ def test_bf16_engine_on_the_gpu():
 
 
 @needs_cuda
+def test_a_kernel_that_computes_garbage_is_measured_out(monkeypatch):
+    """A Triton conv1x1 whose result is wrong (negated) on this device: measuring checks every
+    candidate against the reference, so the engine never takes it and still restores right."""
+    conv1x1 = importlib.import_module("sipl_fast.ops.conv1x1")
+    right = conv1x1.BACKENDS["triton"]
+    monkeypatch.setitem(conv1x1.BACKENDS, "triton", ops._backend.Backend(
+        "triton", lambda *a, **kw: right.fn(*a, **kw).neg(), right.why_not, right.automatic))
+    monkeypatch.setattr(ops._backend, "_measured", {})
+    monkeypatch.setattr(ops._backend, "_rejected", {})
+    model = tiny_model(dtype=torch.float32).cuda()
+    x = images(1, 35, 41, device="cuda")
+    ref = restore(model, x, 2)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = restore(model, x, 2)
+    with pytest.warns(RuntimeWarning, match="conv1x1: the 'triton' backend's result disagrees"):
+        out = FastSIPL(model)(x, 2)
+    assert err(out, ref) <= 2 * err(eager, ref)
+    assert ops.rejected_backends()["conv1x1"]["triton"] >= 1 and "triton" not in ops.measured_choices()["conv1x1"]
+
+
+@needs_cuda
 def test_first_run_of_a_shape_compiles_ahead():
     """The dry pass (``ops.compiling_only``) runs once per shape, without failing."""
     model = tiny_model(dtype=torch.float32).cuda()

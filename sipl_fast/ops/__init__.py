@@ -4,7 +4,8 @@ Choose a backend per call (``backend="torch" | "cuda" | "triton" | None | "faste
 the environment (``SIPL_FAST_BACKEND_<OP>`` or ``SIPL_FAST_BACKEND``); ``None``
 picks the first backend that can run the call, in an order set from benchmarks, and
 falls back to ``"torch"``; ``"fastest"`` times the candidates on each new call signature
-and keeps the fastest (``measured_choices()`` says what it chose). Inside
+and keeps the fastest (``measured_choices()`` says what it chose), after checking each
+candidate's result against the reference's (``rejected_backends()``: those that disagreed). Inside
 ``compiling_only()`` the Triton kernels compile, all at once, instead of running (a dry pass
 that warms a loop up).
 """
@@ -16,7 +17,8 @@ from typing import Dict
 
 import torch
 
-from ._backend import FASTEST, BackendError, backend_scope, graph_ms, measured_choices, measuring_device_time
+from ._backend import (FASTEST, BackendError, backend_scope, graph_ms, measured_choices, measuring_device_time,
+                       rejected_backends)
 from ._triton import compiling_only, tuned_tiles
 from .channel_attention import channel_attention
 from .conv1x1 import conv1x1
@@ -33,7 +35,8 @@ OP_BACKENDS = {op: tuple(importlib.import_module(f".{op}", __name__).BACKENDS) f
 
 __all__ = ["FASTEST", "OPS", "OP_BACKENDS", "BackendError", "available_backends", "backend_scope", "channel_attention",
            "compiling_only", "conv1x1", "cosine_attention", "cosine_attention_torch", "depthwise_conv3x3",
-           "gated_dwconv_gelu", "graph_ms", "layer_norm2d", "measured_choices", "measuring_device_time", "tuned_tiles"]
+           "gated_dwconv_gelu", "graph_ms", "layer_norm2d", "measured_choices", "measuring_device_time",
+           "rejected_backends", "tuned_tiles"]
 
 
 def _triton_status() -> dict:

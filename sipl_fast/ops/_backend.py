@@ -23,6 +23,11 @@ Each op lists its backends in order of preference, the pure-PyTorch reference
   pays), or, inside :func:`measuring_device_time`, device time of the calls replayed as a
   CUDA graph (what a captured graph pays; FastSIPL with CUDA graphs measures so), among the
   candidates that can be captured (one that cannot would break the loop's graph).
+  Measuring also checks: the reference among the candidates (``torch``, else PyTorch's own
+  ``sdpa``) runs first, and a candidate whose result disagrees with it grossly (NaN or inf
+  where the reference is finite, or off by more than ``AGREEMENT`` of the reference's largest
+  magnitude) is never chosen, with a warning (``rejected_backends()``): a kernel that
+  computes garbage on this device (a miscompile, a broken build) costs speed, not results.
 """
 from __future__ import annotations
 
@@ -32,21 +37,33 @@ import math
 import numbers
 import os
 import time
+import warnings
 from typing import Callable, Dict, Mapping, Optional, Union
 
 import torch
 
 from . import _triton
 
-__all__ = ["FASTEST", "KERNEL_DTYPES", "NAMES", "BackendError", "Backend", "backend_scope", "check_real_floating",
-           "choose", "cuda_problem", "forward_only_problem", "graph_ms", "measured_choices", "measuring_device_time",
-           "needs_grad", "result_dtype"]
+__all__ = ["AGREEMENT", "FASTEST", "KERNEL_DTYPES", "NAMES", "BackendError", "Backend", "backend_scope",
+           "check_real_floating", "choose", "cuda_problem", "forward_only_problem", "graph_ms", "measured_choices",
+           "measuring_device_time", "needs_grad", "rejected_backends", "result_dtype"]
 
 #: The backend name that measures (see the module docstring).
 FASTEST = "fastest"
 
 #: Every backend name some op has (``ops.OP_BACKENDS``).
 NAMES = ("torch", "triton", "cuda", "sdpa")
+
+#: PyTorch's own implementations, which measuring trusts: the last of them among the
+#: candidates is the reference the others' results are checked against.
+REFERENCES = ("torch", "sdpa")
+
+#: How far (max |difference|) a measured candidate's result may lie from the reference's, as a
+#: fraction of the reference's largest finite magnitude, by the reference's dtype. A check for
+#: gross failure only, not for precision (the tests check that): the 16-bit references round
+#: their intermediates, and at large attention temperatures they differ from an fp32-accurate
+#: kernel by several percent.
+AGREEMENT = {torch.float32: 2.0**-5, torch.float16: 2.0**-4, torch.bfloat16: 2.0**-3}
 
 
 class BackendError(ValueError):
@@ -158,6 +175,7 @@ def cuda_problem(x: torch.Tensor) -> Optional[str]:
 
 
 _measured: Dict[tuple, str] = {}  # signature -> the fastest backend's name
+_rejected: Dict[tuple, Dict[str, str]] = {}  # signature -> {disagreeing backend: why}
 _REPEATS = 3  # timed calls (or timed graph replays of one call) per candidate
 
 
@@ -222,14 +240,13 @@ def graph_ms(fn: Callable[[], object], calls: int = 1, replays: int = 5) -> Opti
 
 
 def _seconds(fn: Callable, args, kwargs, device_time: bool) -> Optional[float]:
-    """Time of one call of ``fn`` (after one untimed call that compiles and autotunes), over a
-    few calls: with ``device_time`` on a GPU the median device time of replays of one call
-    captured as a CUDA graph (None if it cannot be captured; 5 executions in all, where a
-    3-call graph took 13: at 2048^2 measuring every candidate of every op call dominated the
-    first run), else wall time; infinite if the device runs out of memory."""
+    """Time of one call of ``fn``, which has run once (compiled, autotuned), over a few calls:
+    with ``device_time`` on a GPU the median device time of replays of one call captured as a
+    CUDA graph (None if it cannot be captured; 5 executions in all, where a 3-call graph took
+    13: at 2048^2 measuring every candidate of every op call dominated the first run), else
+    wall time; infinite if the device runs out of memory."""
     device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
     try:
-        fn(*args, **kwargs)
         if device.type == "cuda" and device_time:
             ms = graph_ms(lambda: fn(*args, **kwargs), calls=1, replays=_REPEATS)
             return None if ms is None else ms / 1e3
@@ -249,6 +266,66 @@ def _seconds(fn: Callable, args, kwargs, device_time: bool) -> Optional[float]:
         return math.inf
 
 
+def disagreement(out, expected) -> Optional[str]:
+    """Why ``out`` grossly disagrees with the reference's result ``expected``, else None:
+    another shape, NaN or inf where ``expected`` is finite, or a max |difference| beyond
+    ``AGREEMENT`` of ``expected``'s largest finite magnitude (where ``expected`` itself is NaN or
+    inf, anything goes). Results that are not tensors are not compared."""
+    if not isinstance(expected, torch.Tensor):
+        return None
+    if not isinstance(out, torch.Tensor) or out.shape != expected.shape:
+        return f"a result of shape {tuple(getattr(out, 'shape', ()))}, the reference's {tuple(expected.shape)}"
+    if expected.numel() == 0:
+        return None
+    finite = expected.isfinite()
+    if (finite & ~out.isfinite()).any():
+        return "NaN or inf where the reference's result is finite"
+    error = torch.where(finite, out.to(expected.dtype) - expected, 0).abs().amax().item()
+    scale = torch.where(finite, expected, 0).abs().amax().item()
+    fraction = AGREEMENT.get(expected.dtype, AGREEMENT[torch.float32])
+    if error > fraction * scale:
+        return f"max |difference| {error:.3g}, more than {fraction:g} of the reference's largest magnitude {scale:.3g}"
+    return None
+
+
+def _reject(op: str, name: str, reference: str, key: tuple, reason: str) -> None:
+    """Record a disagreeing candidate; warn at its first disagreement for this op."""
+    first = not any(k[0] == op and name in why for k, why in _rejected.items())
+    _rejected.setdefault(key, {})[name] = reason
+    if first:
+        warnings.warn(f"{op}: the {name!r} backend's result disagrees with {reference!r} on this device ({reason}); "
+                      f"measuring leaves it out (sipl_fast.ops.rejected_backends() counts such calls)",
+                      RuntimeWarning, stacklevel=6)  # the op's caller
+
+
+def _measure(op: str, candidates, args, kwargs, device_time: bool, key: tuple) -> str:
+    """The fastest candidate's name. Each runs once untimed (compiling, autotuning), the
+    reference (the last of ``REFERENCES`` among them) first; a candidate whose result
+    disagrees with the reference's is not timed. Among the others, those that can be captured
+    compete by device time (``device_time``), or all of them by wall time if none can."""
+    reference = next((c for c in reversed(candidates) if c.name in REFERENCES), None)
+    expected, times = None, {}
+    for c in sorted(candidates, key=lambda c: c is not reference):
+        try:
+            out = c.fn(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            times[c.name] = math.inf
+            continue
+        if c is reference:
+            expected = out
+        else:
+            reason = disagreement(out, expected) if expected is not None else None
+            if reason is not None:
+                _reject(op, c.name, reference.name, key, reason)
+                continue
+        del out
+        times[c.name] = _seconds(c.fn, args, kwargs, device_time)
+    del expected
+    timed = {n: s for n, s in times.items() if s is not None} or {
+        n: _seconds(next(c for c in candidates if c.name == n).fn, args, kwargs, False) for n in times}
+    return min(timed, key=timed.get)
+
+
 def _fastest(op: str, candidates, args, kwargs) -> Backend:
     if _triton.compiling():  # a dry pass: compile the Triton kernels that measuring may choose
         for c in candidates[1:]:
@@ -261,22 +338,29 @@ def _fastest(op: str, candidates, args, kwargs) -> Backend:
     if name is None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return candidates[0]
-        times = {c.name: _seconds(c.fn, args, kwargs, device_time) for c in candidates}
-        # a candidate that cannot be captured would break the loop's graph: the others compete;
-        # if none can be captured, all of them by wall time
-        times = {n: s for n, s in times.items() if s is not None} or {
-            c.name: _seconds(c.fn, args, kwargs, False) for c in candidates}
-        name = _measured[key] = min(times, key=times.get)
+        name = _measured[key] = _measure(op, candidates, args, kwargs, device_time, key)
     return next(c for c in candidates if c.name == name)
+
+
+def _counts(choices) -> Dict[str, Dict[str, int]]:
+    """``{op: {backend: number of signatures}}`` from (signature, backend names) pairs."""
+    counts: Dict[str, Dict[str, int]] = {}
+    for key, names in choices:
+        per_op = counts.setdefault(key[0], {})
+        for name in names:
+            per_op[name] = per_op.get(name, 0) + 1
+    return counts
 
 
 def measured_choices() -> Dict[str, Dict[str, int]]:
     """What ``"fastest"`` has chosen so far: ``{op: {backend: number of signatures}}``."""
-    counts: Dict[str, Dict[str, int]] = {}
-    for key, name in _measured.items():
-        per_op = counts.setdefault(key[0], {})
-        per_op[name] = per_op.get(name, 0) + 1
-    return counts
+    return _counts((key, (name,)) for key, name in _measured.items())
+
+
+def rejected_backends() -> Dict[str, Dict[str, int]]:
+    """The candidates ``"fastest"`` left out because their results disagreed with the
+    reference's: ``{op: {backend: number of signatures}}`` (empty where every kernel agreed)."""
+    return _counts(_rejected.items())
 
 
 def choose(op: str, backends: Dict[str, Backend], preference, backend: Optional[str], *args, **kwargs) -> Backend:
