@@ -489,5 +489,8 @@ class FastSIPL:
             ph, pw = part.shape[-2:]
             return self._run(pad_to_multiple(part), iterations)[..., :ph, :pw]
 
-        out = run(x) if self.tile is None else tiled(run, x, self.tile, self.tile_overlap)
+        # the model's GPU current throughout: CUDA-graph capture and measuring use the current
+        # device's streams (a model on cuda:1 while cuda:0 is current)
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            out = run(x) if self.tile is None else tiled(run, x, self.tile, self.tile_overlap)
         return out.to(lq.device, lq.dtype).contiguous()

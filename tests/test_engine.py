@@ -315,6 +315,22 @@ def test_bf16_engine_on_the_gpu():
     assert "cosine_attention" in ops.measured_choices()  # "auto" timed its backends at the first run
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_model_on_the_second_gpu_runs_there():
+    """A model on cuda:1 while cuda:0 is current: the ops' kernels (Triton launches on the
+    current device), measuring and the graph capture all run on cuda:1."""
+    model = tiny_model(dtype=torch.float32)
+    x = images(2, 37, 30)
+    ref = restore(model, x, 2)
+    torch.cuda.set_device(0)
+    second = model.to("cuda:1")
+    with ops.backend_scope("triton"):
+        assert err(restore(second, x.to("cuda:1"), 2).cpu(), ref) <= 1e-4
+    fast = FastSIPL(second, dtype=torch.float32)
+    assert err(fast(x.to("cuda:1"), 2).cpu(), ref) <= 1e-4
+    assert len(fast._graphs) == 1 and torch.cuda.current_device() == 0
+
+
 @needs_cuda
 def test_a_kernel_that_computes_garbage_is_measured_out(monkeypatch):
     """A Triton conv1x1 whose result is wrong (negated) on this device: measuring checks every

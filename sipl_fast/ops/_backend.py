@@ -244,24 +244,26 @@ def _seconds(fn: Callable, args, kwargs, device_time: bool) -> Optional[float]:
     with ``device_time`` on a GPU the median device time of replays of one call captured as a
     CUDA graph (None if it cannot be captured; 5 executions in all, where a 3-call graph took
     13: at 2048^2 measuring every candidate of every op call dominated the first run), else
-    wall time; infinite if the device runs out of memory."""
+    wall time; infinite if the device runs out of memory. On the tensors' GPU (streams, events
+    and graphs belong to the current device)."""
     device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
     try:
-        if device.type == "cuda" and device_time:
-            ms = graph_ms(lambda: fn(*args, **kwargs), calls=1, replays=_REPEATS)
-            return None if ms is None else ms / 1e3
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        with _triton.on_device(args):
+            if device.type == "cuda" and device_time:
+                ms = graph_ms(lambda: fn(*args, **kwargs), calls=1, replays=_REPEATS)
+                return None if ms is None else ms / 1e3
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(_REPEATS):
+                    fn(*args, **kwargs)
+                end.record()
+                end.synchronize()
+                return start.elapsed_time(end) / 1e3 / _REPEATS
+            begin = time.perf_counter()
             for _ in range(_REPEATS):
                 fn(*args, **kwargs)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / _REPEATS
-        begin = time.perf_counter()
-        for _ in range(_REPEATS):
-            fn(*args, **kwargs)
-        return (time.perf_counter() - begin) / _REPEATS
+            return (time.perf_counter() - begin) / _REPEATS
     except torch.cuda.OutOfMemoryError:
         return math.inf
 

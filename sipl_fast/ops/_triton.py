@@ -188,13 +188,24 @@ def compiling_only():
         _dry.reset(token)
 
 
+def on_device(args):
+    """The device of the first CUDA tensor among ``args`` made current for the block (a no-op
+    where there is none): Triton launches, compiles for and times on the current device, so a
+    tensor on another GPU (``cuda:1`` while ``cuda:0`` is current) would fail to launch with
+    "Pointer argument cannot be accessed from Triton"."""
+    x = next((a for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
+    return torch.cuda.device(x.device) if x is not None else contextlib.nullcontext()
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` (a JIT function or an autotuner); inside
-    :func:`compiling_only`, its compilation instead (an autotuner's every config)."""
-    if _dry.get():
-        kernel.warmup(*args, grid=grid, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+    """``kernel[grid](*args, **kwargs)`` (a JIT function or an autotuner) on the tensors' GPU
+    (:func:`on_device`); inside :func:`compiling_only`, its compilation instead (an autotuner's
+    every config)."""
+    with on_device(args):
+        if _dry.get():
+            kernel.warmup(*args, grid=grid, **kwargs)
+        else:
+            kernel[grid](*args, **kwargs)
 
 
 _fitting: dict = {}  # (kernel, key) -> index of the first config that fits this GPU
@@ -282,7 +293,7 @@ def compile_configs(kernel, key, configs, *args, **constants) -> None:
         return
     _compiled.add((kernel, key))
     try:
-        with ThreadPoolExecutor(max_workers=min(len(configs), os.cpu_count() or 1)) as pool:
+        with on_device(args), ThreadPoolExecutor(max_workers=min(len(configs), os.cpu_count() or 1)) as pool:
             mode = _async_mode(pool)
             if mode is None:
                 raise RuntimeError("no asynchronous compilation in this Triton")
