@@ -456,8 +456,11 @@ class FastSIPL:
         return static_out.clone()
 
     def _capture(self, img: torch.Tensor, iterations: int, key: tuple):
-        """Warm up twice on a side stream, capture, cache (dropping the least recently used)."""
-        static_in = img.clone()
+        """Warm up twice on a side stream, capture, cache (dropping the least recently used).
+        The graph's input buffer is a normal tensor even under ``torch.inference_mode`` (an
+        inference tensor could not be refilled by a later call outside it)."""
+        with torch.inference_mode(False):
+            static_in = img.clone()
         try:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -294,6 +294,23 @@ def test_graph_replay_equals_eager_for_two_shapes_and_evicts():
 
 
 @needs_cuda
+def test_graphs_serve_calls_in_and_out_of_inference_mode():
+    """A shape first captured under torch.inference_mode replays for a call outside it, and the
+    other way round (an input buffer made in inference mode could not be refilled outside)."""
+    model = tiny_model(dtype=torch.float32).cuda()
+    fast = FastSIPL(model, dtype=torch.float32)
+    x, y = images(1, 32, 48, device="cuda"), images(1, 48, 32, device="cuda")
+    with torch.inference_mode():
+        first = fast(x, 1)
+    again = fast(x, 1)
+    assert not again.is_inference() and err(first, again) == 0
+    fast(y, 1)
+    with torch.inference_mode():
+        assert err(fast(y, 1), restore(model, y, 1)) <= 1e-4
+    assert len(fast._graphs) == 2
+
+
+@needs_cuda
 def test_fp32_on_the_gpu_is_the_cpus_fp32():
     """restore and the fp32 engine on a GPU agree with the CPU's restore to 1e-4 (TF32 would not)."""
     model = tiny_model(dtype=torch.float32)
