@@ -70,7 +70,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from . import ops
-from .ops import _layout
+from .ops import _layout, _triton
 from .ops.cosine_attention import BACKENDS as ATTENTION_BACKENDS
 from .checkpoint import load_model
 from .loops import _check_images, _check_iterations, ieee_fp32, pad_to_multiple
@@ -494,6 +494,6 @@ class FastSIPL:
 
         # the model's GPU current throughout: CUDA-graph capture and measuring use the current
         # device's streams (a model on cuda:1 while cuda:0 is current)
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+        with _triton.made_current(self.device):
             out = run(x) if self.tile is None else tiled(run, x, self.tile, self.tile_overlap)
         return out.to(lq.device, lq.dtype).contiguous()

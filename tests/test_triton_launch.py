@@ -35,6 +35,7 @@ def test_launches_run_on_the_gpu_of_their_tensors(monkeypatch):
         current[0] = saved
 
     monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     seen = []
 
     class Kernel:

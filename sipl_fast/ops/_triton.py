@@ -188,13 +188,21 @@ def compiling_only():
         _dry.reset(token)
 
 
+def made_current(device: torch.device):
+    """``device`` made the current GPU for the block; a no-op for a CPU, or where there is no
+    GPU (fake CUDA tensors: tracing, the memory estimates, which patch ``is_available``)."""
+    if device.type == "cuda" and torch.cuda.device_count() > 0:
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def on_device(args):
-    """The device of the first CUDA tensor among ``args`` made current for the block (a no-op
-    where there is none): Triton launches, compiles for and times on the current device, so a
-    tensor on another GPU (``cuda:1`` while ``cuda:0`` is current) would fail to launch with
+    """The device of the first CUDA tensor among ``args`` made current for the block
+    (:func:`made_current`): Triton launches, compiles for and times on the current device, so
+    a tensor on another GPU (``cuda:1`` while ``cuda:0`` is current) would fail to launch with
     "Pointer argument cannot be accessed from Triton"."""
     x = next((a for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
-    return torch.cuda.device(x.device) if x is not None else contextlib.nullcontext()
+    return made_current(x.device) if x is not None else contextlib.nullcontext()
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
