@@ -307,6 +307,12 @@ def cmd_bench(args) -> int:
                      if not p.name.startswith("_") and p.name not in _NOT_IN_BENCH) if folder.is_dir() else []
     if not scripts:
         raise CLIError("the benchmarks ship with the source tree: run from a checkout (pip install -e .)")
+    if args.only:
+        names = [n.strip().removesuffix(".py") for n in args.only.split(",") if n.strip()]
+        unknown = sorted(set(names) - {p.stem for p in scripts})
+        if unknown or not names:
+            raise CLIError(f"--only {args.only!r}: expected a comma list of {', '.join(p.stem for p in scripts)}")
+        scripts = [p for p in scripts if p.stem in names]
     status = 0
     for script in scripts:
         print(f"== {script.name}", flush=True)
@@ -518,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fast_sipl_compile.py, kernel_resources.py and cuda_sass.py (compilers' "
                                    "reports; run them directly).")
     b.add_argument("--quick", action="store_true", help="small shapes, a quick look")
+    b.add_argument("--only", metavar="NAMES", help="a comma list of scripts to run (e.g. cosine_attention,fast_sipl)")
     b.set_defaults(func=cmd_bench)
     return parser
 

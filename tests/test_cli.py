@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import sipl_fast
+from sipl_fast import cli
 from sipl_fast.images import read_image
 from sipl_fast.metrics import psnr_ssim
 
@@ -186,11 +187,15 @@ def test_bad_tile_options_are_usage_errors(option, value):
     assert stop.value.code == 2
 
 
-def test_bench_quick_prints_its_tables(tmp_path):
-    result = console("bench", "--quick", env={"SIPL_FAST_BENCH_RESULTS": str(tmp_path)})
+def test_bench_quick_prints_its_tables(tmp_path, capsys):
+    """Two of the scripts (test_benchmarks runs each one); a name that is no script is refused."""
+    result = console("bench", "--quick", "--only", "layer_norm2d,backbone.py",
+                     env={"SIPL_FAST_BENCH_RESULTS": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| shape |" in result.stdout
-    assert (tmp_path / "layer_norm2d_cpu_quick.json").is_file() and (tmp_path / "backbone_cpu_quick.json").is_file()
+    assert "| shape |" in result.stdout and result.stdout.count("== ") == 2
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["backbone_cpu_quick.json", "layer_norm2d_cpu_quick.json"]
+    assert cli.run(["bench", "--only", "layer_norm2d,nope"]) == 2
+    assert "expected a comma list of" in capsys.readouterr().err
 
 
 def test_torchrun_shards_the_inputs_and_matches_one_process(weights, photos, tmp_path):
