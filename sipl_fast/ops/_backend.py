@@ -279,11 +279,12 @@ def disagreement(out, expected) -> Optional[str]:
         return f"a result of shape {tuple(getattr(out, 'shape', ()))}, the reference's {tuple(expected.shape)}"
     if expected.numel() == 0:
         return None
-    finite = expected.isfinite()
-    if (finite & ~out.isfinite()).any():
-        return "NaN or inf where the reference's result is finite"
-    error = torch.where(finite, out.to(expected.dtype) - expected, 0).abs().amax().item()
-    scale = torch.where(finite, expected, 0).abs().amax().item()
+    with torch.no_grad():  # results that autograd records (training): no graph for the check
+        finite = expected.isfinite()
+        if (finite & ~out.isfinite()).any():
+            return "NaN or inf where the reference's result is finite"
+        error = torch.where(finite, out.to(expected.dtype) - expected, 0).abs().amax().item()
+        scale = torch.where(finite, expected, 0).abs().amax().item()
     fraction = AGREEMENT.get(expected.dtype, AGREEMENT[torch.float32])
     if error > fraction * scale:
         return f"max |difference| {error:.3g}, more than {fraction:g} of the reference's largest magnitude {scale:.3g}"
