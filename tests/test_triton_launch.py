@@ -17,8 +17,8 @@ def test_every_autotuner_keys_on_its_kernels_arguments():
 
 def test_launches_run_on_the_gpu_of_their_tensors(monkeypatch):
     """Triton launches on the current device: a launch (and measuring) makes its tensors' GPU
-    current first, so that tensors on cuda:1 run while cuda:0 is current. Checked on fake CUDA
-    tensors, with torch.cuda.device recorded."""
+    current first, so that tensors on one GPU run while another is current. Checked on fake CUDA
+    tensors on cuda:0 while "cuda:1" is current, with torch.cuda.device recorded."""
     import contextlib
 
     import torch
@@ -26,7 +26,7 @@ def test_launches_run_on_the_gpu_of_their_tensors(monkeypatch):
 
     from sipl_fast.ops import _backend
 
-    current = ["cuda:0"]
+    current = ["cuda:1"]
 
     @contextlib.contextmanager
     def device(d):
@@ -46,12 +46,12 @@ def test_launches_run_on_the_gpu_of_their_tensors(monkeypatch):
             seen.append(("compile", current[0]))
 
     with FakeTensorMode():
-        x = torch.empty(3, device="cuda:1")
+        x = torch.empty(3, device="cuda:0")
     _triton.launch(Kernel(), (1,), 7, x, BLOCK=4)
     with _triton.compiling_only():
         _triton.launch(Kernel(), (1,), x)
     _triton.launch(Kernel(), (1,), torch.empty(3))  # CPU tensors (the interpreter): no device made current
-    assert seen == ["cuda:1", ("compile", "cuda:1"), "cuda:0"] and current == ["cuda:0"]
+    assert seen == ["cuda:0", ("compile", "cuda:0"), "cuda:1"] and current == ["cuda:1"]
     # measuring too (timed by the first tensor's device, a CPU one here: wall time, no CUDA events)
     assert _backend._seconds(lambda *a: seen.append(current[0]), (torch.empty(2), x), {}, False) >= 0
-    assert seen[-3:] == ["cuda:1"] * 3
+    assert seen[-3:] == ["cuda:0"] * 3
