@@ -281,10 +281,12 @@ def disagreement(out, expected) -> Optional[str]:
         return None
     with torch.no_grad():  # results that autograd records (training): no graph for the check
         finite = expected.isfinite()
-        if (finite & ~out.isfinite()).any():
-            return "NaN or inf where the reference's result is finite"
-        error = torch.where(finite, out.to(expected.dtype) - expected, 0).abs().amax().item()
-        scale = torch.where(finite, expected, 0).abs().amax().item()
+        lost = (finite & ~out.isfinite()).any()
+        error = (out.to(expected.dtype) - expected).abs().masked_fill_(~finite, 0).amax()
+        scale = expected.abs().masked_fill_(~finite, 0).amax()
+        lost, error, scale = torch.stack([x.double() for x in (lost, error, scale)]).tolist()  # one sync
+    if lost:
+        return "NaN or inf where the reference's result is finite"
     fraction = AGREEMENT.get(expected.dtype, AGREEMENT[torch.float32])
     if error > fraction * scale:
         return f"max |difference| {error:.3g}, more than {fraction:g} of the reference's largest magnitude {scale:.3g}"
@@ -307,6 +309,7 @@ def _measure(op: str, candidates, args, kwargs, device_time: bool, key: tuple) -
     disagrees with the reference's is not timed. Among the others, those that can be captured
     compete by device time (``device_time``), or all of them by wall time if none can."""
     reference = next((c for c in reversed(candidates) if c.name in REFERENCES), None)
+    by_name = {c.name: c for c in candidates}
     expected, times = None, {}
     for c in sorted(candidates, key=lambda c: c is not reference):
         try:
@@ -325,7 +328,7 @@ def _measure(op: str, candidates, args, kwargs, device_time: bool, key: tuple) -
         times[c.name] = _seconds(c.fn, args, kwargs, device_time)
     del expected
     timed = {n: s for n, s in times.items() if s is not None} or {
-        n: _seconds(next(c for c in candidates if c.name == n).fn, args, kwargs, False) for n in times}
+        n: _seconds(by_name[n].fn, args, kwargs, False) for n in times}
     return min(timed, key=timed.get)
 
 

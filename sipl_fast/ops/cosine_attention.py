@@ -936,8 +936,9 @@ def _triton_backward(q, k, v, t32, out, lse, dout, splits: Optional[Tuple[int, i
         configs = _bwd_configs_for(d, q.dtype, which)
         parts, per_split = split(which, n_out, n_loop, block)
         outputs = (grad, *more)
-        if parts > 1:  # partials: the dk/dv kernel's t dkn and dv (fp32), the dq kernel's t dqn (fp32) and row
-            # sums (in delta's dtype, as the kernel sums them)
+        # partials: the dk/dv kernel's t dkn and dv (fp32), the dq kernel's t dqn (fp32) and row
+        # sums (in delta's dtype, as the kernel sums them)
+        if parts > 1:
             shapes = ((b * h, n_out, d), (4, b * h, n_out) if which else (b * h, n_out, d))
             outputs = [torch.empty((parts, *shape), device=q.device, dtype=dtype)
                        for shape, dtype in zip(shapes, (torch.float32, delta.dtype if which else torch.float32))]
