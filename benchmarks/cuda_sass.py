@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
@@ -70,15 +72,18 @@ def sass_counts(cubin: Path) -> Dict[str, collections.Counter]:
 
 
 def measure(arch: str) -> List[dict]:
+    """One row per kernel entry; the sources compile side by side, one nvcc per CPU core."""
     rows = []
     nvcc = shutil.which("nvcc")
     if not nvcc:
         raise SystemExit("nvcc not found")
-    with tempfile.TemporaryDirectory() as folder:
-        for source in sorted((ROOT / "kernels").glob("*.cu")):
-            cubin = Path(folder) / f"{source.stem}.cubin"
-            built = subprocess.run([nvcc, f"-arch={arch}", "-O3", "-cubin", "-Xptxas", "-v", f"-I{ROOT / 'kernels'}",
-                                    str(source), "-o", str(cubin)], capture_output=True, text=True)
+    sources = sorted((ROOT / "kernels").glob("*.cu"))
+    with tempfile.TemporaryDirectory() as folder, ThreadPoolExecutor(os.cpu_count()) as pool:
+        cubins = [Path(folder) / f"{source.stem}.cubin" for source in sources]
+        builds = pool.map(lambda source, cubin: subprocess.run(
+            [nvcc, f"-arch={arch}", "-O3", "-cubin", "-Xptxas", "-v", f"-I{ROOT / 'kernels'}", str(source),
+             "-o", str(cubin)], capture_output=True, text=True), sources, cubins)
+        for source, cubin, built in zip(sources, cubins, builds):
             if built.returncode:
                 raise SystemExit(f"nvcc failed on {source.name}:\n{built.stderr[-2000:]}")
             report = ptxas_report(built.stderr)

@@ -223,11 +223,12 @@ def test_padding_the_hidden_width_changes_nothing(dual):
     assert torch.equal(ffn(x), before)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_triton_backend_of_every_op_serves_the_whole_model(device_model, channels_last, monkeypatch):
+@pytest.mark.parametrize("channels_last, batch", [(False, 1), (True, 2)])
+def test_triton_backend_of_every_op_serves_the_whole_model(device_model, channels_last, batch, monkeypatch):
     """fp32 through the Triton kernels (the interpreter on a CPU) matches the reference loop.
-    Channels-last (here in bands of rows too), every block's output stays channels-last."""
-    x = images(2, 19, 23, device=DEVICE)
+    Channels-last (here in bands of rows too, of a batch: a band of B > 1 images is not dense),
+    every block's output stays channels-last."""
+    x = images(batch, 19, 23, device=DEVICE)
     fast = FastSIPL(device_model, dtype=torch.float32, backend="triton", cuda_graphs=False,
                     channels_last=channels_last)
     layouts = []
