@@ -460,8 +460,9 @@ def test_backward_with_one_key_is_exact(dtype):
 def test_triton_backward_splits_agree(dtype, splits, monkeypatch):
     """Split query ranges (dk/dv) and key ranges (dq), summed by the finish kernel, give the
     gradients within the backward's tolerance; the split path did run. In the interpreter fp32
-    takes a 64 x 64 tile (the splits do not depend on it; the GPU's fp32 tiles, 16 or 32 wide,
-    took its fp64 products 75 s a case there, and run unsplit in ``test_every_autotuned_tile``)."""
+    takes a 64 x 64 tile: the splits do not depend on the tile, and with the GPU's fp32 tiles
+    (16 or 32 wide; ``test_every_autotuned_tile`` runs them unsplit) the interpreter took 75 s
+    a case."""
     if DEVICE == "cpu" and dtype == torch.float32:
         monkeypatch.setitem(module._BWD_CONFIGS, (True, False), ([(64, 64, 4, 1)],) * 2)
     q, k, v, t = inputs(2, 2, 300, 270, 40, [0.5, 7.0])
