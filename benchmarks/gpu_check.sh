@@ -57,7 +57,8 @@ stage "install"
 # A short probe first, in the same call as the benchmarks: the Triton attention's accuracy tests,
 # with those that take an unexplained GPU failure apart (PROBE: a pytest -k expression over
 # tests/test_cosine_attention.py, "" skips it; PROBE_SECONDS), so that it is read even if no
-# second call for the full tests follows.
+# second call for the full tests follows. Its tensors start as NaN (SIPL_FAST_TEST_FILL_EMPTY): a
+# kernel that reads memory nobody wrote shows as NaN (on the CPU the kernel tests pass so).
 PROBE=${PROBE-"d96_every_tile or forward_matches_reference or no_rounding_of_normalised or backward_matches"}
 # Tests spread over TEST_WORKERS processes where pytest-xdist is installed. Each worker's PyTorch
 # takes as many CPU threads as there are cores: 8 workers oversubscribe the 16 cores 8 times
@@ -73,7 +74,7 @@ fi
 seconds=$(limit "${PROBE_SECONDS:-100}")
 if [ -n "$PROBE" ] && [ "$seconds" -gt 0 ]; then
   stage "probe: tests/test_cosine_attention.py -k '$PROBE'"
-  OMP_NUM_THREADS=$threads SIPL_FAST_TRITON_AUTOTUNE=0 timeout -s INT -k 15 "$seconds" python -m pytest -q \
+  OMP_NUM_THREADS=$threads SIPL_FAST_TRITON_AUTOTUNE=0 SIPL_FAST_TEST_FILL_EMPTY=1 timeout -s INT -k 15 "$seconds" python -m pytest -q \
     -p no:cacheprovider -rfE --junitxml="$OUT/gpu_probe.xml" "${workers[@]}" tests/test_cosine_attention.py \
     -k "$PROBE" >>"$LOG" 2>&1
   echo "probe exit code $?" | tee -a "$LOG"
