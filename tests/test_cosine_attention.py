@@ -571,11 +571,10 @@ os.environ["TRITON_INTERPRET"] = "1"  # the launchers take CPU tensors for the G
 torch.Tensor.is_cuda = property(lambda self: True)
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
-try:  # side by side on every core; leaving the mode waits for them and raises the first error
-    from triton.runtime._async_compile import AsyncCompileMode
-except ImportError:  # an older Triton: one by one
-    AsyncCompileMode = lambda pool: contextlib.nullcontext()
-with ThreadPoolExecutor(os.cpu_count()) as pool, AsyncCompileMode(pool):
+# side by side on every core (one by one where this Triton cannot); leaving the block waits for
+# the compiles and raises the first error
+with ThreadPoolExecutor(os.cpu_count()) as pool, \
+        _triton._async_mode(pool, ignore_errors=False) or contextlib.nullcontext():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for d in (24, 96, 384):
             q, k, v, t = torch.randn(1, 2, 300, d, dtype=dtype), torch.randn(1, 2, 600, d, dtype=dtype), \

@@ -153,9 +153,10 @@ def compiling() -> bool:
     return _dry.get()
 
 
-def _async_mode(pool):
-    """Triton's asynchronous compilation on ``pool`` (compile errors left to the launches), or
-    None where this Triton has none (or one is already active)."""
+def _async_mode(pool, ignore_errors: bool = True):
+    """Triton's asynchronous compilation on ``pool`` (compile errors left to the launches, or
+    with ``ignore_errors=False`` the first raised when the block ends), or None where this
+    Triton has none (or one is already active)."""
     try:
         from triton.runtime._async_compile import AsyncCompileMode, active_mode
     except ImportError:
@@ -163,7 +164,7 @@ def _async_mode(pool):
     if active_mode.get() is not None:
         return None
     try:
-        return AsyncCompileMode(pool, ignore_errors=True)
+        return AsyncCompileMode(pool, ignore_errors=ignore_errors)
     except TypeError:  # older Triton: errors raise when the block ends
         return AsyncCompileMode(pool)
 
