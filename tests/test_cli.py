@@ -203,7 +203,7 @@ def test_torchrun_shards_the_inputs_and_matches_one_process(weights, photos, tmp
     single, multi = tmp_path / "single", tmp_path / "multi"
     one = console("restore", "-i", photos, "-o", single, "--weights", weights, "--device", "cpu")
     assert one.returncode == 0, one.stderr
-    two = console("--nproc-per-node", "2", "-m", "sipl_fast", "restore", "-i", photos, "-o", multi,
+    two = console("--standalone", "--nproc-per-node", "2", "-m", "sipl_fast", "restore", "-i", photos, "-o", multi,
                   "--weights", weights, "--device", "cpu", script="torchrun")
     assert two.returncode == 0, two.stderr[-3000:]
     assert "restored 4, skipped 0, failed 0" in two.stdout and "on 2 processes" in two.stdout

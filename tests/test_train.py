@@ -113,7 +113,7 @@ def test_torchrun_ddp_matches_one_process(tmp_path):
     one = subprocess.run([shutil.which("sipl-fast", path=str(exe)) or "sipl-fast", *args, "--output", str(tmp_path / "one")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([shutil.which("torchrun", path=str(exe)) or "torchrun", "--nproc-per-node", "2", "-m", "sipl_fast",
+    two = subprocess.run([shutil.which("torchrun", path=str(exe)) or "torchrun", "--standalone", "--nproc-per-node", "2", "-m", "sipl_fast",
                           *args, "--output", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
