@@ -11,9 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
-    # under pytest-xdist (-n): each worker one share of the cores, not PyTorch's default of all
-    # of them each (which oversubscribes the machine once per worker)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    # under pytest-xdist (-n): each worker one share of the cores it may run on (as xdist's -n
+    # auto counts them), not PyTorch's default of all of them each (oversubscribed once per worker)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 if os.environ.get("SIPL_FAST_TEST_FILL_EMPTY") == "1":
     # every new tensor filled with NaN (integers with their largest value), so a kernel that
     # reads memory nobody wrote (an output, a split's partial) gives NaN, not a small error
