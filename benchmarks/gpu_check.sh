@@ -60,21 +60,15 @@ stage "install"
 # second call for the full tests follows. Its tensors start as NaN (SIPL_FAST_TEST_FILL_EMPTY): a
 # kernel that reads memory nobody wrote shows as NaN (on the CPU the kernel tests pass so).
 PROBE=${PROBE-"d96_every_tile or forward_matches_reference or no_rounding_of_normalised or backward_matches"}
-# Tests spread over TEST_WORKERS processes where pytest-xdist is installed. Each worker's PyTorch
-# takes as many CPU threads as there are cores: 8 workers oversubscribe the 16 cores 8 times
-# over, the likely reason why CPU-only tests that take 0.3 s on a 2-core machine took ~55 s each
-# there (FastSIPL fp32 equals restore, 2026-11-28). One share of the cores each.
+# Tests spread over TEST_WORKERS processes where pytest-xdist is installed; tests/conftest.py
+# gives each worker's PyTorch its share of the cores (all of them each had oversubscribed the
+# 16 cores 8 times over: CPU-only tests that take 0.3 s on a 2-core machine took ~55 s there).
 workers=()
-threads=${OMP_NUM_THREADS:-$(nproc)}
-if python -c "import xdist" 2>/dev/null; then
-  n=${TEST_WORKERS:-8}
-  workers=(-n "$n")
-  threads=${OMP_NUM_THREADS:-$(( $(nproc) / n > 0 ? $(nproc) / n : 1 ))}
-fi
+python -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
 seconds=$(limit "${PROBE_SECONDS:-100}")
 if [ -n "$PROBE" ] && [ "$seconds" -gt 0 ]; then
   stage "probe: tests/test_cosine_attention.py -k '$PROBE'"
-  OMP_NUM_THREADS=$threads SIPL_FAST_TRITON_AUTOTUNE=0 SIPL_FAST_TEST_FILL_EMPTY=1 timeout -s INT -k 15 "$seconds" python -m pytest -q \
+  SIPL_FAST_TRITON_AUTOTUNE=0 SIPL_FAST_TEST_FILL_EMPTY=1 timeout -s INT -k 15 "$seconds" python -m pytest -q \
     -p no:cacheprovider -rfE --junitxml="$OUT/gpu_probe.xml" "${workers[@]}" tests/test_cosine_attention.py \
     -k "$PROBE" >>"$LOG" 2>&1
   echo "probe exit code $?" | tee -a "$LOG"
@@ -102,7 +96,7 @@ stage "tests: ${TESTS[*]}"
 # later if it does not.
 seconds=$(limit "${TEST_SECONDS:-220}")
 [ "$seconds" -gt 60 ] && seconds=$((seconds - 30))
-[ "$seconds" -gt 0 ] && OMP_NUM_THREADS=$threads SIPL_FAST_TRITON_AUTOTUNE=0 timeout -s INT -k 30 "$seconds" python -m pytest -q -p no:cacheprovider -rfEs --durations=15 --junitxml="$OUT/gpu_tests.xml" \
+[ "$seconds" -gt 0 ] && SIPL_FAST_TRITON_AUTOTUNE=0 timeout -s INT -k 30 "$seconds" python -m pytest -q -p no:cacheprovider -rfEs --durations=15 --junitxml="$OUT/gpu_tests.xml" \
   "${workers[@]}" "${TESTS[@]}" >>"$LOG" 2>&1
 echo "tests exit code $?" | tee -a "$LOG"
 stage "done"
