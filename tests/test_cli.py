@@ -73,9 +73,9 @@ def quantise(pixels, dtype):
 
 def test_restore_a_folder(weights, photos, tmp_path):
     out = tmp_path / "out"
-    result = console("restore", "-i", photos, "-o", out, "--weights", weights, "--device", "cpu")
+    result = console("restore", "-i", photos, "-o", out, "--weights", weights, "--device", "cpu", "--engine", "reference")
     assert result.returncode == 1, result.stderr  # the corrupt file failed
-    assert "restored 4, skipped 0, failed 1" in result.stdout
+    assert "restored 4, skipped 0, failed 1" in result.stdout and "reference engine, fp32 on cpu" in result.stdout
     assert "corrupt.png: not a readable image" in result.stderr
     assert "left out 1 file(s) that are not images" in result.stderr
     assert "Traceback" not in result.stderr
@@ -214,10 +214,13 @@ def test_torchrun_shards_the_inputs_and_matches_one_process(weights, photos, tmp
 
 
 def test_fast_engine_writes_what_the_reference_writes(weights, photos, tmp_path):
+    """On the default device; on a CPU the fast engine is the default (``--engine auto``)."""
     ref, fast = tmp_path / "ref", tmp_path / "fast"
-    for engine, out in (("reference", ref), ("fast", fast)):
-        proc = console("restore", "-i", photos, "-o", out, "--weights", weights, "--engine", engine, "--precision", "fp32")
+    gpu = torch.cuda.is_available()
+    for engine, out, extra in (("reference", ref, ["--engine", "reference"]), ("fast", fast, ["--engine", "fast"] * gpu)):
+        proc = console("restore", "-i", photos, "-o", out, "--weights", weights, "--precision", "fp32", *extra)
         assert proc.returncode == 1 and "corrupt.png" in proc.stderr  # the corrupt file fails, the others go on
+        assert f"{engine} engine, fp32 on {'cuda' if gpu else 'cpu'}" in proc.stdout
     names = sorted(p.name for p in ref.iterdir())
     assert names == sorted(p.name for p in fast.iterdir()) and len(names) == 4
     for name in names:  # 8- and 16-bit files: at most one level apart (rounding of values ~1e-6 apart)
