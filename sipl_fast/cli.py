@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--weights", required=True, metavar="PATH", help="checkpoint: .pth/.pt/.ckpt (BasicSR, PromptIR) or .safetensors")
-        p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+        p.add_argument("--precision", choices=["auto", *PRECISION_NAMES.values()], default="auto",
                        help="auto: bf16 autocast on GPUs that support it, else fp32 (default auto)")
         p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
         p.add_argument("--tile", type=_pixels, default=0, metavar="N",
