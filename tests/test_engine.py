@@ -135,7 +135,8 @@ def test_a_backend_named_for_one_op_leaves_the_others_automatic(model, monkeypat
     calls = torch_backend_calls(monkeypatch)
     FastSIPL(model, dtype=torch.float32, backend={"layer_norm2d": "triton"})(images(1, 16, 16), 1)
     # the others choose automatically: the reference here, but for Proxy Fusion (sdpa on a CPU)
-    assert set(calls) == set(ops.OPS) - {"layer_norm2d", "cosine_attention"}
+    # and MDTA (by rows on a CPU, through conv1x1 and depthwise_conv3x3)
+    assert set(calls) == set(ops.OPS) - {"layer_norm2d", "cosine_attention", "channel_attention"}
 
 
 def test_proxy_fusion_runs_through_sdpa_on_a_cpu(model, monkeypatch):
@@ -186,6 +187,44 @@ def test_local_stages_by_rows_equal_the_whole_image(device_model, monkeypatch, b
     x = images(batch, 21, 19, seed=4, device=DEVICE)
     out = FastSIPL(device_model, dtype=torch.float32, backend=backend, cuda_graphs=False)(x, iterations)
     assert err(out, restore(device_model, x, iterations)) <= 1e-4
+
+
+@pytest.mark.parametrize("band_bytes", [1, 2**30])  # one row per band; the whole image
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mdta_by_rows_is_the_published_mdta(monkeypatch, band_bytes, channels_last):
+    """``_attention_by_rows`` (the Gram matrices summed over bands, project_out folded) is
+    x + MDTA(LN1(x)) of the published block, in float64: two images, three heads, biases, an
+    odd size, a channel of q that is zero everywhere (F.normalize's eps), LN1's affine folded
+    into qkv as the engine folds it."""
+    engine = importlib.import_module("sipl_fast.engine")
+    monkeypatch.setattr(engine, "BAND_BYTES", band_bytes)
+    block = TransformerBlock(12, 3, 2.66, bias=True).double()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.4, generator=torch.Generator().manual_seed(p.numel()))
+    with torch.no_grad():
+        block.attn.qkv.weight[1].zero_()
+        block.attn.qkv.bias[1] = 0.0
+        block.attn.qkv_dwconv.bias[1] = 0.0
+    x = torch.randn(2, 12, 9, 14, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = x + block.attn(block.norm1(x))
+        engine._fold_norm_affine(block.norm1, block.attn.qkv)
+        out = engine._attention_by_rows(block.norm1, block.attn, x)
+    assert _layout.channels_last(out) == channels_last
+    assert err(out, expected) <= 1e-12
+
+
+def test_a_cpu_engine_runs_mdta_by_rows_unless_a_backend_is_named(model):
+    def by_rows(fast):
+        return {b.attention_by_rows for b in fast.model.modules() if isinstance(b, TransformerBlock)}
+
+    assert by_rows(FastSIPL(model, dtype=torch.float32)) == {True}
+    assert by_rows(FastSIPL(model, dtype=torch.float32, backend="torch")) == {False}
+    assert by_rows(FastSIPL(model, dtype=torch.float32, backend={"channel_attention": "triton"})) == {False}
+    if torch.cuda.is_available():
+        assert by_rows(FastSIPL(tiny_model(dtype=torch.float32).cuda())) == {False}
 
 
 def test_bands_are_small_on_a_cpu(monkeypatch):
