@@ -74,8 +74,9 @@ class LiveBytes(TorchDispatchMode):
         if _triton.compiling():
             return out
         results = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        for t in results:
-            self._count(t, str(func))
+        if not func.is_view and not func._schema.is_mutable:  # else its results are storages it did not create
+            for t in results:
+                self._count(t, str(func))
         if not func.is_view and func.namespace != "prim" and func.overloadpacket.__name__ not in _NO_TRAFFIC:
             operands = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
             moved = sum(t.numel() * t.element_size() for t in operands + results)
