@@ -74,6 +74,7 @@ from einops import rearrange
 
 from . import ops
 from .ops import _layout, _triton
+from .ops.channel_attention import projected_maps
 from .ops.cosine_attention import BACKENDS as ATTENTION_BACKENDS, EPS
 from .checkpoint import load_model
 from .loops import _check_images, _check_iterations, ieee_fp32, pad_to_multiple
@@ -193,11 +194,11 @@ def _attention_by_rows(norm: LayerNorm, attn: Attention, x: torch.Tensor) -> tor
             squares += rows.square().sum(1)
     norms = squares.sqrt().clamp_min(EPS).view(b, 2, heads, c // heads)
     maps = (gram / (norms[:, 0, :, :, None] * norms[:, 1, :, None, :]) * attn.temperature.to(acc)).softmax(-1)
-    m = torch.einsum("ohi,bhij->bohj", attn.project_out.weight.to(acc).view(cout, heads, c // heads), maps)
+    m = projected_maps(attn.project_out.weight, maps)  # (B, Cout, C)
     out = None
     for r0, r1, lo, hi in _bands(x):
         y = _pixels_last(convolved(v, r0, r1, lo, hi))
-        y = torch.matmul(y, m.reshape(b, cout, c).transpose(1, 2).to(y.dtype))  # (B, pixels, Cout)
+        y = torch.matmul(y, m.transpose(1, 2).to(y.dtype))  # (B, pixels, Cout)
         y = y.view(b, r1 - r0, w, cout).permute(0, 3, 1, 2)
         if attn.project_out.bias is not None:
             y = y + attn.project_out.bias.view(-1, 1, 1).to(y.dtype)

@@ -367,6 +367,17 @@ def _empty_output(q: torch.Tensor, v: torch.Tensor, proj_weight: Optional[torch.
     return v.new_empty((b, n, c_out), dtype=dtype).transpose(1, 2)
 
 
+def projected_maps(proj_weight: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """``project_out`` times the block-diagonal attention maps, one matrix per image: W_o
+    (C_out, H*C) and maps A (B, H, C, C) -> M (B, C_out, H*C), column block h of M[b] being
+    W_o[:, h] A[b, h], so that ``project_out(A v) = M v``; in the maps' dtype (fp32 or wider,
+    not autocast's)."""
+    b, h, c, _ = maps.shape
+    with torch.autocast(maps.device.type, enabled=False):
+        w = proj_weight.to(maps.dtype).reshape(-1, h, c)
+        return torch.einsum("ohi,bhij->bohj", w, maps).reshape(b, -1, h * c)
+
+
 @torch.library.custom_op("sipl_fast::channel_attention_triton", mutates_args=())
 def channel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
                              proj_weight: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None,
@@ -386,13 +397,7 @@ def channel_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if proj_weight is None:
         _apply(a, v, None, residual, out, dw)
         return out
-    # W_o (C_out, H*C) times blockdiag(A_h): column block h of M[b] is W_o[:, h] A[b, h], a
-    # product batched over the heads written in place (strided), in fp32 (not autocast's dtype)
-    m = torch.empty((b, proj_weight.shape[0], h * c), device=q.device, dtype=torch.float32)
-    w = proj_weight.float().reshape(-1, h, c).transpose(0, 1)
-    with torch.autocast(q.device.type, enabled=False):
-        for i in range(b):
-            torch.bmm(w, a.view(b, h, c, c)[i], out=m[i].view(-1, h, c).transpose(0, 1))
+    m = projected_maps(proj_weight, a.view(b, h, c, c))
     bias = None if proj_bias is None else proj_bias.float().contiguous()
     _apply(m, v.reshape(b, 1, h * c, n), bias, None if residual is None else residual.unsqueeze(1), out.view(b, 1, -1, n),
            dw)
