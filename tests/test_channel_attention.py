@@ -462,3 +462,16 @@ def test_triton_under_compile_and_graph_capture():
     q.copy_(torch.randn_like(q))
     graph.replay()
     torch.testing.assert_close(captured, channel_attention(q, k, v, t, backend="triton"), rtol=0, atol=0)
+
+
+# one head and several images: einsum's own result is transposed there
+@pytest.mark.parametrize("batch,heads,c_out", [(1, 1, 5), (3, 1, 5), (3, 2, 8)])
+def test_projected_maps_is_project_out_times_the_block_diagonal_maps(batch, heads, c_out):
+    """M = W_o blockdiag(A_h), per image, contiguous (the apply kernel reads it so)."""
+    g = torch.Generator().manual_seed(batch)
+    c = 4
+    w, maps = torch.randn(c_out, heads * c, generator=g), torch.randn(batch, heads, c, c, generator=g)
+    m = module.projected_maps(w, maps)
+    assert m.is_contiguous() and m.dtype == torch.float32
+    expected = torch.stack([w @ torch.block_diag(*maps[i]) for i in range(batch)])
+    assert (m - expected).abs().max() <= 1e-5

@@ -370,12 +370,13 @@ def _empty_output(q: torch.Tensor, v: torch.Tensor, proj_weight: Optional[torch.
 def projected_maps(proj_weight: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     """``project_out`` times the block-diagonal attention maps, one matrix per image: W_o
     (C_out, H*C) and maps A (B, H, C, C) -> M (B, C_out, H*C), column block h of M[b] being
-    W_o[:, h] A[b, h], so that ``project_out(A v) = M v``; in the maps' dtype (fp32 or wider,
-    not autocast's)."""
+    W_o[:, h] A[b, h], so that ``project_out(A v) = M v``; contiguous (``_apply_kernel`` reads
+    it so; einsum's result is transposed for one head and several images), in the maps' dtype
+    (fp32 or wider, not autocast's)."""
     b, h, c, _ = maps.shape
     with torch.autocast(maps.device.type, enabled=False):
         w = proj_weight.to(maps.dtype).reshape(-1, h, c)
-        return torch.einsum("ohi,bhij->bohj", w, maps).reshape(b, -1, h * c)
+        return torch.einsum("ohi,bhij->bohj", w, maps).reshape(b, -1, h * c).contiguous()
 
 
 @torch.library.custom_op("sipl_fast::channel_attention_triton", mutates_args=())
