@@ -172,9 +172,10 @@ def _attention_by_rows(norm: LayerNorm, attn: Attention, x: torch.Tensor) -> tor
     first sweep convolves each band's q and k (``qkv``'s first 2C outputs, then their depthwise
     convolution, halo rows cropped) and adds up, in fp32 (or x's wider dtype), the heads' Gram
     matrices q k^T and the channels' squared norms; the cosines are then
-    ``(q k^T) / (|q| |k|^T)``, norms clamped at ``F.normalize``'s eps as it clamps them. ``project_out`` times the block-diagonal maps is
-    one C x C matrix M per image; the second sweep convolves each band's v and writes
-    ``x + M v + bias``. Each 1x1 output channel is computed once (halo rows aside)."""
+    ``(q k^T) / (|q| |k|^T)``, norms clamped at ``F.normalize``'s eps as it clamps them.
+    ``project_out`` times the block-diagonal maps is one C x C matrix M per image
+    (``ops.channel_attention.projected_maps``); the second sweep convolves each band's v and
+    writes ``x + M v + bias``. Each 1x1 output channel is computed once (halo rows aside)."""
     b, c, h, w = x.shape
     heads, cout = attn.num_heads, attn.project_out.out_channels
     qk, v = slice(0, 2 * c), slice(2 * c, 3 * c)
